@@ -1,0 +1,1 @@
+"""Wire types: request decoding and response shapes for the native API."""

@@ -1,0 +1,1 @@
+"""How a model becomes tensors: metadata readers and the transformers loader."""

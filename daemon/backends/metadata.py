@@ -1,0 +1,176 @@
+"""What /api/show, /api/tags and /api/ps say about a model, read from its files without
+loading it: GGUF headers, or an HF directory's config.json and safetensors headers."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.backends.gguf_meta import FILE_TYPES, read_gguf_header
+
+# HF torch_dtype -> Ollama's quantization_level label for unquantized weights
+_DTYPE_LABELS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+_SAFETENSORS_DTYPE_LABELS = {"BF16": "BF16", "F16": "F16", "F32": "F32", "U8": "U8", "I8": "I8"}
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    format: str  # "gguf" | "safetensors"
+    architecture: str  # general.architecture, e.g. "llama"
+    parameter_count: int
+    quantization_level: str
+    context_length: int
+    embedding_length: int
+    chat_template: str | None
+    is_embedding_model: bool = False
+    info: dict[str, Any] = field(default_factory=dict)  # Ollama's model_info keys
+
+    @property
+    def families(self) -> list[str]:
+        return [self.architecture]
+
+    @property
+    def parameter_size(self) -> str:
+        return human_number(self.parameter_count)
+
+    def details(self, quantization_level: str | None = None, parent_model: str = "") -> dict[str, Any]:
+        return {
+            "parent_model": parent_model,
+            "format": self.format,
+            "family": self.architecture,
+            "families": self.families,
+            "parameter_size": self.parameter_size,
+            "quantization_level": quantization_level or self.quantization_level,
+        }
+
+
+def human_number(n: int) -> str:
+    """Go's format.HumanNumber: 8.0B, 134.52M, 567K."""
+    for unit, scale, decimals in (("B", 1e9, 1), ("M", 1e6, 2), ("K", 1e3, 0)):
+        if n >= scale:
+            value = n / scale
+            if value == int(value):
+                return f"{int(value)}{unit}"
+            return f"{value:.{decimals}f}{unit}"
+    return str(n)
+
+
+def read_metadata(location: Path, gguf_file: str | None = None) -> ModelMetadata:
+    """Metadata of a GGUF file (location is the file, or a directory plus gguf_file) or an
+    HF-format directory."""
+    if gguf_file:
+        location = location / gguf_file
+    if location.is_file():
+        return _from_gguf(location)
+    return _from_hf_dir(location)
+
+
+def _from_gguf(path: Path) -> ModelMetadata:
+    header = read_gguf_header(path)
+    kv = dict(header.metadata)
+    arch = str(kv.get("general.architecture", "unknown"))
+    template = kv.pop("tokenizer.chat_template", None)
+    kv.pop("general.name", None)
+    kv["general.parameter_count"] = header.parameter_count
+    return ModelMetadata(
+        format="gguf",
+        architecture=arch,
+        parameter_count=header.parameter_count,
+        quantization_level=FILE_TYPES.get(int(kv.get("general.file_type", -1)), "unknown"),
+        context_length=int(kv.get(f"{arch}.context_length", 0)),
+        embedding_length=int(kv.get(f"{arch}.embedding_length", 0)),
+        chat_template=template,
+        is_embedding_model=arch in ("bert", "nomic-bert"),
+        info=kv,
+    )
+
+
+def _safetensors_params(directory: Path) -> tuple[int, str | None]:
+    """Parameter count and the dominant dtype from the safetensors headers alone."""
+    total = 0
+    by_dtype: dict[str, int] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for d in t["shape"]:
+                count *= d
+            total += count
+            by_dtype[t["dtype"]] = by_dtype.get(t["dtype"], 0) + count
+    dominant = max(by_dtype, key=by_dtype.get) if by_dtype else None
+    return total, dominant
+
+
+def _hf_chat_template(directory: Path) -> str | None:
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        f = directory / name
+        if f.is_file():
+            template = json.loads(f.read_text()).get("chat_template")
+            if isinstance(template, str):
+                return template
+            if isinstance(template, list):  # named templates: take "default"
+                for item in template:
+                    if item.get("name") == "default":
+                        return item.get("template")
+    return None
+
+
+# HF config key -> Ollama model_info suffix (after "<arch>.")
+_INFO_KEYS = {
+    "max_position_embeddings": "context_length",
+    "hidden_size": "embedding_length",
+    "num_hidden_layers": "block_count",
+    "intermediate_size": "feed_forward_length",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "layer_norm_eps": "attention.layer_norm_epsilon",
+    "vocab_size": "vocab_size",
+}
+
+
+def _from_hf_dir(directory: Path) -> ModelMetadata:
+    config = json.loads((directory / "config.json").read_text())
+    arch = config.get("model_type", "unknown")
+    params, dominant = _safetensors_params(directory)
+    info: dict[str, Any] = {"general.architecture": arch, "general.parameter_count": params}
+    for key, suffix in _INFO_KEYS.items():
+        if key in config:
+            info[f"{arch}.{suffix}"] = config[key]
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = config.get("rope_theta") or (rope.get("rope_theta") if isinstance(rope, dict) else None)
+    if theta:
+        info[f"{arch}.rope.freq_base"] = theta
+    quant = config.get("quantization_config") or {}
+    if quant.get("load_in_4bit") or quant.get("bnb_4bit_quant_type"):
+        level = str(quant.get("bnb_4bit_quant_type", "nf4")).upper()
+    elif quant.get("load_in_8bit"):
+        level = "INT8"
+    else:
+        dtype = config.get("torch_dtype") or config.get("dtype")
+        level = _DTYPE_LABELS.get(str(dtype), _SAFETENSORS_DTYPE_LABELS.get(dominant or "", "F32"))
+    architectures = config.get("architectures") or []
+    is_embedding = arch in ("bert", "nomic_bert", "xlm-roberta", "mpnet") or not any(
+        a.endswith("ForCausalLM") or a.endswith("ForConditionalGeneration") for a in architectures
+    )
+    return ModelMetadata(
+        format="safetensors",
+        architecture=arch,
+        parameter_count=params,
+        quantization_level=level,
+        context_length=int(config.get("max_position_embeddings", 0)),
+        embedding_length=int(config.get("hidden_size", 0)),
+        chat_template=_hf_chat_template(directory),
+        is_embedding_model=is_embedding,
+        info=info,
+    )

@@ -1,0 +1,117 @@
+"""Loading a resolved model into memory with transformers (+ bitsandbytes on CUDA)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from daemon.errors import InternalError
+from daemon.registry.catalog import ResolvedModel
+from daemon.registry.modelfile import Quantization
+from daemon.store.derived import DerivedCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+    eos_token_ids: frozenset[int]
+    weights_bytes: int
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise InternalError(f"device {setting!r} requested but CUDA is not available")
+    return torch.device(setting)
+
+
+def compute_dtype(quantization: Quantization, device: torch.device) -> torch.dtype:
+    """bf16 where the card supports it, else fp16 (a T4); float32 on the CPU, where AVX2
+    has no fast half-precision matrix products."""
+    if device.type != "cuda":
+        return torch.float32
+    if quantization.compute_dtype != "auto":
+        return getattr(torch, quantization.compute_dtype)
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def bnb_config(quantization: Quantization, dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quantization.mode in ("nf4", "fp4"):
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization.mode,
+                                  bnb_4bit_use_double_quant=quantization.double_quant,
+                                  bnb_4bit_compute_dtype=dtype)
+    if quantization.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def converted_gguf_folder(gguf: Path, digest: str, cache: DerivedCache) -> Path:
+    """The HF folder converted from a GGUF, converting it the first time."""
+
+    def build(out: Path) -> None:
+        log.info("converting %s to an HF checkpoint (first load only)", gguf.name)
+        proc = subprocess.run([sys.executable, "-m", "daemon.backends.convert_gguf", str(gguf), str(out)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise InternalError(f"could not convert {gguf.name}: " + " | ".join(tail))
+
+    return cache.get_or_build(f"gguf-{digest[:24]}", build)
+
+
+def eos_ids(tokenizer: Any, model: torch.nn.Module) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None),
+                   getattr(model.config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return frozenset(ids)
+
+
+def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: DerivedCache) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a daemon's log is no place for progress bars
+    location = resolved.location
+    folder = location.path
+    if location.is_gguf:
+        folder = converted_gguf_folder(location.path, resolved.file_digests[location.path.name], derived)
+    quantization = resolved.modelfile.quantization
+    dtype = compute_dtype(quantization, device)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+        config = bnb_config(quantization, dtype)
+        if config is not None:
+            kwargs["quantization_config"] = config
+    elif quantization.mode != "none":
+        log.warning("%s: %s quantization needs a CUDA GPU; loading unquantized on the CPU",
+                    resolved.name.display, quantization.mode)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    model.eval()
+    if device.type != "cuda":
+        model.to(device)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        eos_token_ids=eos_ids(tokenizer, model),
+        weights_bytes=int(model.get_memory_footprint()),
+    )

@@ -1,0 +1,1 @@
+"""The generation engine: prompt rendering, the prefill/decode loop, sampling, text out."""

@@ -1,0 +1,324 @@
+"""The runner: one decode loop per loaded model, on its own thread.
+
+Requests join through `generate()`, an async generator of `Chunk`s. The loop thread owns
+the model and its KV slots; it never waits on an HTTP client: each request has its own
+asyncio queue, fed once per step with one `call_soon_threadsafe`. Every iteration runs at
+most one prefill chunk (so a long prompt does not stall running streams for long) and one
+decode step for all sequences past their prefill, sampled together row by row.
+
+A request that is cancelled (client gone) is dropped before the next step and its slot
+freed; an error in one request's prefill fails that request only; an error in a shared
+decode step fails the requests in that step, and the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterable, Protocol, Sequence as Seq
+
+import torch
+
+from daemon.engine.params import GenerationRequest
+from daemon.engine.sampling import SamplingBatch, sample, token_logprobs
+from daemon.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
+from daemon.errors import DaemonError, InternalError
+
+log = logging.getLogger(__name__)
+
+
+class ForwardModel(Protocol):
+    num_slots: int
+    max_ctx: int
+    device: torch.device
+
+    def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor: ...
+
+
+@dataclass
+class Chunk:
+    """A piece of one generation's output. The last one has done=True and the metrics."""
+
+    text: str = ""
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
+    done_reason: str | None = None
+    prompt_eval_count: int = 0
+    prompt_eval_duration_ns: int = 0
+    eval_count: int = 0
+    eval_duration_ns: int = 0
+    output_ids: tuple[int, ...] = ()
+
+
+class _Sequence:
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, tokenizer: Decoder) -> None:
+        self.request = request
+        self.loop = loop
+        self.queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+        self.prompt = list(request.prompt_ids)
+        self.generated: list[int] = []
+        self.slot: int | None = None
+        self.prefilled = 0
+        self.cancelled = False
+        self.finished = False
+        self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt)
+        self.stops = StopMatcher(request.stop)
+        self.t_prefill_start = 0
+        self.t_prefill_end = 0
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt) and not self.finished
+
+    def position(self) -> int:
+        """Cache position of the next token to feed."""
+        return len(self.prompt) + len(self.generated) - 1
+
+    def penalty_window(self) -> list[int]:
+        n = self.request.sampling.repeat_last_n
+        tokens = self.prompt + self.generated
+        return tokens if n < 0 else tokens[-n:]
+
+
+class Runner:
+    def __init__(self, model: ForwardModel, tokenizer: Decoder, eos_token_ids: Iterable[int],
+                 prefill_chunk: int = 512, name: str = "model") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.num_slots = model.num_slots
+        self.max_ctx = model.max_ctx
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._active: list[_Sequence] = []
+        self._free_slots = list(range(model.num_slots))
+        self._outbox: list[tuple[_Sequence, Chunk | BaseException]] = []
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name=f"runner:{name}", daemon=True)
+        self._thread.start()
+
+    # ---- the asyncio side -------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if not request.prompt_ids:
+            raise InternalError("empty prompt")
+        if len(request.prompt_ids) >= self.max_ctx:
+            raise InternalError(f"prompt of {len(request.prompt_ids)} tokens does not fit the context of {self.max_ctx}")
+        seq = _Sequence(request, asyncio.get_running_loop(), self.tokenizer)
+        with self._cv:
+            if self._closing:
+                raise InternalError("the model is unloading")
+            self._waiting.append(seq)
+            self._cv.notify()
+        try:
+            while True:
+                item = await seq.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.done:
+                    return
+        finally:
+            # The one place where a consumer that stops early (client disconnect, error,
+            # aclose) releases its sequence: the loop frees the slot before its next step.
+            if not seq.finished:
+                with self._cv:
+                    seq.cancelled = True
+                    self._cv.notify()
+
+    @property
+    def busy(self) -> int:
+        with self._cv:
+            return len(self._active) + len(self._waiting)
+
+    def close(self) -> None:
+        """Stop the loop; pending requests get an error. Returns when the thread is gone."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join()
+
+    # ---- the loop thread --------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._closing and not self._waiting and not self._active:
+                    self._cv.wait()
+                if self._closing:
+                    pending = list(self._waiting) + self._active
+                    self._waiting.clear()
+                    self._active.clear()
+                    for seq in pending:
+                        self._emit(seq, InternalError("the model was unloaded"))
+                    self._flush()
+                    return
+                self._drop_cancelled()
+                self._admit()
+            try:
+                self._step()
+            except Exception:  # a bug in the loop itself: fail the step's requests, keep serving
+                log.exception("runner step failed")
+            self._flush()
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(seq)
+        for seq in [s for s in self._active if s.cancelled]:
+            self._release(seq)
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_slots:
+            seq = self._waiting.popleft()
+            seq.slot = self._free_slots.pop(0)
+            self._active.append(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        seq.finished = True
+        if seq in self._active:
+            self._active.remove(seq)
+        if seq.slot is not None:
+            self._free_slots.append(seq.slot)
+            self._free_slots.sort()
+            seq.slot = None
+
+    def _step(self) -> None:
+        with self._cv:
+            prefilling = [s for s in self._active if s.prefilled < len(s.prompt) and not s.cancelled]
+            decoding = [s for s in self._active if s.decoding and s.generated and not s.cancelled]
+        if prefilling:
+            self._prefill_chunk(prefilling[0])
+        if decoding:
+            self._decode(decoding)
+
+    def _prefill_chunk(self, seq: _Sequence) -> None:
+        if seq.prefilled == 0:
+            seq.t_prefill_start = time.perf_counter_ns()
+        start = seq.prefilled
+        chunk = seq.prompt[start:start + self.prefill_chunk]
+        try:
+            tokens = torch.tensor([chunk], device=self.model.device)
+            logits = self.model.forward(tokens, [seq.slot], [start])
+        except Exception as exc:
+            log.exception("prefill failed")
+            self._fail([seq], exc)
+            return
+        seq.prefilled += len(chunk)
+        if seq.prefilled == len(seq.prompt):
+            seq.t_prefill_end = time.perf_counter_ns()
+            self._sample_and_emit([seq], logits)
+
+    def _decode(self, seqs: list[_Sequence]) -> None:
+        tokens = torch.tensor([[s.generated[-1]] for s in seqs], device=self.model.device)
+        try:
+            logits = self.model.forward(tokens, [s.slot for s in seqs], [s.position() for s in seqs])
+        except Exception as exc:
+            log.exception("decode step failed")
+            self._fail(seqs, exc)
+            return
+        self._sample_and_emit(seqs, logits)
+
+    def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        params = [s.request.sampling for s in seqs]
+        batch = SamplingBatch.from_params(params, logits.device)
+        steps = torch.tensor([len(s.generated) for s in seqs], device=logits.device)
+        window = None
+        if batch.any_penalty:
+            rows = [s.penalty_window() if s.request.sampling.penalized else [] for s in seqs]
+            width = max(1, max(len(r) for r in rows))
+            window = torch.tensor([r + [-1] * (width - len(r)) for r in rows], device=logits.device)
+        next_tokens = sample(logits, batch, steps, window).tolist()
+        want_logprobs = [s.request.logprobs for s in seqs]
+        lp = None
+        if any(want_logprobs):
+            top_n = max(s.request.top_logprobs for s in seqs)
+            chosen, top_values, top_ids = token_logprobs(logits, torch.tensor(next_tokens, device=logits.device), top_n)
+            lp = (chosen.tolist(), top_values.tolist(), top_ids.tolist())
+        for row, (seq, token) in enumerate(zip(seqs, next_tokens)):
+            logprob = self._logprob_entry(seq, token, row, lp) if want_logprobs[row] else None
+            self._advance(seq, token, logprob)
+
+    def _logprob_entry(self, seq: _Sequence, token: int, row: int, lp: tuple) -> dict[str, Any]:
+        chosen, top_values, top_ids = lp
+        text = self.tokenizer.decode([token], skip_special_tokens=False)
+        entry: dict[str, Any] = {"token": text, "logprob": chosen[row], "bytes": list(text.encode("utf-8"))}
+        n = seq.request.top_logprobs
+        if n > 0:
+            entry["top_logprobs"] = [
+                {"token": self.tokenizer.decode([tid], skip_special_tokens=False), "logprob": val}
+                for tid, val in zip(top_ids[row][:n], top_values[row][:n])
+            ]
+        return entry
+
+    def _advance(self, seq: _Sequence, token: int, logprob: dict[str, Any] | None) -> None:
+        seq.generated.append(token)
+        request = seq.request
+        reason = None
+        if token in self.eos_token_ids:
+            reason, text = "stop", self._drain(seq)
+        else:
+            text, hit = seq.stops.push(seq.detokenizer.push(token))
+            if hit:
+                reason = "stop"
+            elif (request.max_new_tokens is not None and len(seq.generated) >= request.max_new_tokens) \
+                    or len(seq.prompt) + len(seq.generated) >= self.max_ctx:
+                reason = "length"
+                text += self._drain(seq)
+        # EOS is not output, so it gets no logprob entry (as in OpenAI's and Ollama's APIs)
+        logprobs = [logprob] if logprob is not None and token not in self.eos_token_ids else []
+        if text or logprobs:
+            self._emit(seq, Chunk(text=text, logprobs=logprobs))
+        if reason is None:
+            return
+        self._emit(seq, Chunk(
+            done=True,
+            done_reason=reason,
+            prompt_eval_count=len(seq.prompt),
+            prompt_eval_duration_ns=seq.t_prefill_end - seq.t_prefill_start,
+            eval_count=len(seq.generated),
+            eval_duration_ns=time.perf_counter_ns() - seq.t_prefill_end,
+            output_ids=tuple(seq.prompt + seq.generated),
+        ))
+        with self._cv:
+            self._release(seq)
+
+    @staticmethod
+    def _drain(seq: _Sequence) -> str:
+        """At the end of a stream, what the detokenizer and the stop matcher still hold
+        (unless it completes a stop string)."""
+        text, hit = seq.stops.push(seq.detokenizer.flush())
+        return text if hit else text + seq.stops.flush()
+
+    def _fail(self, seqs: Seq[_Sequence], exc: Exception) -> None:
+        error = exc if isinstance(exc, DaemonError) else InternalError(str(exc) or type(exc).__name__)
+        with self._cv:
+            for seq in seqs:
+                self._emit(seq, error)
+                self._release(seq)
+
+    def _emit(self, seq: _Sequence, item: Chunk | BaseException) -> None:
+        self._outbox.append((seq, item))
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, Chunk | BaseException]]] = {}
+        for seq, item in self._outbox:
+            by_loop.setdefault(seq.loop, []).append((seq, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+
+def _deliver(items: list[tuple[_Sequence, Chunk | BaseException]]) -> None:
+    for seq, item in items:
+        seq.queue.put_nowait(item)

@@ -1,0 +1,1 @@
+"""YAML modelfiles and name resolution."""

@@ -1,0 +1,191 @@
+"""From a name to a model whose files are on this machine: `Catalog.resolve`.
+
+A name resolves through the modelfiles to a source; a source is local when it is a path
+or a file inside an installed package (the embedded default), or when the store holds a
+pulled copy. Everything the API reports about a model (size, digest, details,
+capabilities, template) is computed here once per file version and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from daemon.backends.metadata import ModelMetadata, read_metadata
+from daemon.errors import NotFound
+from daemon.names import ModelName
+from daemon.registry.modelfile import Modelfile, Source
+from daemon.registry.registry import Registry
+
+# A chat template for models that ship none (base models): the text as given.
+RAW_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where the weights are: an HF folder, or a GGUF file."""
+
+    path: Path
+    format: str  # "gguf" | "safetensors"
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.format == "gguf"
+
+    def files(self) -> list[Path]:
+        if self.path.is_file():
+            return [self.path]
+        return sorted(p for p in self.path.rglob("*") if p.is_file())
+
+
+class PulledModels(Protocol):
+    """What the store offers the catalog (the store implements it)."""
+
+    def location_of(self, modelfile: Modelfile) -> ModelLocation | None: ...
+
+
+def locate_local_source(source: Source) -> ModelLocation | None:
+    """A package or path source on this machine, or None."""
+    if source.kind == "package":
+        spec = importlib.util.find_spec(source.package) if source.package else None
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(list(spec.submodule_search_locations)[0]) / (source.file or "")
+    elif source.kind == "path":
+        path = Path(source.path or "").expanduser()
+        if source.gguf:
+            path = path / source.gguf
+    else:
+        return None
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelLocation(path=path, format="gguf")
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelLocation(path=path, format="safetensors")
+    return None
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: ModelName
+    modelfile: Modelfile
+    location: ModelLocation
+    metadata: ModelMetadata
+    digest: str  # 64 hex: identifies this name's model and settings
+    size: int  # bytes on disk
+    modified_at: float  # unix seconds
+    file_digests: dict[str, str] = field(default_factory=dict)  # weight file name -> sha256
+
+    @property
+    def template(self) -> str:
+        return self.modelfile.template or self.metadata.chat_template or RAW_TEMPLATE
+
+    @property
+    def quantization_level(self) -> str:
+        return self.modelfile.quantization.label or self.metadata.quantization_level
+
+    @property
+    def capabilities(self) -> list[str]:
+        if self.metadata.is_embedding_model:
+            return ["embedding"]
+        caps = ["completion"]
+        template = self.template
+        if "tools" in template:
+            caps.append("tools")
+        if self.modelfile.fim is not None or ".Suffix" in template:
+            caps.append("insert")
+        if "<think>" in template or "enable_thinking" in template:
+            caps.append("thinking")
+        return caps
+
+    def details(self) -> dict[str, Any]:
+        return self.metadata.details(self.quantization_level)
+
+    @property
+    def context_length(self) -> int:
+        return self.metadata.context_length
+
+
+def _file_sha256(path: Path, cache: dict[tuple, str]) -> str:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        cache[key] = h.hexdigest()
+    return cache[key]
+
+
+class Catalog:
+    def __init__(self, registry: Registry, pulled: PulledModels | None = None) -> None:
+        self.registry = registry
+        self.pulled = pulled
+        self._lock = threading.Lock()
+        self._file_digests: dict[tuple, str] = {}
+        self._metadata: dict[tuple, ModelMetadata] = {}
+
+    def locate(self, modelfile: Modelfile) -> ModelLocation | None:
+        location = locate_local_source(modelfile.source)
+        if location is None and self.pulled is not None:
+            location = self.pulled.location_of(modelfile)
+        return location
+
+    def describe(self, modelfile: Modelfile, location: ModelLocation) -> ResolvedModel:
+        files = location.files()
+        stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        with self._lock:
+            if stamp not in self._metadata:
+                self._metadata[stamp] = read_metadata(location.path)
+            metadata = self._metadata[stamp]
+            weights = [f for f in files if f.suffix in (".gguf", ".safetensors")]
+            digests = {f.name: _file_sha256(f, self._file_digests) for f in weights}
+        identity = {
+            "source": modelfile.source.describe(),
+            "files": digests,
+            "quantization": modelfile.quantization.__dict__,
+            "parameters": {k: list(v) if isinstance(v, tuple) else v for k, v in modelfile.parameters.items()},
+            "system": modelfile.system,
+            "template": modelfile.template,
+        }
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        modified = max((os.stat(f).st_mtime for f in files), default=0.0)
+        if modelfile.origin and os.path.exists(modelfile.origin):
+            modified = max(modified, os.stat(modelfile.origin).st_mtime)
+        return ResolvedModel(
+            name=modelfile.name,
+            modelfile=modelfile,
+            location=location,
+            metadata=metadata,
+            digest=digest,
+            size=sum(f.stat().st_size for f in files),
+            modified_at=modified,
+            file_digests=digests,
+        )
+
+    def resolve(self, name: ModelName) -> ResolvedModel:
+        """The model for a valid name, or NotFound (the caller words the message)."""
+        modelfile = self.registry.find(name)
+        if modelfile is None:
+            raise NotFound(f"model '{name.display}' not found")
+        location = self.locate(modelfile)
+        if location is None:
+            raise NotFound(f"model '{name.display}' not found")
+        return self.describe(modelfile, location)
+
+    def list_local(self) -> list[ResolvedModel]:
+        out = []
+        for modelfile in self.registry.all():
+            if modelfile.alias_of:
+                continue
+            location = self.locate(modelfile)
+            if location is not None:
+                out.append(self.describe(modelfile, location))
+        out.sort(key=lambda m: m.modified_at, reverse=True)
+        return out

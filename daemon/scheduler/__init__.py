@@ -1,0 +1,1 @@
+"""Who owns loaded models: loading, leases, keep_alive expiry, unloading."""

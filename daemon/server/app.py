@@ -1,0 +1,87 @@
+"""The application factory: what `serve` runs and what the tests drive."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import AsyncIterator, Callable
+
+from aiohttp import web
+
+from daemon.config import Settings
+from daemon.registry.catalog import Catalog
+from daemon.registry.registry import Registry, shipped_modelfiles_dir
+from daemon.scheduler.cache import Loader, ModelCache
+from daemon.server.handlers import inference, meta, models
+from daemon.server.middleware import OriginPolicy, cors_middleware, error_middleware, host_check_middleware
+from daemon.server.state import SERVICES, Services
+
+log = logging.getLogger(__name__)
+
+
+def default_loader(settings: Settings) -> Loader:
+    def load(resolved, num_ctx):  # imported lazily: torch is slow to import
+        from daemon.backends.runtime import load_runtime
+
+        return load_runtime(resolved, settings, num_ctx)
+
+    return load
+
+
+def build_catalog(settings: Settings) -> Catalog:
+    registry = Registry([shipped_modelfiles_dir(), settings.modelfiles_dir])
+    return Catalog(registry)
+
+
+def create_app(settings: Settings, *, catalog: Catalog | None = None,
+               loader: Loader | None = None) -> web.Application:
+    app = web.Application(
+        middlewares=[
+            web.normalize_path_middleware(remove_slash=True, append_slash=False),
+            error_middleware,
+            cors_middleware(OriginPolicy(settings.origins)),
+            host_check_middleware(settings.bind),
+        ],
+        client_max_size=1 << 34,  # blobs and long prompts: no artificial body limit
+    )
+    catalog = catalog or build_catalog(settings)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        cache = ModelCache(settings, loader or default_loader(settings))
+        app[SERVICES] = Services(settings=settings, catalog=catalog, models=cache)
+        yield
+        await cache.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    meta.add_routes(app)
+    models.add_routes(app)
+    inference.add_routes(app)
+    return app
+
+
+async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner and the bound port (port 0 picks a free one).
+    Handlers are cancelled when their client disconnects, which stops generation."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    site = web.SockSite(runner, sock)
+    await site.start()
+    return runner, sock.getsockname()[1]
+
+
+async def serve_forever(settings: Settings, on_ready: Callable[[int], None] | None = None) -> None:
+    app = create_app(settings)
+    runner, port = await start_server(app, settings.bind.host, settings.bind.port)
+    log.info("Listening on %s:%d (hfollama, Ollama API %s)", settings.bind.host, port,
+             __import__("daemon").OLLAMA_API_VERSION)
+    if on_ready:
+        on_ready(port)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

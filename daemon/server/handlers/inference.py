@@ -1,0 +1,239 @@
+"""POST /api/generate and POST /api/chat: parse -> resolve -> schedule -> execute -> stream.
+
+Both endpoints share one path: validation in Ollama's order, the model lease, the prompt,
+the runner's chunks mapped to wire lines, and the streaming helper. They differ only in how
+the prompt is built and how a chunk looks on the wire (`response` vs `message`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from aiohttp import web
+
+from daemon.api.native import ChatRequest, GenerateRequest, InferenceCommon
+from daemon.api.options import Options
+from daemon.engine.params import GenerationRequest
+from daemon.engine.prompt import ContextBudget, fit_tokens
+from daemon.engine.runner import Chunk
+from daemon.errors import BadRequest, NotFound, NotImplementedFeature
+from daemon.names import ModelName
+from daemon.registry.catalog import ResolvedModel
+from daemon.server.state import Services, services
+from daemon.server.streaming import respond
+from daemon.server.wire import json_response, utc_now
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How one endpoint puts text on the wire."""
+
+    chat: bool
+
+    def line(self, model: str, text: str, *, done: bool = False) -> dict[str, Any]:
+        line: dict[str, Any] = {"model": model, "created_at": utc_now()}
+        if self.chat:
+            line["message"] = {"role": "assistant", "content": text}
+        else:
+            line["response"] = text
+        line["done"] = done
+        return line
+
+    def reduce(self, lines: list[dict[str, Any]]) -> dict[str, Any]:
+        """stream:false: the final line with the text and logprobs of every line."""
+        final = dict(lines[-1])
+        text = "".join((ln["message"]["content"] if self.chat else ln["response"]) for ln in lines)
+        if self.chat:
+            final["message"] = {**final["message"], "content": text}
+        else:
+            final["response"] = text
+        logprobs = [lp for ln in lines for lp in ln.get("logprobs", ())]
+        if logprobs:
+            final["logprobs"] = logprobs
+        return final
+
+
+GENERATE, CHAT = Shape(chat=False), Shape(chat=True)
+
+
+def _resolve(svc: Services, requested: str, chat: bool) -> tuple[ModelName, ResolvedModel]:
+    """Ollama's wording: chat says "model is required" for a missing or invalid name,
+    generate answers 404 for both; an unknown model is 404 `model 'x' not found`."""
+    name = ModelName.parse(requested)
+    if not name.is_valid:
+        if chat:
+            raise BadRequest("model is required")
+        raise NotFound(f"model '{requested}' not found")
+    try:
+        return name, svc.catalog.resolve(name)
+    except NotFound:
+        raise NotFound(f"model '{requested}' not found") from None
+
+
+def _check_capabilities(req: InferenceCommon, name: ModelName, model: ResolvedModel, *, chat: bool,
+                        needs_insert: bool = False, has_tools: bool = False, has_images: bool = False) -> None:
+    caps = model.capabilities
+    if "completion" not in caps:
+        raise BadRequest(f'"{req.model}" does not support {"chat" if chat else "generate"}')
+    if req.think is not None and req.think.enabled and "thinking" not in caps:
+        raise BadRequest(f'"{req.model}" does not support thinking')
+    if needs_insert and "insert" not in caps:
+        raise BadRequest(f"{name.full} does not support insert")
+    if has_tools and "tools" not in caps:
+        raise BadRequest(f"{name.full} does not support tools")
+    if has_images and "vision" not in caps:
+        raise BadRequest(f"{name.full} does not support vision (image input)")
+    if req.format not in (None, "", "null"):
+        if not (req.format == "json" or isinstance(req.format, dict)):
+            raise BadRequest(f'invalid format: {req.format!r}; expected "json" or a valid JSON Schema object')
+        raise NotImplementedFeature("structured outputs (format) are not supported by this build yet")
+
+
+def _final_line(shape: Shape, model: str, chunk: Chunk, started_ns: int, load_ns: int,
+                context: tuple[int, ...] | None) -> dict[str, Any]:
+    line = shape.line(model, "", done=True)
+    line["done_reason"] = chunk.done_reason
+    if context is not None:
+        line["context"] = list(context)
+    line.update({
+        "total_duration": time.perf_counter_ns() - started_ns,
+        "load_duration": load_ns,
+        "prompt_eval_count": chunk.prompt_eval_count,
+        "prompt_eval_duration": chunk.prompt_eval_duration_ns,
+        "eval_count": chunk.eval_count,
+        "eval_duration": chunk.eval_duration_ns,
+    })
+    return line
+
+
+async def _lines(shape: Shape, model: str, chunks: AsyncIterator[Chunk], started_ns: int, load_ns: int,
+                 with_context: bool) -> AsyncIterator[dict[str, Any]]:
+    async for chunk in chunks:
+        if chunk.done:
+            yield _final_line(shape, model, chunk, started_ns, load_ns, chunk.output_ids if with_context else None)
+            return
+        line = shape.line(model, chunk.text)
+        if chunk.logprobs:
+            line["logprobs"] = chunk.logprobs
+        yield line
+
+
+PromptFn = Callable[[Any, ContextBudget], list[int]]
+
+
+async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name: ModelName, model: ResolvedModel,
+                 options: Options, started_ns: int, empty: bool, build_prompt: PromptFn,
+                 render_only: Callable[[Any], str], with_context: bool) -> web.StreamResponse:
+    svc = services(request)
+    num_ctx = options.num_ctx or None
+    async with svc.models.acquire(model, num_ctx, req.keep_alive_ns) as runtime:
+        load_ns = time.perf_counter_ns() - started_ns
+        if empty:
+            line = shape.line(req.model, "", done=True)
+            line["done_reason"] = "load"
+            return json_response(line)
+        if req.debug_render_only:
+            rendered = await asyncio.to_thread(render_only, runtime.prompts)
+            line = {"model": req.model, "created_at": utc_now(), "done": False,
+                    "_debug_info": {"rendered_template": rendered, "image_count": 0}}
+            if shape.chat:
+                line["message"] = {"role": "", "content": ""}
+            else:
+                line["response"] = ""
+            return json_response(line)
+        budget = ContextBudget(num_ctx=min(options.num_ctx or runtime.num_ctx, runtime.num_ctx),
+                               num_keep=options.num_keep, num_predict=options.num_predict, truncate=req.truncate)
+        prompt_ids = await asyncio.to_thread(build_prompt, runtime.prompts, budget)
+        generation = GenerationRequest.from_options(prompt_ids, options, logprobs=req.logprobs,
+                                                    top_logprobs=req.top_logprobs)
+        chunks = runtime.runner.generate(generation)
+        lines = _lines(shape, req.model, chunks, started_ns, load_ns, with_context)
+        return await respond(request, lines, stream=req.stream, reduce=shape.reduce)
+
+
+def _unload_line(shape: Shape, requested: str) -> dict[str, Any]:
+    line = shape.line(requested, "", done=True)
+    line["done_reason"] = "unload"
+    return line
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter_ns()
+    req = GenerateRequest.from_body(await request.read())
+    svc = services(request)
+    name, model = _resolve(svc, req.model, chat=False)
+    if not req.prompt and req.keep_alive_ns == 0:
+        await svc.models.unload(model)
+        return json_response(_unload_line(GENERATE, req.model))
+    if req.raw and (req.template or req.system or req.context is not None):
+        raise BadRequest("raw mode does not support template, system, or context")
+    _check_capabilities(req, name, model, chat=False, needs_insert=bool(req.suffix), has_images=bool(req.images))
+    options = Options.layered(model.modelfile.parameters, req.options)
+
+    def build(prompts: Any, budget: ContextBudget) -> list[int]:
+        if req.raw:
+            return fit_tokens(prompts.tokenize(req.prompt, add_special_tokens=True), budget)
+        if req.suffix:
+            return fit_tokens(prompts.fim_ids(req.prompt, req.suffix), budget)
+        context = list(req.context or ())
+        if req.template:
+            return fit_tokens(context + prompts.template_ids(req.template, req.system or prompts.system, req.prompt),
+                              budget)
+        messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
+            {"role": "user", "content": req.prompt}]
+        conversation = prompts.conversation(messages, include_history=req.context is None)
+        if not context:
+            return prompts.chat_ids(conversation, budget, think=_think(req), think_level=_think_level(req))
+        room = ContextBudget(budget.num_ctx - len(context), budget.num_keep, budget.num_predict, budget.truncate)
+        return fit_tokens(context + prompts.chat_ids(conversation, room, think=_think(req)), budget)
+
+    def render_only(prompts: Any) -> str:
+        if req.raw:
+            return req.prompt
+        messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
+            {"role": "user", "content": req.prompt}]
+        return prompts.render(prompts.conversation(messages), template=req.template or None, think=_think(req))
+
+    return await _serve(request, req, GENERATE, name, model, options, started, not req.prompt, build, render_only,
+                        with_context=not req.raw)
+
+
+def _think(req: InferenceCommon) -> bool | None:
+    return None if req.think is None else req.think.enabled
+
+
+def _think_level(req: InferenceCommon) -> str | None:
+    return None if req.think is None else req.think.level
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter_ns()
+    req = ChatRequest.from_body(await request.read())
+    svc = services(request)
+    name, model = _resolve(svc, req.model, chat=True)
+    if not req.messages and req.keep_alive_ns == 0:
+        await svc.models.unload(model)
+        return json_response(_unload_line(CHAT, req.model))
+    _check_capabilities(req, name, model, chat=True, has_tools=bool(req.tools),
+                        has_images=any(m.images for m in req.messages))
+    options = Options.layered(model.modelfile.parameters, req.options)
+    messages = [m.to_template_dict() for m in req.messages]
+    tools = [dict(t) for t in req.tools] or None
+
+    def build(prompts: Any, budget: ContextBudget) -> list[int]:
+        return prompts.chat_ids(prompts.conversation(messages), budget, tools=tools, think=_think(req),
+                                think_level=_think_level(req))
+
+    def render_only(prompts: Any) -> str:
+        return prompts.render(prompts.conversation(messages), tools=tools, think=_think(req))
+
+    return await _serve(request, req, CHAT, name, model, options, started, not req.messages, build, render_only,
+                        with_context=False)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/generate", generate)
+    app.router.add_post("/api/chat", chat)

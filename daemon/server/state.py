@@ -1,0 +1,25 @@
+"""Typed application state (aiohttp AppKeys instead of globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from daemon.config import Settings
+from daemon.registry.catalog import Catalog
+from daemon.scheduler.cache import ModelCache
+
+
+@dataclass
+class Services:
+    settings: Settings
+    catalog: Catalog
+    models: ModelCache
+
+
+SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+
+
+def services(request: web.Request) -> Services:
+    return request.app[SERVICES]

@@ -1,0 +1,1 @@
+"""What is on disk under OLLAMA_MODELS."""
