@@ -84,11 +84,12 @@ def main() -> None:
     tok = loaded.tokenizer
     ids = tok.encode(tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False),
                      add_special_tokens=False)
+    # the baseline first: LlamaForward takes the HF model's layers over
+    base = statistics.median(bench_generate(loaded.model, torch.tensor([ids]), args.tokens) for _ in range(args.reps))
     forward = LlamaForward(loaded.model, num_slots=4, max_ctx=len(ids) + args.tokens + 8)
     runner = Runner(forward, tok, eos_token_ids=[])  # no EOS: always the full length
     rows = []
     try:
-        base = statistics.median(bench_generate(loaded.model, torch.tensor([ids]), args.tokens) for _ in range(args.reps))
         ours = statistics.median(bench_ours(runner, ids, args.tokens) for _ in range(args.reps))
         ours4 = statistics.median(bench_ours(runner, ids, args.tokens, 4) for _ in range(args.reps))
         rows = [("model.generate(), batch 1", base, 1.0), ("hfollama loop, 1 request", ours, ours / base),

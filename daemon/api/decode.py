@@ -95,7 +95,7 @@ def _go_syntax_error(exc: json.JSONDecodeError) -> str:
     if pos >= len(doc.rstrip()):
         return "unexpected EOF"
     char = doc[pos]
-    shown = json.dumps(char)[1:-1] if char not in "'" else "\\'"
+    shown = char if char.isprintable() else json.dumps(char)[1:-1]
     msg = exc.msg
     if msg.startswith("Expecting property name"):
         return f"invalid character '{shown}' looking for beginning of object key string"

