@@ -62,5 +62,5 @@ def test_num_predict_sets_the_room_left_after_truncation():
 
 def test_fim(tok):
     b = PromptBuilder(tok, CHATML, fim=Fim("<|im_start|>", "<|im_end|>", "<|endoftext|>"))
-    ids = b.fim_ids("def f(", "):")
+    ids = b.generate_ids("def f(", ContextBudget(num_ctx=100), suffix="):")
     assert tok.decode(ids) == "<|im_start|>def f(<|im_end|>):<|endoftext|>"

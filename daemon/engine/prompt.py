@@ -109,15 +109,28 @@ class PromptBuilder:
         kept = [m for m in messages[:start] if m.get("role") == "system"] + messages[start:]
         return fit_tokens(ids_for(kept), budget)
 
-    def fim_ids(self, prompt: str, suffix: str) -> list[int]:
-        assert self.fim is not None
-        return self.tokenize(f"{self.fim.prefix}{prompt}{self.fim.suffix}{suffix}{self.fim.middle}",
-                             add_special_tokens=True)
+    def generate_messages(self, prompt: str, system: str = "", include_history: bool = True) -> list[dict[str, Any]]:
+        """/api/generate as a conversation: the request's system (else the model's), the
+        model's MESSAGE history unless `context` continues an earlier exchange, the prompt."""
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.conversation(messages, include_history=include_history)
 
-    def template_ids(self, template: str, system: str, prompt: str) -> list[int]:
-        """A request's own `template` for /api/generate (Ollama's legacy flow)."""
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return self.tokenize(self.render(msgs, template=template))
+    def generate_ids(self, prompt: str, budget: ContextBudget, *, system: str = "", template: str | None = None,
+                     context: Sequence[int] | None = None, raw: bool = False, suffix: str = "",
+                     think: bool | None = None, think_level: str | None = None) -> list[int]:
+        """The prompt of an /api/generate request, as Ollama builds it."""
+        if raw:
+            return fit_tokens(self.tokenize(prompt, add_special_tokens=True), budget)
+        if suffix:
+            assert self.fim is not None
+            fim = f"{self.fim.prefix}{prompt}{self.fim.suffix}{suffix}{self.fim.middle}"
+            return fit_tokens(self.tokenize(fim, add_special_tokens=True), budget)
+        head = list(context or ())  # the deprecated `context`: earlier ids, continued exactly
+        messages = self.generate_messages(prompt, system, include_history=context is None)
+        if template:
+            return fit_tokens(head + self.tokenize(self.render(messages, template=template)), budget)
+        room = ContextBudget(max(2, budget.num_ctx - len(head)), budget.num_keep, budget.num_predict, budget.truncate)
+        return fit_tokens(head + self.chat_ids(messages, room, think=think, think_level=think_level), budget)
 
 
 def fit_tokens(ids: list[int], budget: ContextBudget) -> list[int]:

@@ -9,6 +9,7 @@ from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
+from daemon import OLLAMA_API_VERSION
 from daemon.config import Settings
 from daemon.registry.catalog import Catalog
 from daemon.registry.registry import Registry, shipped_modelfiles_dir
@@ -77,8 +78,7 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
 async def serve_forever(settings: Settings, on_ready: Callable[[int], None] | None = None) -> None:
     app = create_app(settings)
     runner, port = await start_server(app, settings.bind.host, settings.bind.port)
-    log.info("Listening on %s:%d (hfollama, Ollama API %s)", settings.bind.host, port,
-             __import__("daemon").OLLAMA_API_VERSION)
+    log.info("Listening on %s:%d (hfollama, Ollama API %s)", settings.bind.host, port, OLLAMA_API_VERSION)
     if on_ready:
         on_ready(port)
     try:

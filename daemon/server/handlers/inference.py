@@ -17,7 +17,7 @@ from aiohttp import web
 from daemon.api.native import ChatRequest, GenerateRequest, InferenceCommon
 from daemon.api.options import Options
 from daemon.engine.params import GenerationRequest
-from daemon.engine.prompt import ContextBudget, fit_tokens
+from daemon.engine.prompt import ContextBudget, PromptBuilder
 from daemon.engine.runner import Chunk
 from daemon.errors import BadRequest, NotFound, NotImplementedFeature
 from daemon.names import ModelName
@@ -121,12 +121,12 @@ async def _lines(shape: Shape, model: str, chunks: AsyncIterator[Chunk], started
         yield line
 
 
-PromptFn = Callable[[Any, ContextBudget], list[int]]
+PromptFn = Callable[[PromptBuilder, ContextBudget], list[int]]
 
 
 async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name: ModelName, model: ResolvedModel,
                  options: Options, started_ns: int, empty: bool, build_prompt: PromptFn,
-                 render_only: Callable[[Any], str], with_context: bool) -> web.StreamResponse:
+                 render_only: Callable[[PromptBuilder], str], with_context: bool) -> web.StreamResponse:
     svc = services(request)
     num_ctx = options.num_ctx or None
     async with svc.models.acquire(model, num_ctx, req.keep_alive_ns) as runtime:
@@ -173,29 +173,16 @@ async def generate(request: web.Request) -> web.StreamResponse:
     _check_capabilities(req, name, model, chat=False, needs_insert=bool(req.suffix), has_images=bool(req.images))
     options = Options.layered(model.modelfile.parameters, req.options)
 
-    def build(prompts: Any, budget: ContextBudget) -> list[int]:
-        if req.raw:
-            return fit_tokens(prompts.tokenize(req.prompt, add_special_tokens=True), budget)
-        if req.suffix:
-            return fit_tokens(prompts.fim_ids(req.prompt, req.suffix), budget)
-        context = list(req.context or ())
-        if req.template:
-            return fit_tokens(context + prompts.template_ids(req.template, req.system or prompts.system, req.prompt),
-                              budget)
-        messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
-            {"role": "user", "content": req.prompt}]
-        conversation = prompts.conversation(messages, include_history=req.context is None)
-        if not context:
-            return prompts.chat_ids(conversation, budget, think=_think(req), think_level=_think_level(req))
-        room = ContextBudget(budget.num_ctx - len(context), budget.num_keep, budget.num_predict, budget.truncate)
-        return fit_tokens(context + prompts.chat_ids(conversation, room, think=_think(req)), budget)
+    def build(prompts: PromptBuilder, budget: ContextBudget) -> list[int]:
+        return prompts.generate_ids(req.prompt, budget, system=req.system, template=req.template or None,
+                                    context=req.context, raw=req.raw, suffix=req.suffix, think=_think(req),
+                                    think_level=_think_level(req))
 
-    def render_only(prompts: Any) -> str:
+    def render_only(prompts: PromptBuilder) -> str:
         if req.raw:
             return req.prompt
-        messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
-            {"role": "user", "content": req.prompt}]
-        return prompts.render(prompts.conversation(messages), template=req.template or None, think=_think(req))
+        return prompts.render(prompts.generate_messages(req.prompt, req.system), template=req.template or None,
+                              think=_think(req))
 
     return await _serve(request, req, GENERATE, name, model, options, started, not req.prompt, build, render_only,
                         with_context=not req.raw)
@@ -223,11 +210,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
     messages = [m.to_template_dict() for m in req.messages]
     tools = [dict(t) for t in req.tools] or None
 
-    def build(prompts: Any, budget: ContextBudget) -> list[int]:
+    def build(prompts: PromptBuilder, budget: ContextBudget) -> list[int]:
         return prompts.chat_ids(prompts.conversation(messages), budget, tools=tools, think=_think(req),
                                 think_level=_think_level(req))
 
-    def render_only(prompts: Any) -> str:
+    def render_only(prompts: PromptBuilder) -> str:
         return prompts.render(prompts.conversation(messages), tools=tools, think=_think(req))
 
     return await _serve(request, req, CHAT, name, model, options, started, not req.messages, build, render_only,
