@@ -141,6 +141,7 @@ class Settings:
     max_loaded_models: int = 0  # 0: 3 per GPU, 3 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     hf_token: str | None = None
+    hf_endpoint: str | None = None  # HF_ENDPOINT: a Hub mirror (the tests use a local one)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
@@ -161,6 +162,7 @@ class Settings:
             max_loaded_models=max(0, _int(env, "OLLAMA_MAX_LOADED_MODELS", 0)),
             device=env_var(env, "HFOLLAMA_DEVICE") or "auto",
             hf_token=env_var(env, "HF_TOKEN") or None,
+            hf_endpoint=env_var(env, "HF_ENDPOINT") or None,
         )
         return settings.with_overrides(**overrides)
 

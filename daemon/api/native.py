@@ -246,3 +246,100 @@ class ShowRequest:
             template=d.get("template") or "",
             options=d.get("options") or {},
         )
+
+
+PULL_SPEC = Struct("PullRequest", {"model": "string", "name": "string", "insecure": "bool", "stream": "bool",
+                                   "username": "string", "password": "string"})
+COPY_SPEC = Struct("CopyRequest", {"source": "string", "destination": "string"})
+DELETE_SPEC = Struct("DeleteRequest", {"model": "string", "name": "string"})
+CREATE_SPEC = Struct("CreateRequest", {
+    "model": "string", "name": "string", "from": "string", "files": "map[string]interface {}",
+    "adapters": "map[string]interface {}", "template": "string", "system": "string", "license": "interface {}",
+    "parameters": "map[string]interface {}", "messages": ArrayOf(_MESSAGE), "quantize": "string",
+    "quantization": "interface {}", "stream": "bool", "source": "map[string]interface {}",
+    "renderer": "string", "parser": "string", "requires": "string",
+})
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    model: str
+    stream: bool = True
+    insecure: bool = False
+
+    @classmethod
+    def from_body(cls, raw: bytes) -> "PullRequest":
+        d = decode_body(raw, PULL_SPEC)
+        return cls(model=d.get("model") or d.get("name") or "", stream=d.get("stream") is not False,
+                   insecure=bool(d.get("insecure")))
+
+
+@dataclass(frozen=True)
+class CopyRequest:
+    source: str
+    destination: str
+
+    @classmethod
+    def from_body(cls, raw: bytes) -> "CopyRequest":
+        d = decode_body(raw, COPY_SPEC)
+        return cls(source=d.get("source") or "", destination=d.get("destination") or "")
+
+
+@dataclass(frozen=True)
+class DeleteRequest:
+    model: str
+
+    @classmethod
+    def from_body(cls, raw: bytes) -> "DeleteRequest":
+        d = decode_body(raw, DELETE_SPEC)
+        return cls(model=d.get("model") or d.get("name") or "")
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    model: str
+    base: str = ""  # `from`
+    files: Mapping[str, str] = field(default_factory=dict)
+    adapters: Mapping[str, Any] = field(default_factory=dict)
+    template: str | None = None
+    system: str | None = None
+    license: str | None = None
+    parameters: Mapping[str, Any] | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+    quantize: str = ""
+    quantization: Mapping[str, Any] | None = None  # hfollama: {mode, double_quant, compute_dtype}
+    source: Mapping[str, Any] | None = None  # hfollama: a Hub repo to pull, as in a YAML modelfile
+    stream: bool = True
+
+    @classmethod
+    def from_body(cls, raw: bytes) -> "CreateRequest":
+        d = decode_body(raw, CREATE_SPEC)
+        files = d.get("files") or {}
+        for key, value in files.items():
+            if not isinstance(value, str):
+                raise BadRequest(f"json: cannot unmarshal {type(value).__name__} into Go struct field "
+                                 f"CreateRequest.files of type string")
+        license_ = d.get("license")
+        if isinstance(license_, list):
+            license_ = "\n".join(str(x) for x in license_)
+        elif license_ is not None and not isinstance(license_, str):
+            raise BadRequest("json: cannot unmarshal license into Go struct field CreateRequest.license")
+        quantization = d.get("quantization")
+        quantize = d.get("quantize") or (quantization if isinstance(quantization, str) else "") or ""
+        messages = d.get("messages")
+        return cls(
+            model=d.get("model") or d.get("name") or "",
+            base=d.get("from") or "",
+            files=files,
+            adapters=d.get("adapters") or {},
+            template=d.get("template"),
+            system=d.get("system"),
+            license=license_,
+            parameters=d.get("parameters"),
+            messages=None if messages is None else tuple(
+                {"role": (m.get("role") or "").lower(), "content": m.get("content") or ""} for m in messages if m),
+            quantize=quantize,
+            quantization=quantization if isinstance(quantization, dict) else None,
+            source=d.get("source"),
+            stream=d.get("stream") is not False,
+        )

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from daemon.backends.metadata import ModelMetadata, read_metadata
 from daemon.errors import NotFound
 from daemon.names import ModelName
-from daemon.registry.modelfile import Modelfile, Source
+from daemon.registry.modelfile import Modelfile, Source, source_from_json
 from daemon.registry.registry import Registry
 
 # A chat template for models that ship none (base models): the text as given.
@@ -33,21 +33,38 @@ class ModelLocation:
 
     path: Path
     format: str  # "gguf" | "safetensors"
+    listed: tuple[Path, ...] | None = None  # the model's files, when the folder holds others too
 
     @property
     def is_gguf(self) -> bool:
         return self.format == "gguf"
 
     def files(self) -> list[Path]:
+        if self.listed is not None:
+            return list(self.listed)
         if self.path.is_file():
             return [self.path]
         return sorted(p for p in self.path.rglob("*") if p.is_file())
+
+
+class StoredModel(Protocol):
+    name: ModelName
+    modified_at: float
+
+    @property
+    def manifest(self) -> Any: ...
 
 
 class PulledModels(Protocol):
     """What the store offers the catalog (the store implements it)."""
 
     def location_of(self, modelfile: Modelfile) -> ModelLocation | None: ...
+
+    def location_of_manifest(self, manifest: Any) -> ModelLocation | None: ...
+
+    def stored(self, name: ModelName) -> StoredModel | None: ...
+
+    def all(self) -> list[StoredModel]: ...
 
 
 def locate_local_source(source: Source) -> ModelLocation | None:
@@ -80,6 +97,7 @@ class ResolvedModel:
     size: int  # bytes on disk
     modified_at: float  # unix seconds
     file_digests: dict[str, str] = field(default_factory=dict)  # weight file name -> sha256
+    parent: str = ""  # what a created or copied model came from
 
     @property
     def template(self) -> str:
@@ -104,7 +122,7 @@ class ResolvedModel:
         return caps
 
     def details(self) -> dict[str, Any]:
-        return self.metadata.details(self.quantization_level)
+        return self.metadata.details(self.quantization_level, self.parent)
 
     @property
     def context_length(self) -> int:
@@ -137,7 +155,7 @@ class Catalog:
             location = self.pulled.location_of(modelfile)
         return location
 
-    def describe(self, modelfile: Modelfile, location: ModelLocation) -> ResolvedModel:
+    def describe(self, modelfile: Modelfile, location: ModelLocation, stored: StoredModel | None = None) -> ResolvedModel:
         files = location.files()
         stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
         with self._lock:
@@ -158,6 +176,11 @@ class Catalog:
         modified = max((os.stat(f).st_mtime for f in files), default=0.0)
         if modelfile.origin and os.path.exists(modelfile.origin):
             modified = max(modified, os.stat(modelfile.origin).st_mtime)
+        parent = ""
+        if stored is not None:  # a manifest: Ollama's digest is its own, and its time
+            manifest = stored.manifest
+            digest = manifest.digest if not manifest.modelfile else digest
+            modified, parent = stored.modified_at, manifest.parent
         return ResolvedModel(
             name=modelfile.name,
             modelfile=modelfile,
@@ -167,10 +190,32 @@ class Catalog:
             size=sum(f.stat().st_size for f in files),
             modified_at=modified,
             file_digests=digests,
+            parent=parent,
         )
+
+    def modelfile_of(self, stored: StoredModel) -> Modelfile:
+        """A manifest's settings; a name pulled through a modelfile follows that modelfile's
+        current settings while it still names the same repo."""
+        manifest = stored.manifest
+        source = source_from_json(manifest.source)
+        if manifest.modelfile:
+            live = self.registry.find(ModelName.parse(manifest.modelfile))
+            if live is not None and live.source.kind == "repo" and live.source.repo == source.repo:
+                return live.with_overrides(name=stored.name, alias_of=None)
+        return Modelfile.from_settings(stored.name, source, manifest.settings)
+
+    def _resolve_stored(self, stored: StoredModel) -> ResolvedModel:
+        assert self.pulled is not None
+        location = self.pulled.location_of_manifest(stored.manifest)
+        if location is None:
+            raise NotFound(f"model '{stored.name.display}' not found: its files are missing; pull it again")
+        return self.describe(self.modelfile_of(stored), location, stored)
 
     def resolve(self, name: ModelName) -> ResolvedModel:
         """The model for a valid name, or NotFound (the caller words the message)."""
+        stored = self.pulled.stored(name) if self.pulled is not None else None
+        if stored is not None:
+            return self._resolve_stored(stored)
         modelfile = self.registry.find(name)
         if modelfile is None:
             raise NotFound(f"model '{name.display}' not found")
@@ -180,11 +225,18 @@ class Catalog:
         return self.describe(modelfile, location)
 
     def list_local(self) -> list[ResolvedModel]:
-        out = []
+        out: list[ResolvedModel] = []
+        seen: set[tuple] = set()
+        for stored in self.pulled.all() if self.pulled is not None else []:
+            try:
+                out.append(self._resolve_stored(stored))
+                seen.add(stored.name.key)
+            except (NotFound, ValueError, OSError):
+                continue  # files gone: not listed, and show/generate say why
         for modelfile in self.registry.all():
-            if modelfile.alias_of:
+            if modelfile.alias_of or modelfile.name.key in seen or modelfile.source.kind == "repo":
                 continue
-            location = self.locate(modelfile)
+            location = locate_local_source(modelfile.source)
             if location is not None:
                 out.append(self.describe(modelfile, location))
         out.sort(key=lambda m: m.modified_at, reverse=True)

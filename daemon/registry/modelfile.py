@@ -104,12 +104,48 @@ class Modelfile:
     def with_overrides(self, **changes: Any) -> "Modelfile":
         return replace(self, **changes)
 
+    def settings(self) -> dict[str, Any]:
+        """How it runs, as stored in a manifest."""
+        return {
+            "quantization": {"mode": self.quantization.mode, "double_quant": self.quantization.double_quant,
+                             "compute_dtype": self.quantization.compute_dtype},
+            "parameters": {k: list(v) if isinstance(v, tuple) else v for k, v in self.parameters.items()},
+            "system": self.system,
+            "template": self.template,
+            "license": self.license,
+            "messages": [dict(m) for m in self.messages],
+            "fim": None if self.fim is None else {"prefix": self.fim.prefix, "suffix": self.fim.suffix,
+                                                  "middle": self.fim.middle},
+        }
+
+    @classmethod
+    def from_settings(cls, name: ModelName, source: Source, settings: Mapping[str, Any], origin: str = "") -> "Modelfile":
+        """The inverse of `settings()`, validated like a YAML tag."""
+        return parse_tag(origin or "manifest", name.model, name.tag, {
+            "source": source_to_json(source),
+            **{k: v for k, v in settings.items() if v is not None and k != "parameters"},
+            "parameters": settings.get("parameters") or {},
+        }).with_overrides(name=name)
+
 
 def _err(file: str, key: str, problem: str) -> ModelfileError:
     return ModelfileError(file, key, problem)
 
 
-def _parse_source(file: str, key: str, raw: Any) -> Source:
+def source_to_json(source: Source) -> dict[str, str]:
+    keys = {"repo": ("repo", "revision", "gguf"), "package": ("package", "file"), "path": ("path", "gguf")}
+    return {k: getattr(source, k) for k in keys[source.kind] if getattr(source, k)}
+
+
+def source_from_json(raw: Mapping[str, Any]) -> Source:
+    """A manifest's source; created models ("files") are a local folder of the store."""
+    kind = raw["kind"] if raw["kind"] in ("repo", "package", "path") else "path"
+    return Source(kind=kind, repo=raw.get("repo"), revision=raw.get("revision", "main"), gguf=raw.get("gguf"),
+                  package=raw.get("package"), file=raw.get("file"),
+                  path=raw.get("path") or (f"files/{raw['id']}" if "id" in raw else None))
+
+
+def parse_source(file: str, key: str, raw: Any) -> Source:
     if not isinstance(raw, Mapping):
         raise _err(file, key, "must be a mapping with one of repo, package or path")
     kinds = [k for k in ("repo", "package", "path") if k in raw]
@@ -130,7 +166,7 @@ def _parse_source(file: str, key: str, raw: Any) -> Source:
                   package=raw.get("package"), file=raw.get("file"), path=raw.get("path"))
 
 
-def _parse_quantization(file: str, key: str, raw: Any) -> Quantization:
+def parse_quantization(file: str, key: str, raw: Any) -> Quantization:
     if raw is None:
         return Quantization()
     if isinstance(raw, str):
@@ -234,8 +270,8 @@ def parse_tag(file: str, family: str, tag: str, raw: Mapping[str, Any]) -> Model
         raise _err(file, f"{key}.template", "must be a string")
     return Modelfile(
         name=name,
-        source=_parse_source(file, f"{key}.source", raw["source"]),
-        quantization=_parse_quantization(file, f"{key}.quantization", raw.get("quantization")),
+        source=parse_source(file, f"{key}.source", raw["source"]),
+        quantization=parse_quantization(file, f"{key}.quantization", raw.get("quantization")),
         parameters=parameters,
         system=_string(file, f"{key}.system", raw.get("system")),
         template=template or None,

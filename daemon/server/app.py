@@ -14,9 +14,10 @@ from daemon.config import Settings
 from daemon.registry.catalog import Catalog
 from daemon.registry.registry import Registry, shipped_modelfiles_dir
 from daemon.scheduler.cache import Loader, ModelCache
-from daemon.server.handlers import inference, meta, models
+from daemon.server.handlers import inference, manage, meta, models
 from daemon.server.middleware import OriginPolicy, cors_middleware, error_middleware, host_check_middleware
 from daemon.server.state import SERVICES, Services
+from daemon.store.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,13 @@ def default_loader(settings: Settings) -> Loader:
     return load
 
 
-def build_catalog(settings: Settings) -> Catalog:
+def build_catalog(settings: Settings, store: Store | None = None) -> Catalog:
     registry = Registry([shipped_modelfiles_dir(), settings.modelfiles_dir])
-    return Catalog(registry)
+    return Catalog(registry, store)
+
+
+def build_store(settings: Settings) -> Store:
+    return Store(settings.models_dir, hf_token=settings.hf_token, hf_endpoint=settings.hf_endpoint)
 
 
 def create_app(settings: Settings, *, catalog: Catalog | None = None,
@@ -46,11 +51,12 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None,
         ],
         client_max_size=1 << 34,  # blobs and long prompts: no artificial body limit
     )
-    catalog = catalog or build_catalog(settings)
+    store = build_store(settings)
+    catalog = catalog or build_catalog(settings, store)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         cache = ModelCache(settings, loader or default_loader(settings))
-        app[SERVICES] = Services(settings=settings, catalog=catalog, models=cache)
+        app[SERVICES] = Services(settings=settings, catalog=catalog, store=store, models=cache)
         yield
         await cache.close()
 
@@ -58,6 +64,7 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None,
     meta.add_routes(app)
     models.add_routes(app)
     inference.add_routes(app)
+    manage.add_routes(app)
     return app
 
 

@@ -9,12 +9,14 @@ from aiohttp import web
 from daemon.config import Settings
 from daemon.registry.catalog import Catalog
 from daemon.scheduler.cache import ModelCache
+from daemon.store.store import Store
 
 
 @dataclass
 class Services:
     settings: Settings
     catalog: Catalog
+    store: Store
     models: ModelCache
 
 
