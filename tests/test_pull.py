@@ -48,6 +48,28 @@ def client(daemon):
     return ollama.Client(host=daemon.url)
 
 
+@pytest.mark.parametrize("paths,chosen", [
+    (["config.json", "model.safetensors", "original/consolidated.00.pth", "pytorch_model.bin", "README.md",
+      "tokenizer.json", "onnx/model.onnx", "generation_config.json"],
+     ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]),
+    (["config.json", "pytorch_model.bin", "tokenizer.json"], ["config.json", "pytorch_model.bin", "tokenizer.json"]),
+    (["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+      "model.safetensors.index.json", "1_Pooling/config.json", "modules.json"],
+     ["1_Pooling/config.json", "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+      "model.safetensors.index.json", "modules.json"]),
+])
+def test_only_the_files_a_model_needs(paths, chosen):
+    from daemon.store.pull import select_files
+    assert select_files(paths) == chosen
+
+
+@pytest.mark.parametrize("tag,chosen", [("latest", "m-Q4_K_M.gguf"), ("q8_0", "m-Q8_0.gguf"), ("Q4_0", "m-Q4_0.gguf"),
+                                        ("q4_k", None), ("f16", "m-F16.gguf")])
+def test_gguf_chosen_by_quantization_tag(tag, chosen):
+    from daemon.store.pull import choose_gguf
+    assert choose_gguf(["m-Q4_0.gguf", "m-Q4_K_M.gguf", "m-Q8_0.gguf", "m-F16.gguf", "README.md"], tag) == chosen
+
+
 def test_exact_progress_sequence_then_generate(client, hub):
     events = [e.model_dump(exclude_none=True) for e in client.pull("hf.co/org/tiny", stream=True)]
     statuses = [e["status"] for e in events]

@@ -89,7 +89,7 @@ def choose_gguf(paths: list[str], tag: str) -> str | None:
                 if preferred in p.lower():
                     return p
         return ggufs[0]
-    pattern = re.compile(rf"(^|[^a-z0-9]){re.escape(tag.lower())}([^a-z0-9]|$)")
+    pattern = re.compile(rf"(^|[^a-z0-9_]){re.escape(tag.lower())}([^a-z0-9_]|$)")
     for p in ggufs:
         if pattern.search(p.lower().rsplit("/", 1)[-1].removesuffix(".gguf")):
             return p
