@@ -112,3 +112,35 @@ def test_an_existing_blob_is_not_fetched(tmp_path):
     (tmp_path / "blob").write_bytes(DATA)
     t = fetch(tmp_path, server := Server())
     assert t.error is None and server.requests == [] and t.completed == len(DATA)
+
+
+def test_a_full_disk_fails_at_once_and_keeps_no_blob(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def fake_open(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        return FullDisk(f) if str(path).endswith(".incomplete") and "w" in mode else f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    t = fetch(tmp_path, server := Server())
+    assert isinstance(t.error, OSError) and t.error.errno == errno.ENOSPC
+    assert len(server.requests) == 1 and not (tmp_path / "blob").exists()

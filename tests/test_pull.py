@@ -126,8 +126,14 @@ def test_gated_repo_says_what_to_do(daemon):
 
 
 def test_gated_repo_with_a_token(tmp_path, tiny_dirs, hub):
-    for handle in run_daemon(make_settings(tmp_path, tiny_dirs, hf_endpoint=hub.url, hf_token="good-token")):
+    for handle in run_daemon(make_settings(tmp_path / "good", tiny_dirs, hf_endpoint=hub.url, hf_token="good-token")):
         assert ollama.Client(host=handle.url).pull("hf.co/meta/gated").status == "success"
+    hub.log.clear()
+    for handle in run_daemon(make_settings(tmp_path / "bad", tiny_dirs, hf_endpoint=hub.url, hf_token="no-access")):
+        with pytest.raises(ollama.ResponseError) as err:
+            ollama.Client(host=handle.url).pull("hf.co/meta/gated")
+        assert "gated" in err.value.error and "HF_TOKEN" in err.value.error
+    assert hub.log == []  # refused with 403 before any byte of the repo was served
 
 
 def test_invalid_names(daemon):
