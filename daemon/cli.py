@@ -38,6 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=logging.DEBUG if args.debug else None,
         num_parallel=args.parallel,
         device=args.device,
+        gpu_memory=args.gpu_memory,
     )
     logging.addLevelName(TRACE, "TRACE")
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -343,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--context-length", type=int, help="default num_ctx, as OLLAMA_CONTEXT_LENGTH")
     serve.add_argument("--parallel", type=int, help="sequences decoded together per model, as OLLAMA_NUM_PARALLEL")
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    serve.add_argument("--gpu-memory", help="memory budget for loaded models: 24GiB, or a fraction of the GPU "
+                                            "(0.9); on a machine without GPU, of host memory (HFOLLAMA_GPU_MEMORY)")
     serve.add_argument("--debug", action="store_true", default=None, help="debug logging, as OLLAMA_DEBUG=1")
     serve.set_defaults(func=_serve)
 

@@ -140,6 +140,7 @@ class Settings:
     max_queue: int = 512
     max_loaded_models: int = 0  # 0: 3 per GPU, 3 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    gpu_memory: str = ""  # the memory budget: bytes with a unit, or a fraction of the device
     hf_token: str | None = None
     hf_endpoint: str | None = None  # HF_ENDPOINT: a Hub mirror (the tests use a local one)
 
@@ -161,6 +162,7 @@ class Settings:
             max_queue=max(1, _int(env, "OLLAMA_MAX_QUEUE", 512)),
             max_loaded_models=max(0, _int(env, "OLLAMA_MAX_LOADED_MODELS", 0)),
             device=env_var(env, "HFOLLAMA_DEVICE") or "auto",
+            gpu_memory=env_var(env, "HFOLLAMA_GPU_MEMORY"),
             hf_token=env_var(env, "HF_TOKEN") or None,
             hf_endpoint=env_var(env, "HF_ENDPOINT") or None,
         )

@@ -52,3 +52,25 @@ def test_ps(daemon):
     assert datetime.datetime.fromisoformat(m["expires_at"]).year > 2200  # forever
     httpx.post(daemon.url + "/api/generate", json={"model": "tiny:random", "keep_alive": 0}, timeout=60)
     assert "tiny:random" not in {m["name"] for m in httpx.get(daemon.url + "/api/ps").json()["models"]}
+
+
+def test_ps_expiry_and_default_keep_alive(daemon):
+    import time
+
+    httpx.post(daemon.url + "/api/generate", json={"model": "tiny:scripted", "prompt": "hi", "keep_alive": "1s",
+                                                   "stream": False}, timeout=60)
+    models = {m["name"]: m for m in httpx.get(daemon.url + "/api/ps").json()["models"]}
+    expires = datetime.datetime.fromisoformat(models["tiny:scripted"]["expires_at"])
+    assert 0 < (expires - datetime.datetime.now(expires.tzinfo)).total_seconds() <= 1.5
+    time.sleep(1.6)
+    assert "tiny:scripted" not in {m["name"] for m in httpx.get(daemon.url + "/api/ps").json()["models"]}
+
+
+def test_a_model_larger_than_the_budget_is_refused(tmp_path, tiny_dirs):
+    from conftest import make_settings, run_daemon
+
+    for handle in run_daemon(make_settings(tmp_path, tiny_dirs, gpu_memory="1MiB")):
+        r = httpx.post(handle.url + "/api/generate", json={"model": "tiny:random", "prompt": "hi"}, timeout=60)
+        assert r.status_code == 500
+        assert "needs about" in r.json()["error"] and "budget is 1 MiB" in r.json()["error"]
+        assert httpx.get(handle.url + "/api/ps").json() == {"models": []}

@@ -17,6 +17,33 @@ _SAFETENSORS_DTYPE_LABELS = {"BF16": "BF16", "F16": "F16", "F32": "F32", "U8": "
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """The sizes that decide memory: from config.json or GGUF metadata."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied_embeddings: bool
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters of the per-layer matrix products (what bitsandbytes quantizes)."""
+        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        return self.layers * (attention + 3 * self.hidden * self.intermediate)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
+
+
+@dataclass(frozen=True)
 class ModelMetadata:
     format: str  # "gguf" | "safetensors"
     architecture: str  # general.architecture, e.g. "llama"
@@ -27,6 +54,7 @@ class ModelMetadata:
     chat_template: str | None
     is_embedding_model: bool = False
     info: dict[str, Any] = field(default_factory=dict)  # Ollama's model_info keys
+    shape: ModelShape | None = None
 
     @property
     def families(self) -> list[str]:
@@ -75,6 +103,17 @@ def _from_gguf(path: Path) -> ModelMetadata:
     template = kv.pop("tokenizer.chat_template", None)
     kv.pop("general.name", None)
     kv["general.parameter_count"] = header.parameter_count
+    hidden = int(kv.get(f"{arch}.embedding_length", 0))
+    heads = int(kv.get(f"{arch}.attention.head_count", 0) or 0)
+    shape = None
+    if hidden and heads:
+        vocab = int(kv.get(f"{arch}.vocab_size", 0)) or header.tensor_shapes.get("token_embd.weight", (0, 0))[-1]
+        shape = ModelShape(
+            hidden=hidden, layers=int(kv.get(f"{arch}.block_count", 0)), heads=heads,
+            kv_heads=int(kv.get(f"{arch}.attention.head_count_kv", heads)),
+            head_dim=int(kv.get(f"{arch}.attention.key_length", 0) or hidden // heads),
+            intermediate=int(kv.get(f"{arch}.feed_forward_length", 0)), vocab=int(vocab),
+            tied_embeddings="output.weight" not in header.tensor_shapes)
     return ModelMetadata(
         format="gguf",
         architecture=arch,
@@ -85,6 +124,7 @@ def _from_gguf(path: Path) -> ModelMetadata:
         chat_template=template,
         is_embedding_model=arch in ("bert", "nomic-bert"),
         info=kv,
+        shape=shape,
     )
 
 
@@ -163,6 +203,15 @@ def _from_hf_dir(directory: Path) -> ModelMetadata:
     is_embedding = arch in ("bert", "nomic_bert", "xlm-roberta", "mpnet") or not any(
         a.endswith("ForCausalLM") or a.endswith("ForConditionalGeneration") for a in architectures
     )
+    shape = None
+    if config.get("hidden_size") and config.get("num_attention_heads"):
+        heads = int(config["num_attention_heads"])
+        shape = ModelShape(
+            hidden=int(config["hidden_size"]), layers=int(config.get("num_hidden_layers", 0)), heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
+            intermediate=int(config.get("intermediate_size", 0)), vocab=int(config.get("vocab_size", 0)),
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)))
     return ModelMetadata(
         format="safetensors",
         architecture=arch,
@@ -173,4 +222,5 @@ def _from_hf_dir(directory: Path) -> ModelMetadata:
         chat_template=_hf_chat_template(directory),
         is_embedding_model=is_embedding,
         info=info,
+        shape=shape,
     )

@@ -18,6 +18,7 @@ from daemon.config import Settings
 from daemon.engine.forward import LlamaForward
 from daemon.engine.prompt import PromptBuilder
 from daemon.engine.runner import Runner
+from daemon.errors import InternalError
 from daemon.registry.catalog import ResolvedModel
 from daemon.store.derived import DerivedCache
 
@@ -44,6 +45,31 @@ def default_num_parallel(settings: Settings, device: torch.device) -> int:
     return 4
 
 
+@dataclass(frozen=True)
+class LoadPlan:
+    device: torch.device
+    num_ctx: int
+    default_num_ctx: int
+    slots: int
+
+
+def plan_load(resolved: ResolvedModel, settings: Settings, num_ctx: int | None = None,
+              num_parallel: int | None = None) -> LoadPlan:
+    """Where and how large a model loads: the one place the scheduler's estimate and the
+    loader agree on."""
+    device = pick_device(settings.device)
+    default_ctx = default_num_ctx(settings, device, resolved.context_length)
+    ctx = min(num_ctx, resolved.context_length or num_ctx) if num_ctx else default_ctx
+    return LoadPlan(device, ctx, default_ctx, num_parallel or default_num_parallel(settings, device))
+
+
+def estimate_footprint(resolved: ResolvedModel, settings: Settings, num_ctx: int | None = None) -> int:
+    from daemon.scheduler.footprint import estimate
+
+    plan = plan_load(resolved, settings, num_ctx)
+    return estimate(resolved, plan.num_ctx, plan.slots, plan.device.type).total
+
+
 @dataclass
 class ModelRuntime:
     resolved: ResolvedModel
@@ -54,10 +80,13 @@ class ModelRuntime:
     num_ctx: int
     default_num_ctx: int
     load_seconds: float
+    measured_bytes: int = 0  # GPU memory the load took, measured
 
     @property
     def size_bytes(self) -> int:
-        """Weights plus the KV cache of every slot (what the runner holds)."""
+        """What it holds: measured on a GPU; on the CPU, weights plus every slot's KV cache."""
+        if self.measured_bytes:
+            return self.measured_bytes
         return self.forward.weights_bytes + self.forward.kv_bytes_per_token * self.num_ctx * self.forward.num_slots
 
     @property
@@ -76,20 +105,37 @@ class ModelRuntime:
             torch.cuda.empty_cache()
 
 
+def _free_device_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def load_runtime(resolved: ResolvedModel, settings: Settings, num_ctx: int | None = None,
                  num_parallel: int | None = None) -> ModelRuntime:
-    """Load weights and start the runner. Runs off the event loop (it takes seconds)."""
+    """Load weights and start the runner. Runs off the event loop (it takes seconds). A
+    failure (out of memory included) frees whatever this load allocated before raising."""
     started = time.perf_counter()
-    device = pick_device(settings.device)
-    loaded = load_causal_lm(resolved, device, DerivedCache(settings.models_dir / "derived"))
-    default_ctx = default_num_ctx(settings, device, resolved.context_length)
-    ctx = min(num_ctx, resolved.context_length or num_ctx) if num_ctx else default_ctx
-    slots = num_parallel or default_num_parallel(settings, device)
-    forward = LlamaForward(loaded.model, num_slots=slots, max_ctx=ctx)
-    runner = Runner(forward, loaded.tokenizer, loaded.eos_token_ids, name=resolved.name.display)
+    plan = plan_load(resolved, settings, num_ctx, num_parallel)
+    device = plan.device
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    loaded = forward = None
+    try:
+        loaded = load_causal_lm(resolved, device, DerivedCache(settings.models_dir / "derived"))
+        forward = LlamaForward(loaded.model, num_slots=plan.slots, max_ctx=plan.num_ctx)
+        runner = Runner(forward, loaded.tokenizer, loaded.eos_token_ids, name=resolved.name.display)
+    except BaseException as exc:
+        del loaded, forward
+        _free_device_memory(device)
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise InternalError(f"out of memory while loading {resolved.name.display}: {exc}".split("\n")[0]) from None
+        raise
+    measured = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0
     modelfile = resolved.modelfile
     prompts = PromptBuilder(loaded.tokenizer, resolved.template, system=modelfile.system,
                             messages=modelfile.messages, fim=modelfile.fim)
     seconds = time.perf_counter() - started
-    log.info("loaded %s on %s in %.1fs (num_ctx %d, %d slots)", resolved.name.display, device, seconds, ctx, slots)
-    return ModelRuntime(resolved, loaded, forward, runner, prompts, ctx, default_ctx, seconds)
+    log.info("loaded %s on %s in %.1fs (num_ctx %d, %d slots)", resolved.name.display, device, seconds,
+             plan.num_ctx, plan.slots)
+    return ModelRuntime(resolved, loaded, forward, runner, prompts, plan.num_ctx, plan.default_num_ctx, seconds,
+                        measured)

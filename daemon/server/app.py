@@ -13,7 +13,8 @@ from daemon import OLLAMA_API_VERSION
 from daemon.config import Settings
 from daemon.registry.catalog import Catalog
 from daemon.registry.registry import Registry, shipped_modelfiles_dir
-from daemon.scheduler.cache import Loader, ModelCache
+from daemon.scheduler.policy import MemoryBudget
+from daemon.scheduler.scheduler import Estimator, Loader, Scheduler
 from daemon.server.handlers import inference, manage, meta, models
 from daemon.server.middleware import OriginPolicy, cors_middleware, error_middleware, host_check_middleware
 from daemon.server.state import SERVICES, Services
@@ -31,6 +32,25 @@ def default_loader(settings: Settings) -> Loader:
     return load
 
 
+def default_estimator(settings: Settings) -> Estimator:
+    def estimate(resolved, num_ctx):
+        from daemon.backends.runtime import estimate_footprint
+
+        return estimate_footprint(resolved, settings, num_ctx)
+
+    return estimate
+
+
+def default_budget(settings: Settings) -> MemoryBudget:
+    from daemon.backends.transformers_backend import pick_device
+
+    device = pick_device(settings.device)
+    budget = MemoryBudget.detect(device.type, settings.gpu_memory, device.index or 0)
+    log.info("memory budget for models: %.1f GiB on %s (%s)", budget.capacity / (1 << 30), budget.device,
+             budget.source)
+    return budget
+
+
 def build_catalog(settings: Settings, store: Store | None = None) -> Catalog:
     registry = Registry([shipped_modelfiles_dir(), settings.modelfiles_dir])
     return Catalog(registry, store)
@@ -40,8 +60,8 @@ def build_store(settings: Settings) -> Store:
     return Store(settings.models_dir, hf_token=settings.hf_token, hf_endpoint=settings.hf_endpoint)
 
 
-def create_app(settings: Settings, *, catalog: Catalog | None = None,
-               loader: Loader | None = None) -> web.Application:
+def create_app(settings: Settings, *, catalog: Catalog | None = None, loader: Loader | None = None,
+               budget: MemoryBudget | None = None, estimator: Estimator | None = None) -> web.Application:
     app = web.Application(
         middlewares=[
             web.normalize_path_middleware(remove_slash=True, append_slash=False),
@@ -55,10 +75,11 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None,
     catalog = catalog or build_catalog(settings, store)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        cache = ModelCache(settings, loader or default_loader(settings))
-        app[SERVICES] = Services(settings=settings, catalog=catalog, store=store, models=cache)
+        scheduler = Scheduler(settings, loader or default_loader(settings), budget or default_budget(settings),
+                              estimator or default_estimator(settings))
+        app[SERVICES] = Services(settings=settings, catalog=catalog, store=store, models=scheduler)
         yield
-        await cache.close()
+        await scheduler.close()
 
     app.cleanup_ctx.append(lifecycle)
     meta.add_routes(app)

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from daemon.config import Settings
 from daemon.registry.catalog import Catalog
-from daemon.scheduler.cache import ModelCache
+from daemon.scheduler.scheduler import Scheduler
 from daemon.store.store import Store
 
 
@@ -17,7 +17,7 @@ class Services:
     settings: Settings
     catalog: Catalog
     store: Store
-    models: ModelCache
+    models: Scheduler
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)

@@ -1,0 +1,68 @@
+"""How much memory a model will take, estimated before loading it.
+
+Weights: the per-layer matrix products at the bytes per parameter of their quantization
+(bitsandbytes NF4/FP4: 4 bits plus one fp32 absmax per 64 weights, or an 8-bit absmax with
+a second-level fp32 scale per 256 blocks under double quantization; int8: a byte plus an
+fp32 scale per row); embeddings and the LM head stay in the compute dtype (bitsandbytes
+skips them). On the CPU the engine keeps dense weights in fp16 and activations in fp32.
+KV cache: every slot's full context. Workspace: activations of one prefill chunk, the
+logits, and allocator slack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from daemon.backends.metadata import ModelShape
+from daemon.registry.catalog import ResolvedModel
+
+NF4_BYTES = 0.5 + 4 / 64
+NF4_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+INT8_ROW_SCALE = 4  # bytes of fp32 scale per output row
+
+
+@dataclass(frozen=True)
+class Footprint:
+    weights: int
+    kv_cache: int
+    workspace: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.workspace
+
+
+def linear_bytes(shape: ModelShape, mode: str, double_quant: bool, dense_bytes: int) -> int:
+    params = shape.linear_params
+    if mode in ("nf4", "fp4"):
+        return int(params * (NF4_DOUBLE_QUANT_BYTES if double_quant else NF4_BYTES))
+    if mode == "int8":
+        rows = shape.layers * (shape.head_dim * (shape.heads + 2 * shape.kv_heads) + shape.hidden
+                               + 2 * shape.intermediate + shape.hidden)
+        return params + rows * INT8_ROW_SCALE
+    return params * dense_bytes
+
+
+def estimate(model: ResolvedModel, num_ctx: int, slots: int, device_type: str, prefill_chunk: int = 512) -> Footprint:
+    shape = model.metadata.shape
+    if shape is None:  # unknown architecture: the files' size is the best guess
+        return Footprint(weights=model.size, kv_cache=0, workspace=64 << 20)
+    on_gpu = device_type == "cuda"
+    act_bytes = 2 if on_gpu else 4
+    dense_bytes = 2  # bf16/fp16 on a GPU; fp16 weights on the CPU
+    q = model.modelfile.quantization
+    mode = q.mode if on_gpu else "none"
+    prequantized = model.quantization_level in ("NF4", "FP4", "INT8") and q.mode == "none"
+    if prequantized and on_gpu:
+        mode, double = model.quantization_level.lower(), True
+    else:
+        double = q.double_quant
+    weights = linear_bytes(shape, mode, double, dense_bytes)
+    head = shape.embedding_params * dense_bytes
+    embed = 0 if shape.tied_embeddings else shape.embedding_params * (act_bytes if not on_gpu else dense_bytes)
+    weights += head + embed + shape.layers * 2 * shape.hidden * act_bytes
+    kv = shape.kv_bytes_per_token(act_bytes) * num_ctx * slots
+    chunk = min(prefill_chunk, num_ctx)
+    workspace = chunk * (4 * shape.hidden + 2 * shape.intermediate + shape.head_dim * (shape.heads + 2 * shape.kv_heads)) * act_bytes
+    workspace += slots * shape.vocab * 4 * 2 + (32 << 20)
+    return Footprint(weights=weights, kv_cache=kv, workspace=workspace)

@@ -1,0 +1,71 @@
+"""Footprint estimates: exact arithmetic for Llama-3-8B shapes, and against what the CPU
+engine really holds for the tiny model."""
+
+from dataclasses import dataclass, replace
+
+import pytest
+
+from daemon.backends.metadata import ModelShape
+from daemon.registry.modelfile import Quantization
+from daemon.scheduler.footprint import NF4_DOUBLE_QUANT_BYTES, estimate, linear_bytes
+
+LLAMA3_8B = ModelShape(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256,
+                       tied_embeddings=False)
+
+
+def test_llama3_8b_parameter_split():
+    assert LLAMA3_8B.linear_params == 6_979_321_856
+    assert LLAMA3_8B.linear_params + 2 * LLAMA3_8B.embedding_params + 65 * 4096 == 8_030_261_248
+
+
+@pytest.mark.parametrize("mode,double,gib", [("none", False, 13.0), ("nf4", True, 3.35), ("nf4", False, 3.66),
+                                              ("int8", False, 6.5)])
+def test_linear_bytes(mode, double, gib):
+    assert linear_bytes(LLAMA3_8B, mode, double, 2) / (1 << 30) == pytest.approx(gib, abs=0.05)
+
+
+@dataclass
+class FakeMetadata:
+    shape: ModelShape
+
+
+@dataclass
+class FakeModelfile:
+    quantization: Quantization
+
+
+@dataclass
+class FakeModel:
+    metadata: FakeMetadata
+    modelfile: FakeModelfile
+    quantization_level: str = "BF16"
+    size: int = 0
+
+
+def test_gpu_nf4_total_for_8b():
+    model = FakeModel(FakeMetadata(LLAMA3_8B), FakeModelfile(Quantization("nf4", True, "bfloat16")))
+    f = estimate(model, num_ctx=8192, slots=4, device_type="cuda")
+    assert f.kv_cache == 4 * 8192 * 2 * 32 * 8 * 128 * 2  # 4 GiB
+    assert f.weights / (1 << 30) == pytest.approx(3.35 + 2 * 0.98, abs=0.05)
+    assert NF4_DOUBLE_QUANT_BYTES < 0.52
+
+
+def test_cpu_estimate_matches_the_engine(tiny_dirs):
+    from daemon.backends.runtime import load_runtime
+    from daemon.config import Settings
+    from daemon.names import ModelName
+    from daemon.server.app import build_catalog
+
+    from conftest import write_tiny_modelfiles
+
+    root = tiny_dirs["random"].parent / "fp"
+    write_tiny_modelfiles(root / "mf", tiny_dirs)
+    settings = Settings.from_env({}, models_dir=root / "m", user_modelfiles_dir=root / "mf", device="cpu",
+                                 num_parallel=2, context_length=512)
+    model = build_catalog(settings).resolve(ModelName.parse("tiny:random"))
+    runtime = load_runtime(model, settings)
+    try:
+        predicted = estimate(model, 512, 2, "cpu")
+        assert predicted.weights + predicted.kv_cache == pytest.approx(runtime.size_bytes, rel=0.15)
+    finally:
+        runtime.close()
