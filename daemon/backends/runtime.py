@@ -105,6 +105,27 @@ class ModelRuntime:
             torch.cuda.empty_cache()
 
 
+def make_forward(model: torch.nn.Module, slots: int, num_ctx: int):
+    """The fast GPU path where it applies (CUDA, Triton, a Llama-family model with dense or
+    NF4 layers), with its decode graphs captured now; else the eager path."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        from daemon.engine import cuda
+
+        if cuda.available():
+            from daemon.engine.cuda.forward import CudaLlamaForward
+            from daemon.engine.forward import UnsupportedArchitecture
+
+            try:
+                forward = CudaLlamaForward(model, num_slots=slots, max_ctx=num_ctx)
+            except UnsupportedArchitecture as exc:
+                log.info("eager decoding (%s)", exc)
+            else:
+                forward.capture_all()
+                return forward
+    return LlamaForward(model, num_slots=slots, max_ctx=num_ctx)
+
+
 def _free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -122,7 +143,7 @@ def load_runtime(resolved: ResolvedModel, settings: Settings, num_ctx: int | Non
     loaded = forward = None
     try:
         loaded = load_causal_lm(resolved, device, DerivedCache(settings.models_dir / "derived"))
-        forward = LlamaForward(loaded.model, num_slots=plan.slots, max_ctx=plan.num_ctx)
+        forward = make_forward(loaded.model, plan.slots, plan.num_ctx)
         runner = Runner(forward, loaded.tokenizer, loaded.eos_token_ids, name=resolved.name.display)
     except BaseException as exc:
         del loaded, forward

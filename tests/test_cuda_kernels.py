@@ -1,0 +1,75 @@
+"""The Triton kernels against bitsandbytes' dequantize-then-matmul and PyTorch references
+(GPU only; CI skips them). Fresh random inputs per case, relative error norms."""
+
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+K = pytest.importorskip("daemon.engine.cuda.kernels") if torch.cuda.is_available() else None
+BF = pytest.importorskip("bitsandbytes.functional") if torch.cuda.is_available() else None
+
+
+class _Param:
+    def __init__(self, data, state):
+        self.data, self.quant_state = data, state
+
+
+class _Module:
+    def __init__(self, n, k, double, bias=False):
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+        q, st = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double)
+        self.weight = _Param(q, st)
+        self.bias = torch.randn(n, dtype=torch.bfloat16, device="cuda") if bias else None
+        self.ref = BF.dequantize_4bit(q, st)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("double", [True, False])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16, 32, 64])
+@pytest.mark.parametrize("shapes", [[(512, 256)], [(4096, 4096)], [(6144 // 3, 4096)] * 3, [(4096, 14336)]])
+def test_nf4_matmul_matches_bitsandbytes(double, rows, shapes):
+    mods = [_Module(n, k, double) for n, k in shapes]
+    w = K.NF4Weights(mods)
+    x = torch.randn(rows, w.k, dtype=torch.bfloat16, device="cuda")
+    ref = x @ torch.cat([m.ref for m in mods]).T  # bitsandbytes' dequantize, then matmul
+    out = K.nf4_matmul(x, w)
+    assert not torch.isnan(out).any() and rel(out, ref) < 1e-2
+
+
+def test_nf4_bias_and_dequantize():
+    mods = [_Module(256, 512, True, bias=True), _Module(128, 512, True, bias=True)]
+    w = K.NF4Weights(mods)
+    x = torch.randn(3, 512, dtype=torch.bfloat16, device="cuda")
+    full = torch.cat([m.ref for m in mods])
+    bias = torch.cat([m.bias for m in mods])
+    assert rel(K.nf4_matmul(x, w), x @ full.T + bias) < 1e-2
+    scratch = torch.full((w.n * w.k,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    assert torch.equal(K.nf4_dequantize(w, scratch), full)  # every element written, bit-exact
+
+
+def test_fused_norm_rope_attention():
+    torch.manual_seed(1)
+    x, r = torch.randn(5, 4096, dtype=torch.bfloat16, device="cuda"), torch.randn(5, 4096, dtype=torch.bfloat16, device="cuda")
+    w = torch.rand(4096, dtype=torch.bfloat16, device="cuda")
+    out, res = K.add_rmsnorm(x, w, 1e-5, residual=r)
+    s = x + r
+    ref = w * (s.float() * torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    assert torch.equal(res, s) and rel(out, ref) < 1e-2
+    H, KV, D, S, C = 32, 8, 128, 3, 1024
+    kc = torch.randn(S, KV, C, D, dtype=torch.bfloat16, device="cuda")
+    vc = torch.randn_like(kc)
+    q = torch.randn(4, H, D, dtype=torch.bfloat16, device="cuda")
+    slots = torch.tensor([1, 2, 0, 1], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([1000, 7, 257, 1], dtype=torch.int32, device="cuda")
+    o = K.DecodeAttention(4, H, KV, D, C, torch.device("cuda"), torch.bfloat16)(q, kc, vc, slots, lens, D ** -0.5)
+    for b in range(4):
+        n, s_ = int(lens[b]), int(slots[b])
+        ref = torch.nn.functional.scaled_dot_product_attention(q[b:b + 1, :, None], kc[s_:s_ + 1, :, :n],
+                                                               vc[s_:s_ + 1, :, :n], enable_gqa=True)[0, :, 0]
+        assert rel(o[b], ref) < 1e-2
