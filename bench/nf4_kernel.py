@@ -24,7 +24,8 @@ import bitsandbytes.functional as BF  # noqa: E402
 from daemon.engine.cuda import kernels as K  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-FMA_SWEEP = [(bn, bk, w) for bn in (4, 8, 16, 32, 64) for bk in (128, 256, 512) for w in (2, 4, 8)]
+GEMV_SWEEP = [(bn, bk, w, sk) for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for w in (2, 4, 8)
+              for sk in (1, 2, 4, 8)]
 DOT_SWEEP = [(bn, bk, w) for bn in (32, 64, 128) for bk in (64, 128, 256) for w in (4, 8)]
 
 
@@ -57,10 +58,12 @@ def main() -> None:
         nbytes = w.nbytes
         for m in args.rows:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-            path = "fma" if m <= 4 else "dot"
-            sweep = FMA_SWEEP if path == "fma" else DOT_SWEEP
+            path = "gemv" if m <= 4 else "dot"
+            sweep = GEMV_SWEEP if path == "gemv" else DOT_SWEEP
             timings = []
             for cfg in sweep:
+                if path == "gemv" and (k // cfg[3]) % cfg[1]:
+                    continue
                 try:
                     timings.append((bench(lambda: K.nf4_matmul(x, w, config=cfg)), cfg))
                 except Exception:  # a setting that does not compile or fit

@@ -237,6 +237,7 @@ class LlamaForward:
         """tokens [B, T] at positions starts[b] .. starts[b]+T-1 of slots[b]; returns the
         logits of each row's last position, [B, vocab], float32. B > 1 needs T == 1."""
         batch, steps = tokens.shape
+        tokens = tokens.to(self.device)
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         if batch == 1:
             cos = self.cos[starts[0]:starts[0] + steps][None, :, None]

@@ -173,7 +173,7 @@ class CudaLlamaForward:
     # ---- one layer, any number of rows ----------------------------------------------------
 
     def _mlp(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
-        return layer.down(K.silu_mul(layer.gate_up(h, self.scratch)), self.scratch)
+        return layer.down(K.silu_mul(layer.gate_up(h, self.scratch), self.dtype), self.scratch)
 
     def _decode_body(self, tokens, slots, positions, lengths, attention: K.DecodeAttention) -> torch.Tensor:
         batch = tokens.shape[0]
@@ -186,7 +186,7 @@ class CudaLlamaForward:
             q = K.rope_kv(qkv, self.cos, self.sin, positions, slots, self.k_cache[i], self.v_cache[i],
                           self.num_heads, self.num_kv_heads, self.head_dim)
             o = attention(q, self.k_cache[i], self.v_cache[i], slots, lengths, self.scale)
-            o = layer.o(o.reshape(batch, self.num_heads * self.head_dim))
+            o = layer.o(o.reshape(batch, self.num_heads * self.head_dim))  # fp32 from the NF4 GEMV
             h, x = K.add_rmsnorm(o, layer.post_norm, self.eps, residual=x)
             out = self._mlp(layer, h)
         h, _ = K.add_rmsnorm(out, self.final_norm, self.eps, residual=x)

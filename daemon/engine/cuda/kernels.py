@@ -2,8 +2,8 @@
 
 - nf4_matmul: y = x W^T with W in bitsandbytes' NF4 layout, read as it is: packed nibbles
   (high nibble first, row-major), one absmax per 64 weights, double-quantized absmax
-  (uint8 codes, a float per 256 blocks, an offset) decoded in the kernel. A multiply-add
-  path for 1-4 rows (decode at batch 1-4) and a tl.dot path for up to 64 rows.
+  (uint8 codes, a float per 256 blocks, an offset) decoded in the kernel. A GEMV path for
+  1-4 rows (int32 word loads, a byte-pair lookup table, split-K) and a tl.dot path for more.
 - add_rmsnorm: the residual add and HF's RMSNorm in one pass (the sum rounded to the
   activation dtype first, as HF adds in it).
 - rope_kv: RoPE on q and k, and the k/v writes into each row's KV slot, in one launch.
@@ -25,42 +25,10 @@ import triton.language as tl
 def _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, DOUBLE: tl.constexpr):
     if DOUBLE:  # bitsandbytes' double quantization, decoded exactly as it decodes it
         q = tl.load(absmax_ptr + blk).to(tl.int32)
-        return tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // 256) + tl.load(offset_ptr + blk // 256)
-    return tl.load(absmax_ptr + blk)
-
-
-@triton.jit
-def _nf4_fma_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, bias_ptr, out_ptr, offset_ptr,
-                    M, N, K, stride_xm, stride_om,
-                    M_PAD: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows of x: M <= M_PAD <= 4. Each program: BLOCK_N outputs for all rows."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    HALF: tl.constexpr = BLOCK_K // 2
-    NB: tl.constexpr = BLOCK_K // 64
-    j = tl.arange(0, HALF)
-    bj = tl.arange(0, NB)
-    m = tl.arange(0, M_PAD)
-    m_ok = m < M
-    acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        p = tl.load(w_ptr + rows[:, None] * (K // 2) + (k0 // 2) + j[None, :], mask=row_ok[:, None], other=0)
-        hi = tl.load(code_ptr + (p >> 4).to(tl.int32))
-        lo = tl.load(code_ptr + (p & 15).to(tl.int32))
-        blk = rows[:, None] * (K // 64) + (k0 // 64) + bj[None, :]
-        am = _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, DOUBLE)  # [BLOCK_N, NB]
-        am = tl.reshape(tl.broadcast_to(am[:, :, None], (BLOCK_N, NB, 32)), (BLOCK_N, HALF))
-        whi = hi * am
-        wlo = lo * am
-        xe = tl.load(x_ptr + m[:, None] * stride_xm + k0 + 2 * j[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + m[:, None] * stride_xm + k0 + 2 * j[None, :] + 1, mask=m_ok[:, None], other=0.0).to(tl.float32)
-        acc += tl.sum(whi[None, :, :] * xe[:, None, :] + wlo[None, :, :] * xo[:, None, :], axis=2)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + m[:, None] * stride_om + rows[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & row_ok[None, :])
+        value = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // 256) + tl.load(offset_ptr + blk // 256)
+    else:
+        value = tl.load(absmax_ptr + blk).to(tl.float32)
+    return value
 
 
 @triton.jit
@@ -98,9 +66,72 @@ def _nf4_dot_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, 
              mask=m_ok[:, None] & row_ok[None, :])
 
 
+@triton.jit
+def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, pairs_ptr, bias_ptr, out_ptr, offset_ptr,
+                     N, K, K_SPLIT, stride_xm, stride_om,
+                     M: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Decode-size products (M <= 4 rows). Weights are read as int32 words (8 nibbles), each
+    byte decoded by one lookup in a 256-entry table of fp16 value pairs; absmax applies per
+    64 weights; a program covers BLOCK_N outputs over K_SPLIT inputs, and split programs
+    add their sums atomically into an fp32 output."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    WORDS: tl.constexpr = BLOCK_K // 8
+    GROUPS: tl.constexpr = BLOCK_K // 64
+    wi = tl.arange(0, WORDS)
+    gi = tl.arange(0, GROUPS)
+    w32 = w_ptr.to(tl.pointer_type(tl.int32))
+    k_begin = pid_k * K_SPLIT
+    acc0 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
+        words = tl.load(w32 + rows[:, None] * (K // 8) + (k0 // 8) + wi[None, :], mask=row_ok[:, None], other=0)
+        blk = rows[:, None] * (K // 64) + (k0 // 64) + gi[None, :]
+        am = _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, DOUBLE)
+        am = tl.reshape(tl.broadcast_to(am[:, :, None], (BLOCK_N, GROUPS, 8)), (BLOCK_N, WORDS))
+        for r in tl.static_range(M):
+            xb = x_ptr + r * stride_xm + k0 + 8 * wi
+            part = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+            for byte in tl.static_range(4):  # little-endian: byte b holds weights 2b (high nibble), 2b+1
+                pair = tl.load(pairs_ptr + ((words >> (8 * byte)) & 255))
+                hi = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                lo = ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                x_hi = tl.load(xb + 2 * byte).to(tl.float32)
+                x_lo = tl.load(xb + 2 * byte + 1).to(tl.float32)
+                part += hi * x_hi[None, :] + lo * x_lo[None, :]
+            if r == 0:
+                acc0 += part * am
+            elif r == 1:
+                acc1 += part * am
+            elif r == 2:
+                acc2 += part * am
+            else:
+                acc3 += part * am
+    for r in tl.static_range(M):
+        if r == 0:
+            y = tl.sum(acc0, axis=1)
+        elif r == 1:
+            y = tl.sum(acc1, axis=1)
+        elif r == 2:
+            y = tl.sum(acc2, axis=1)
+        else:
+            y = tl.sum(acc3, axis=1)
+        if HAS_BIAS:
+            if pid_k == 0:
+                y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if ATOMIC:
+            tl.atomic_add(out_ptr + r * stride_om + rows, y, mask=row_ok, sem="relaxed")
+        else:
+            tl.store(out_ptr + r * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
 # Launch settings, chosen per (path, N, K) by `tune_nf4` on the card and kept here.
 NF4_CONFIGS: dict[tuple, tuple[int, int, int]] = {}
-FMA_DEFAULT = (16, 256, 4)  # BLOCK_N, BLOCK_K, num_warps
 DOT_DEFAULT = (64, 128, 4)
 
 
@@ -119,6 +150,7 @@ class NF4Weights:
         self.k = int(states[0].shape[1])
         self.n = sum(int(st.shape[0]) for st in states)
         self.code = states[0].code.float().contiguous()
+        self.pairs = _pair_table(self.code)
         if any(st.blocksize != 64 or st.quant_type != "nf4" for st in states):
             raise ValueError("only NF4 with blocksize 64 is supported by the fused kernel")
         self.packed = torch.cat([m.weight.data.reshape(-1) for m in modules]).contiguous()
@@ -146,6 +178,14 @@ class NF4Weights:
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """byte -> (fp16 of its high nibble's value, fp16 of its low nibble's value) as one int32."""
+    bits = code.half().view(torch.int16).to(torch.int64) & 0xFFFF
+    b = torch.arange(256, device=code.device)
+    pair = bits[b >> 4] | (bits[b & 15] << 16)
+    return torch.where(pair >= 2**31, pair - 2**32, pair).to(torch.int32).contiguous()
+
+
 def _plain_absmax(state) -> torch.Tensor:
     if state.state2 is None:
         return state.absmax.float().reshape(-1)
@@ -161,29 +201,36 @@ def _fit_block_k(block_k: int, k: int) -> int:
     return block_k
 
 
+GEMV_DEFAULT = (64, 256, 4, 1)  # BLOCK_N, BLOCK_K, num_warps, split_k
+
+
 def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
-               config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """x [M, K] (bf16/fp16) @ dequant(W [N, K])^T (+ bias) -> [M, N] in x's dtype."""
+               config: tuple | None = None) -> torch.Tensor:
+    """x [M, K] @ dequant(W [N, K])^T (+ bias) -> [M, N]. Up to 4 rows (decoding), the result
+    is fp32 (the consumers are Triton kernels that read any float); more rows: x's dtype."""
     m, n, k = x.shape[0], w.n, w.k
+    dummy = w.absmax
+    common = (w.packed, w.absmax, w.absmax2 if w.double else dummy, w.code2 if w.double else dummy)
+    if m <= 4:
+        block_n, block_k, warps, split = config or NF4_CONFIGS.get(("gemv", n, k), GEMV_DEFAULT)
+        block_k = _fit_block_k(block_k, k // split)
+        if out is None:
+            out = (torch.zeros if split > 1 else torch.empty)((m, n), dtype=torch.float32, device=x.device)
+        _nf4_gemv_kernel[(triton.cdiv(n, block_n), split)](
+            x, *common, w.pairs, w.bias if w.bias is not None else dummy, out, w.offset if w.double else dummy,
+            n, k, k // split, x.stride(0), out.stride(0), M=m, DOUBLE=w.double, HAS_BIAS=w.bias is not None,
+            ATOMIC=split > 1, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        return out
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    dummy = w.absmax
-    args = (x, w.packed, w.absmax, w.absmax2 if w.double else dummy, w.code2 if w.double else dummy, w.code,
-            w.bias if w.bias is not None else dummy, out, w.offset if w.double else dummy, m, n, k,
-            x.stride(0), out.stride(0))
-    if m <= 4:
-        block_n, block_k, warps = config or NF4_CONFIGS.get(("fma", n, k), FMA_DEFAULT)
-        block_k = _fit_block_k(block_k, k)
-        _nf4_fma_kernel[(triton.cdiv(n, block_n),)](*args, M_PAD=_next_pow2(m), DOUBLE=w.double,
-                                                    HAS_BIAS=w.bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                    num_warps=warps)
-    else:
-        block_n, block_k, warps = config or NF4_CONFIGS.get(("dot", n, k), DOT_DEFAULT)
-        block_k = _fit_block_k(block_k, k)
-        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-        _nf4_dot_kernel[grid](*args, DOUBLE=w.double, HAS_BIAS=w.bias is not None, BLOCK_M=block_m,
-                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    block_n, block_k, warps = config or NF4_CONFIGS.get(("dot", n, k), DOT_DEFAULT)
+    block_k = _fit_block_k(block_k, k)
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _nf4_dot_kernel[grid](x, *common, w.code, w.bias if w.bias is not None else dummy, out,
+                          w.offset if w.double else dummy, m, n, k, x.stride(0), out.stride(0),
+                          DOUBLE=w.double, HAS_BIAS=w.bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                          BLOCK_K=block_k, num_warps=warps)
     return out
 
 
@@ -231,11 +278,12 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, D,
 
 def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
                 out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
-    """norm(x + residual); returns (normed, x + residual). With no residual: (norm(x), x)."""
+    """norm(x + residual); returns (normed, x + residual), both in the weight's dtype (x may be
+    an fp32 product). With no residual: (norm(x), x)."""
     rows, d = x.shape
-    out = torch.empty_like(x) if out is None else out
+    out = torch.empty((rows, d), dtype=weight.dtype, device=x.device) if out is None else out
     if residual is not None and residual_out is None:
-        residual_out = torch.empty_like(x)
+        residual_out = torch.empty((rows, d), dtype=weight.dtype, device=x.device)
     _add_rmsnorm_kernel[(rows,)](x, residual if residual is not None else x, weight, out,
                                  residual_out if residual_out is not None else x, eps, d,
                                  HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(d), num_warps=8)
@@ -272,11 +320,11 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_c
         slot = tl.load(slot_ptr + t).to(tl.int64)
         at = ((slot * KV + (head - H) % KV) * CTX + pos) * D
         if head < H + KV:
-            tl.store(k_cache_ptr + at + i, y1.to(q_out_ptr.dtype.element_ty))
-            tl.store(k_cache_ptr + at + HALF + i, y2.to(q_out_ptr.dtype.element_ty))
+            tl.store(k_cache_ptr + at + i, y1.to(k_cache_ptr.dtype.element_ty))
+            tl.store(k_cache_ptr + at + HALF + i, y2.to(k_cache_ptr.dtype.element_ty))
         else:
-            tl.store(v_cache_ptr + at + i, y1.to(q_out_ptr.dtype.element_ty))
-            tl.store(v_cache_ptr + at + HALF + i, y2.to(q_out_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + at + i, y1.to(v_cache_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + at + HALF + i, y2.to(v_cache_ptr.dtype.element_ty))
 
 
 def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -285,7 +333,7 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: 
     """qkv [T, (H + 2 KV) * D]; writes rotated k and v into the caches [S, KV, CTX, D] at
     (slots[t], positions[t]); returns rotated q [T, H, D]."""
     t = qkv.shape[0]
-    q_out = torch.empty((t, heads, head_dim), dtype=qkv.dtype, device=qkv.device) if q_out is None else q_out
+    q_out = torch.empty((t, heads, head_dim), dtype=k_cache.dtype, device=qkv.device) if q_out is None else q_out
     _rope_kv_kernel[(t, heads + 2 * kv_heads)](qkv, cos, sin, positions, slots, q_out, k_cache, v_cache,
                                                qkv.stride(0), heads, kv_heads, k_cache.shape[2], D=head_dim,
                                                num_warps=1)
@@ -385,9 +433,10 @@ def _silu_mul_kernel(x_ptr, out_ptr, I, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * I + col, (a * u).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """SiLU(gate) * up, in `dtype` (default: gate_up's; an fp32 product yields bf16 when asked)."""
     rows, two_i = gate_up.shape
     i = two_i // 2
-    out = torch.empty((rows, i), dtype=gate_up.dtype, device=gate_up.device) if out is None else out
+    out = torch.empty((rows, i), dtype=dtype or gate_up.dtype, device=gate_up.device)
     _silu_mul_kernel[(rows, triton.cdiv(i, 1024))](gate_up, out, i, BLOCK=1024, num_warps=4)
     return out
