@@ -24,8 +24,7 @@ import bitsandbytes.functional as BF  # noqa: E402
 from daemon.engine.cuda import kernels as K  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-GEMV_SWEEP = [(bn, bk, w, sk) for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for w in (2, 4, 8)
-              for sk in (1, 2, 4, 8)]
+GEMV_SWEEP = [(bn, bk, w, sk) for bn in (32, 64, 128) for bk in (256, 512) for w in (4, 8) for sk in (1, 4)]
 DOT_SWEEP = [(bn, bk, w) for bn in (32, 64, 128) for bk in (64, 128, 256) for w in (4, 8)]
 
 
@@ -69,6 +68,7 @@ def main() -> None:
                 except Exception:  # a setting that does not compile or fit
                     continue
             t, cfg = min(timings)
+            print(name, m, f"{t:.1f}us", cfg, flush=True)
             best[f"{path},{n},{k}"] = list(cfg)
             t_bnb = bench(lambda: bnb.matmul_4bit(x, mod.q.t(), quant_state=mod.st))
             t_dense = bench(lambda: torch.nn.functional.linear(x, mod.dense))
