@@ -24,7 +24,9 @@ import bitsandbytes.functional as BF  # noqa: E402
 from daemon.engine.cuda import kernels as K  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-GEMV_SWEEP = [(bn, bk, w, sk) for bn in (32, 64, 128) for bk in (256, 512) for w in (4, 8) for sk in (1, 4)]
+GEMV_SWEEP = [(bn, bk, w, sk, lut) for bn, bk, w, sk in ((32, 256, 4, 4), (64, 512, 4, 4), (32, 512, 4, 1),
+                                                       (64, 256, 4, 1), (16, 512, 2, 4), (128, 256, 8, 2))
+              for lut in (True, False)]
 DOT_SWEEP = [(bn, bk, w) for bn in (32, 64, 128) for bk in (64, 128, 256) for w in (4, 8)]
 
 

@@ -83,6 +83,15 @@ def eos_ids(tokenizer: Any, model: torch.nn.Module) -> frozenset[int]:
     return frozenset(ids)
 
 
+def quantized_key(resolved: ResolvedModel, quantization: Quantization, dtype: torch.dtype) -> str:
+    """The derived-cache key of a checkpoint quantized on load: mode, settings, weights."""
+    import hashlib
+
+    weights = hashlib.sha256(repr(sorted(resolved.file_digests.items())).encode()).hexdigest()[:24]
+    dq = "-dq" if quantization.double_quant else ""
+    return f"bnb-{quantization.mode}{dq}-{str(dtype).removeprefix('torch.')}-{weights}"
+
+
 def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: DerivedCache) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -103,9 +112,28 @@ def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: Deriv
     elif quantization.mode != "none":
         log.warning("%s: %s quantization needs a CUDA GPU; loading unquantized on the CPU",
                     resolved.name.display, quantization.mode)
+    # Quantize once: a checkpoint quantized on load is saved in the store, already quantized,
+    # and later loads read that (a third of the bytes, no quantizing).
+    cache_key = None
+    if "quantization_config" in kwargs and not location.is_gguf:
+        cache_key = quantized_key(resolved, quantization, dtype)
+        cached = derived.get(cache_key)
+        if cached is not None:
+            folder = cached
+            del kwargs["quantization_config"]  # its config.json carries it
+            cache_key = None
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     model.eval()
+    if cache_key is not None:
+        try:
+            def save(out: Path) -> None:
+                model.save_pretrained(out)
+                tokenizer.save_pretrained(out)
+            derived.get_or_build(cache_key, save)
+            log.info("%s: kept the quantized weights for the next load", resolved.name.display)
+        except Exception as exc:  # a full disk must not fail the load itself
+            log.warning("%s: could not keep the quantized weights: %s", resolved.name.display, exc)
     if device.type != "cuda":
         model.to(device)
     return LoadedModel(

@@ -70,7 +70,7 @@ def _nf4_dot_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, 
 def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, pairs_ptr, bias_ptr, out_ptr, offset_ptr,
                      N, K, K_SPLIT, stride_xm, stride_om,
                      M: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LUT16: tl.constexpr):
     """Decode-size products (M <= 4 rows). Weights are read as int32 words (8 nibbles), each
     byte decoded by one lookup in a 256-entry table of fp16 value pairs; absmax applies per
     64 weights; a program covers BLOCK_N outputs over K_SPLIT inputs, and split programs
@@ -98,9 +98,14 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, pairs_ptr
             xb = x_ptr + r * stride_xm + k0 + 8 * wi
             part = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
             for byte in tl.static_range(4):  # little-endian: byte b holds weights 2b (high nibble), 2b+1
-                pair = tl.load(pairs_ptr + ((words >> (8 * byte)) & 255))
-                hi = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                lo = ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                if LUT16:  # the 16 values in one 32-byte line: a conflict-free lookup per nibble
+                    code16 = pairs_ptr.to(tl.pointer_type(tl.float16)) + 512
+                    hi = tl.load(code16 + ((words >> (8 * byte + 4)) & 15)).to(tl.float32)
+                    lo = tl.load(code16 + ((words >> (8 * byte)) & 15)).to(tl.float32)
+                else:  # one lookup per byte in the 1 KB table of pairs
+                    pair = tl.load(pairs_ptr + ((words >> (8 * byte)) & 255))
+                    hi = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    lo = ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
                 x_hi = tl.load(xb + 2 * byte).to(tl.float32)
                 x_lo = tl.load(xb + 2 * byte + 1).to(tl.float32)
                 part += hi * x_hi[None, :] + lo * x_lo[None, :]
@@ -183,7 +188,11 @@ def _pair_table(code: torch.Tensor) -> torch.Tensor:
     bits = code.half().view(torch.int16).to(torch.int64) & 0xFFFF
     b = torch.arange(256, device=code.device)
     pair = bits[b >> 4] | (bits[b & 15] << 16)
-    return torch.where(pair >= 2**31, pair - 2**32, pair).to(torch.int32).contiguous()
+    pairs = torch.where(pair >= 2**31, pair - 2**32, pair).to(torch.int32)
+    # the 16 fp16 values follow the 256 pairs (int32 index 256 = fp16 index 512)
+    singles = (bits[0::2] | (bits[1::2] << 16))
+    singles = torch.where(singles >= 2**31, singles - 2**32, singles).to(torch.int32)
+    return torch.cat([pairs, singles]).contiguous()
 
 
 def _plain_absmax(state) -> torch.Tensor:
@@ -201,7 +210,7 @@ def _fit_block_k(block_k: int, k: int) -> int:
     return block_k
 
 
-GEMV_DEFAULT = (64, 256, 4, 1)  # BLOCK_N, BLOCK_K, num_warps, split_k
+GEMV_DEFAULT = (64, 256, 4, 1, True)  # BLOCK_N, BLOCK_K, num_warps, split_k, 16-entry table
 
 
 def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
@@ -212,14 +221,14 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
     dummy = w.absmax
     common = (w.packed, w.absmax, w.absmax2 if w.double else dummy, w.code2 if w.double else dummy)
     if m <= 4:
-        block_n, block_k, warps, split = config or NF4_CONFIGS.get(("gemv", n, k), GEMV_DEFAULT)
+        block_n, block_k, warps, split, lut16 = config or NF4_CONFIGS.get(("gemv", n, k), GEMV_DEFAULT)
         block_k = _fit_block_k(block_k, k // split)
         if out is None:
             out = (torch.zeros if split > 1 else torch.empty)((m, n), dtype=torch.float32, device=x.device)
         _nf4_gemv_kernel[(triton.cdiv(n, block_n), split)](
             x, *common, w.pairs, w.bias if w.bias is not None else dummy, out, w.offset if w.double else dummy,
             n, k, k // split, x.stride(0), out.stride(0), M=m, DOUBLE=w.double, HAS_BIAS=w.bias is not None,
-            ATOMIC=split > 1, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            ATOMIC=split > 1, BLOCK_N=block_n, BLOCK_K=block_k, LUT16=lut16, num_warps=warps)
         return out
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -1,0 +1,166 @@
+"""Decoding Llama-3-8B shapes on one GPU: hfollama's path against model.generate(), in one run.
+
+    python bench/gpu_decode.py --root /tmp/bench [--variants nf4-dq nf4 int8 bf16] [--tokens 256]
+
+Per variant: first load (quantizing from bf16 safetensors on local disk, keeping the
+quantized weights), model.generate() on that model (greedy, forced to full length: no
+EOS), then a second (quantize-once) load into hfollama's engine: decode tokens/s at batch 1
+as the daemon reports it (eval_count / eval_duration), time to first token for 128- and
+1,024-token prompts, peak GPU memory, and the share of the bandwidth limit (bytes read per
+token / measured copy bandwidth). One table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from bench.dummy_llama import write_checkpoint  # noqa: E402
+from daemon.backends.runtime import make_forward  # noqa: E402
+from daemon.backends.transformers_backend import load_causal_lm  # noqa: E402
+from daemon.config import Settings  # noqa: E402
+from daemon.engine.params import GenerationRequest, SamplingParams  # noqa: E402
+from daemon.engine.runner import Runner  # noqa: E402
+from daemon.names import ModelName  # noqa: E402
+from daemon.server.app import build_catalog  # noqa: E402
+from daemon.store.derived import DerivedCache  # noqa: E402
+
+VARIANTS = {
+    "nf4-dq": "{mode: nf4, double_quant: true, compute_dtype: bfloat16}",
+    "nf4": "{mode: nf4, double_quant: false, compute_dtype: bfloat16}",
+    "int8": "{mode: int8}",
+    "bf16": "{mode: none, compute_dtype: bfloat16}",
+}
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        b.copy_(a)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    del a, b
+    return 2 * (1 << 30) / statistics.median(times)
+
+
+def prompt(n: int) -> list[int]:
+    return [1000 + (i * 7919) % 100000 for i in range(n)]
+
+
+def generate_rate(model, n: int) -> float:
+    ids = torch.tensor([prompt(128)], device="cuda")
+
+    def run(k: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(2)
+    return (n - 1) / (run(n) - run(1))
+
+
+async def _one(runner: Runner, ids: list[int], n: int):
+    final = None
+    async for chunk in runner.generate(GenerationRequest(tuple(ids), SamplingParams(temperature=0), max_new_tokens=n)):
+        if chunk.done:
+            final = chunk
+    return final
+
+
+def engine_numbers(runner: Runner, n: int) -> dict:
+    asyncio.run(_one(runner, prompt(128), 8))  # warm-up
+    rates = []
+    for _ in range(3):
+        final = asyncio.run(_one(runner, prompt(128), n))
+        rates.append(final.eval_count / (final.eval_duration_ns / 1e9))
+    ttft = {}
+    for plen in (128, 1024):
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            asyncio.run(_one(runner, prompt(plen), 1))
+            times.append(time.perf_counter() - t)
+        ttft[plen] = statistics.median(times) * 1000
+    return {"rate": statistics.median(rates), "ttft128": ttft[128], "ttft1024": ttft[1024]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", default="/tmp/bench")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--baseline-tokens", type=int, default=64)
+    args = parser.parse_args()
+    root = Path(args.root)
+    checkpoint = write_checkpoint(root / "llama3-8b-random")
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {bandwidth / 1e12:.2f} TB/s", flush=True)
+    mf = root / "modelfiles"
+    mf.mkdir(parents=True, exist_ok=True)
+    (mf / "bench.yaml").write_text("tags:\n" + "".join(
+        f"  {v}:\n    source: {{path: '{checkpoint}'}}\n    quantization: {q}\n" for v, q in VARIANTS.items()))
+    settings = Settings.from_env({}, models_dir=root / "store", user_modelfiles_dir=mf, device="cuda")
+    catalog = build_catalog(settings)
+    derived = DerivedCache(root / "store" / "derived")
+    rows = []
+    for variant in args.variants:
+        resolved = catalog.resolve(ModelName.parse(f"bench:{variant}"))
+        t = time.perf_counter()
+        loaded = load_causal_lm(resolved, torch.device("cuda"), derived)
+        first_load = time.perf_counter() - t
+        base = generate_rate(loaded.model, args.baseline_tokens)
+        print(f"{variant}: first load {first_load:.1f}s, generate() {base:.1f} tok/s", flush=True)
+        del loaded
+        gc.collect()
+        torch.cuda.empty_cache()
+        t = time.perf_counter()
+        loaded = load_causal_lm(resolved, torch.device("cuda"), derived)
+        second_load = time.perf_counter() - t
+        torch.cuda.reset_peak_memory_stats()
+        forward = make_forward(loaded.model, slots=4, num_ctx=4096)
+        runner = Runner(forward, loaded.tokenizer, [])  # no EOS: full length
+        try:
+            numbers = engine_numbers(runner, args.tokens)
+        finally:
+            runner.close()
+        peak = torch.cuda.max_memory_allocated() / (1 << 30)
+        per_token = forward.weights_bytes - forward.embed.numel() * forward.embed.element_size()
+        limit = bandwidth / per_token
+        rows.append((variant, type(forward).__name__, numbers["rate"], base, numbers["ttft128"], numbers["ttft1024"],
+                     peak, first_load, second_load, 100 * numbers["rate"] / limit, limit))
+        print(rows[-1], flush=True)
+        del forward, runner, loaded
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(f"\nLlama-3-8B shapes, random weights, prompt 128, {args.tokens} new tokens, greedy, batch 1, "
+          f"{torch.cuda.get_device_name()}")
+    print(f"{'variant':<8}{'path':<18}{'tok/s':>8}{'generate()':>11}{'ratio':>7}{'TTFT128':>9}{'TTFT1024':>10}"
+          f"{'peak GiB':>9}{'load 1st':>9}{'load 2nd':>9}{'% BW':>6}{'limit':>7}")
+    for v, path, rate, base, t128, t1024, peak, l1, l2, pct, limit in rows:
+        print(f"{v:<8}{path:<18}{rate:>8.1f}{base:>11.1f}{rate / base:>6.1f}x{t128:>8.0f}ms{t1024:>8.0f}ms"
+              f"{peak:>9.1f}{l1:>8.1f}s{l2:>8.1f}s{pct:>5.0f}%{limit:>7.0f}")
+
+
+if __name__ == "__main__":
+    main()
