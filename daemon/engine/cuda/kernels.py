@@ -136,7 +136,13 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, pairs_ptr
 
 
 # Launch settings, chosen per (path, N, K) by `tune_nf4` on the card and kept here.
-NF4_CONFIGS: dict[tuple, tuple[int, int, int]] = {}
+NF4_CONFIGS: dict[tuple, tuple] = {
+    # bench/nf4_kernel.py on an H100 (Llama-3-8B shapes, batch 1)
+    ("gemv", 6144, 4096): (32, 256, 4, 4, False),
+    ("gemv", 4096, 4096): (32, 256, 4, 4, False),
+    ("gemv", 28672, 4096): (32, 256, 4, 4, False),
+    ("gemv", 4096, 14336): (64, 512, 4, 4, False),
+}
 DOT_DEFAULT = (64, 128, 4)
 
 
@@ -210,7 +216,7 @@ def _fit_block_k(block_k: int, k: int) -> int:
     return block_k
 
 
-GEMV_DEFAULT = (64, 256, 4, 1, True)  # BLOCK_N, BLOCK_K, num_warps, split_k, 16-entry table
+GEMV_DEFAULT = (32, 256, 4, 4, False)  # BLOCK_N, BLOCK_K, num_warps, split_k, 16-entry table
 
 
 def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
