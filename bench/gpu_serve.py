@@ -1,0 +1,118 @@
+"""The daemon over HTTP with concurrent streaming /api/chat requests (Llama-3-8B shapes, NF4,
+random weights, full-length generations), against sequential serving (one slot) in the same run.
+
+    python bench/gpu_serve.py --root /tmp/bench [--concurrency 1 8 32] [--tokens 256]
+
+Per concurrency: aggregate tokens/s (all tokens / wall time), per-stream tokens/s (the
+daemon's eval_count / eval_duration), time to first token p50 / p95 (first content line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import aiohttp  # noqa: E402
+
+from bench.dummy_llama import write_checkpoint  # noqa: E402
+from daemon.config import Settings, parse_host  # noqa: E402
+
+QUANT = "{mode: nf4, double_quant: true, compute_dtype: bfloat16}"
+
+
+def start_daemon(settings: Settings):
+    from daemon.server.app import create_app, start_server
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    state = {}
+
+    async def main():
+        runner, port = await start_server(create_app(settings), "127.0.0.1", 0)
+        state.update(port=port, stop=asyncio.Event())
+        ready.set()
+        await state["stop"].wait()
+        await runner.cleanup()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    ready.wait(60)
+
+    def stop():
+        loop.call_soon_threadsafe(state["stop"].set)
+        thread.join(120)
+    return f"http://127.0.0.1:{state['port']}", stop
+
+
+async def one(session, url, model, tokens, i):
+    body = {"model": model, "messages": [{"role": "user", "content": " ".join(f"t{1000 + 37 * j + i}" for j in range(120))}],
+            "options": {"num_predict": tokens, "temperature": 0}, "stream": True}
+    t0 = time.perf_counter()
+    first = None
+    async with session.post(url + "/api/chat", json=body) as r:
+        async for raw in r.content:
+            line = json.loads(raw)
+            if first is None and line.get("message", {}).get("content"):
+                first = time.perf_counter() - t0
+            if line.get("done"):
+                return first or (time.perf_counter() - t0), line["eval_count"], line["eval_duration"]
+
+
+async def wave(url, model, concurrency, tokens):
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
+        t = time.perf_counter()
+        results = await asyncio.gather(*(one(session, url, model, tokens, i) for i in range(concurrency)))
+        wall = time.perf_counter() - t
+    ttfts = sorted(r[0] for r in results)
+    total = sum(r[1] for r in results)
+    per_stream = statistics.median(r[1] / (r[2] / 1e9) for r in results)
+    p95 = ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))]
+    return total / wall, per_stream, statistics.median(ttfts) * 1000, p95 * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", default="/tmp/bench")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument("--sequential", type=int, default=8, help="requests for the one-slot baseline (0: skip)")
+    args = parser.parse_args()
+    root = Path(args.root)
+    checkpoint = write_checkpoint(root / "llama3-8b-random")
+    mf = root / "modelfiles-serve"
+    mf.mkdir(parents=True, exist_ok=True)
+    (mf / "serve.yaml").write_text(f"tags:\n  nf4:\n    source: {{path: '{checkpoint}'}}\n    quantization: {QUANT}\n")
+    rows = []
+    for slots, label, levels in ((args.slots, "batched", args.concurrency),
+                                 (1, "one slot (sequential)", [args.sequential] if args.sequential else [])):
+        if not levels:
+            continue
+        settings = Settings.from_env({}, bind=parse_host("127.0.0.1:0"), models_dir=root / "store",
+                                     user_modelfiles_dir=mf, device="cuda", num_parallel=slots, context_length=2048)
+        url, stop = start_daemon(settings)
+        try:
+            asyncio.run(wave(url, "serve:nf4", 1, 8))  # load, capture, warm up
+            for c in levels:
+                rows.append((label, c) + asyncio.run(wave(url, "serve:nf4", c, args.tokens)))
+                print(rows[-1], flush=True)
+        finally:
+            stop()
+    print(f"\nLlama-3-8B shapes, NF4 + double quant, random weights, {args.tokens} new tokens per request, HTTP /api/chat")
+    print(f"{'serving':<24}{'concurrent':>11}{'aggregate tok/s':>17}{'per stream':>12}{'TTFT p50':>10}{'p95':>8}")
+    for label, c, agg, per, p50, p95 in rows:
+        print(f"{label:<24}{c:>11}{agg:>17.0f}{per:>12.1f}{p50:>9.0f}ms{p95:>6.0f}ms")
+
+
+if __name__ == "__main__":
+    main()
