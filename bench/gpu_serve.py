@@ -62,10 +62,13 @@ async def one(session, url, model, tokens, i):
     async with session.post(url + "/api/chat", json=body) as r:
         async for raw in r.content:
             line = json.loads(raw)
+            if "error" in line:
+                raise RuntimeError(line["error"])
             if first is None and line.get("message", {}).get("content"):
                 first = time.perf_counter() - t0
             if line.get("done"):
                 return first or (time.perf_counter() - t0), line["eval_count"], line["eval_duration"]
+    raise RuntimeError(f"HTTP {r.status}: the stream ended without a final line")
 
 
 async def wave(url, model, concurrency, tokens):
