@@ -27,7 +27,7 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 GEMV_SWEEP = [(bn, bk, w, sk, lut) for bn, bk, w, sk in ((32, 256, 4, 4), (64, 512, 4, 4), (32, 512, 4, 1),
                                                        (64, 256, 4, 1), (16, 512, 2, 4), (128, 256, 8, 2))
               for lut in (True, False)]
-DOT_SWEEP = [(bn, bk, w) for bn in (32, 64, 128) for bk in (64, 128, 256) for w in (4, 8)]
+MMA_SWEEP = [(bn, bk, w) for bn in (64, 128) for bk in (128, 256) for w in (4, 8)]
 
 
 class _P:
@@ -59,8 +59,8 @@ def main() -> None:
         nbytes = w.nbytes
         for m in args.rows:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-            path = "gemv" if m <= 4 else "dot"
-            sweep = GEMV_SWEEP if path == "gemv" else DOT_SWEEP
+            path = "gemv" if m <= 4 else "mma"
+            sweep = GEMV_SWEEP if path == "gemv" else MMA_SWEEP
             timings = []
             for cfg in sweep:
                 if path == "gemv" and (k // cfg[3]) % cfg[1]:

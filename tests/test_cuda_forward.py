@@ -86,5 +86,6 @@ def test_smollm2_fast_and_eager_greedy_tokens_are_identical(tmp_path):
     ids = tok.encode(ids, add_special_tokens=False)
     fast = greedy(CudaLlamaForward(load(folder), 2, 512), tok, ids, n=64)
     eager = greedy(LlamaForward(load(folder), 2, 512), tok, ids, n=64)
-    assert fast == eager, (tok.decode(fast), tok.decode(eager))
+    first_difference = next((i for i, (a, b) in enumerate(zip(fast, eager)) if a != b), None)
+    assert fast == eager, (first_difference, tok.decode(fast), tok.decode(eager))
     assert "Paris" in tok.decode(fast)

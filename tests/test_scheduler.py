@@ -256,3 +256,15 @@ def test_a_client_that_leaves_while_queued_does_not_load():
         assert [d for d, _ in loader.loads] == ["a"]
         await sched.close()
     run(main())
+
+
+def test_a_footprint_above_its_estimate_makes_room_after_the_load():
+    async def main():
+        def loader(model, num_ctx):
+            return FakeRuntime(num_ctx or 2048, model.size * 2)  # measured: twice the estimate
+        sched = Scheduler(Settings.from_env({}), loader, MemoryBudget(10 * GB, "t", "t"), lambda m, n: m.size)
+        a = await use(sched, FakeModel("a", 3 * GB))  # measures 6
+        await use(sched, FakeModel("b", 3 * GB))  # estimate fits (6 + 3), measures 6: over budget
+        assert a.closed and loaded(sched) == ["b"] and sched.used_bytes <= 10 * GB
+        await sched.close()
+    run(main())

@@ -100,9 +100,7 @@ class ModelRuntime:
         self.forward.k_cache.clear()
         self.forward.v_cache.clear()
         del self.forward, self.loaded, self.runner, self.prompts
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free_device_memory(device)
 
 
 def make_forward(model: torch.nn.Module, slots: int, num_ctx: int):
@@ -129,6 +127,9 @@ def make_forward(model: torch.nn.Module, slots: int, num_ctx: int):
 def _free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # per-stream workspaces outlive models
+            torch._C._cuda_clearCublasWorkspaces()
         torch.cuda.empty_cache()
 
 
@@ -151,6 +152,9 @@ def load_runtime(resolved: ResolvedModel, settings: Settings, num_ctx: int | Non
         if isinstance(exc, torch.OutOfMemoryError):
             raise InternalError(f"out of memory while loading {resolved.name.display}: {exc}".split("\n")[0]) from None
         raise
+    if device.type == "cuda":
+        gc.collect()  # the replaced HF modules can sit in reference cycles: count only what stays
+        torch.cuda.synchronize(device)
     measured = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0
     modelfile = resolved.modelfile
     prompts = PromptBuilder(loaded.tokenizer, resolved.template, system=modelfile.system,

@@ -250,7 +250,18 @@ class Scheduler:
         pending.future.set_result(resident)
         if pending.abandoned:  # loaded for a client that left meanwhile: idle now
             self._release(resident)
+        await self._settle()
         return True
+
+    async def _settle(self) -> None:
+        """When a measured footprint came out above its estimate, unload idle models until
+        the residents fit the budget again."""
+        if self.used_bytes <= self.budget.capacity:
+            return
+        victims = choose_victims(list(self._residents.values()), 0, self.budget.capacity, self.max_loaded + 1) or []
+        for victim in victims:
+            log.info("unloading %s: the measured footprints exceed the budget", victim.resolved.name.display)
+            await self._unload(victim)
 
     # ---- expiry and unloading -----------------------------------------------------------
 

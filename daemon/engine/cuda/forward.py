@@ -238,15 +238,14 @@ class CudaLlamaForward:
         return g
 
     def _capture(self, g: _Graph) -> None:
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compile the Triton kernels outside the capture
-                    g.run(self)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
+            for _ in range(2):  # compile the Triton kernels outside the capture
+                g.run(self)
+            torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
+            # PyTorch's shared capture stream: a new stream per capture would leave a cuBLAS
+            # workspace behind for each one
+            with torch.cuda.graph(graph):
                 g.run(self)
             g.graph = graph
         except Exception as exc:  # capture is an optimization: run the same kernels eagerly

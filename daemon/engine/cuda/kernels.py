@@ -3,7 +3,8 @@
 - nf4_matmul: y = x W^T with W in bitsandbytes' NF4 layout, read as it is: packed nibbles
   (high nibble first, row-major), one absmax per 64 weights, double-quantized absmax
   (uint8 codes, a float per 256 blocks, an offset) decoded in the kernel. A GEMV path for
-  1-4 rows (int32 word loads, a byte-pair lookup table, split-K) and a tl.dot path for more.
+  1-4 rows (int32 word loads, a byte-pair lookup table, split-K) and a tensor-core path for
+  batches (the same decoding, then tl.dot per byte position).
 - add_rmsnorm: the residual add and HF's RMSNorm in one pass (the sum rounded to the
   activation dtype first, as HF adds in it).
 - rope_kv: RoPE on q and k, and the k/v writes into each row's KV slot, in one launch.
@@ -29,41 +30,6 @@ def _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, DOUBLE: tl.cons
     else:
         value = tl.load(absmax_ptr + blk).to(tl.float32)
     return value
-
-
-@triton.jit
-def _nf4_dot_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, bias_ptr, out_ptr, offset_ptr,
-                    M, N, K, stride_xm, stride_om,
-                    DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    HALF: tl.constexpr = BLOCK_K // 2
-    NB: tl.constexpr = BLOCK_K // 64
-    j = tl.arange(0, HALF)
-    bj = tl.arange(0, NB)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < M
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        p = tl.load(w_ptr + rows[:, None] * (K // 2) + (k0 // 2) + j[None, :], mask=row_ok[:, None], other=0)
-        hi = tl.load(code_ptr + (p >> 4).to(tl.int32))
-        lo = tl.load(code_ptr + (p & 15).to(tl.int32))
-        blk = rows[:, None] * (K // 64) + (k0 // 64) + bj[None, :]
-        am = _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, DOUBLE)
-        am = tl.reshape(tl.broadcast_to(am[:, :, None], (BLOCK_N, NB, 32)), (BLOCK_N, HALF))
-        whi = (hi * am).to(x_ptr.dtype.element_ty)
-        wlo = (lo * am).to(x_ptr.dtype.element_ty)
-        xe = tl.load(x_ptr + m[:, None] * stride_xm + k0 + 2 * j[None, :], mask=m_ok[:, None], other=0.0)
-        xo = tl.load(x_ptr + m[:, None] * stride_xm + k0 + 2 * j[None, :] + 1, mask=m_ok[:, None], other=0.0)
-        acc = tl.dot(xe, tl.trans(whi), acc)
-        acc = tl.dot(xo, tl.trans(wlo), acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + m[:, None] * stride_om + rows[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & row_ok[None, :])
 
 
 @triton.jit
@@ -135,6 +101,46 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, pairs_ptr
             tl.store(out_ptr + r * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
+@triton.jit
+def _nf4_mma_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, pairs_ptr, bias_ptr, out_ptr, offset_ptr,
+                    M, N, K, stride_xm, stride_om,
+                    DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Batched decode (M up to 64 rows): weights decoded once per tile as in the GEMV (int32
+    words, byte-pair table), then multiplied on the tensor cores: per byte position of the
+    words, one tl.dot for the high nibbles and one for the low ones."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    WORDS: tl.constexpr = BLOCK_K // 8
+    GROUPS: tl.constexpr = BLOCK_K // 64
+    wi = tl.arange(0, WORDS)
+    gi = tl.arange(0, GROUPS)
+    w32 = w_ptr.to(tl.pointer_type(tl.int32))
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        words = tl.load(w32 + rows[:, None] * (K // 8) + (k0 // 8) + wi[None, :], mask=row_ok[:, None], other=0)
+        blk = rows[:, None] * (K // 64) + (k0 // 64) + gi[None, :]
+        am = _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, DOUBLE)
+        am = tl.reshape(tl.broadcast_to(am[:, :, None], (BLOCK_N, GROUPS, 8)), (BLOCK_N, WORDS))
+        xb = x_ptr + m[:, None] * stride_xm + k0 + 8 * wi[None, :]
+        for byte in tl.static_range(4):
+            pair = tl.load(pairs_ptr + ((words >> (8 * byte)) & 255))
+            hi = ((pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * am)
+            lo = (((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * am)
+            x_hi = tl.load(xb + 2 * byte, mask=m_ok[:, None], other=0.0)
+            x_lo = tl.load(xb + 2 * byte + 1, mask=m_ok[:, None], other=0.0)
+            acc = tl.dot(x_hi, tl.trans(hi.to(x_hi.dtype)), acc)
+            acc = tl.dot(x_lo, tl.trans(lo.to(x_lo.dtype)), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + m[:, None] * stride_om + rows[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & row_ok[None, :])
+
+
 # Launch settings, chosen per (path, N, K) by `tune_nf4` on the card and kept here.
 NF4_CONFIGS: dict[tuple, tuple] = {
     # bench/nf4_kernel.py on an H100 (Llama-3-8B shapes, batch 1)
@@ -143,7 +149,7 @@ NF4_CONFIGS: dict[tuple, tuple] = {
     ("gemv", 28672, 4096): (32, 256, 4, 4, False),
     ("gemv", 4096, 14336): (64, 512, 4, 4, False),
 }
-DOT_DEFAULT = (64, 128, 4)
+MMA_DEFAULT = (64, 256, 4)  # BLOCK_N, BLOCK_K, num_warps
 
 
 def _next_pow2(n: int) -> int:
@@ -238,11 +244,11 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
         return out
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = config or NF4_CONFIGS.get(("dot", n, k), DOT_DEFAULT)
+    block_n, block_k, warps = config or NF4_CONFIGS.get(("mma", n, k), MMA_DEFAULT)
     block_k = _fit_block_k(block_k, k)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _nf4_dot_kernel[grid](x, *common, w.code, w.bias if w.bias is not None else dummy, out,
+    _nf4_mma_kernel[grid](x, *common, w.pairs, w.bias if w.bias is not None else dummy, out,
                           w.offset if w.double else dummy, m, n, k, x.stride(0), out.stride(0),
                           DOUBLE=w.double, HAS_BIAS=w.bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                           BLOCK_K=block_k, num_warps=warps)
