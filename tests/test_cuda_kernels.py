@@ -32,7 +32,8 @@ def rel(a, b):
 
 @pytest.mark.parametrize("double", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16, 32, 64])
-@pytest.mark.parametrize("shapes", [[(512, 256)], [(4096, 4096)], [(6144 // 3, 4096)] * 3, [(4096, 14336)]])
+@pytest.mark.parametrize("shapes", [[(512, 256)], [(4096, 4096)], [(6144 // 3, 4096)] * 3, [(4096, 14336)],
+                                    [(64, 64), (32, 64), (32, 64)], [(192, 576)]])
 def test_nf4_matmul_matches_bitsandbytes(double, rows, shapes):
     mods = [_Module(n, k, double) for n, k in shapes]
     w = K.NF4Weights(mods)

@@ -217,7 +217,7 @@ def _plain_absmax(state) -> torch.Tensor:
 
 def _fit_block_k(block_k: int, k: int) -> int:
     """The largest of block_k, block_k/2, ... (>= 64) that divides K: the loop has no tail."""
-    while block_k > 64 and k % block_k:
+    while block_k > 64 and (k % block_k or block_k > k):
         block_k //= 2
     return block_k
 
@@ -234,6 +234,8 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
     common = (w.packed, w.absmax, w.absmax2 if w.double else dummy, w.code2 if w.double else dummy)
     if m <= 4:
         block_n, block_k, warps, split, lut16 = config or NF4_CONFIGS.get(("gemv", n, k), GEMV_DEFAULT)
+        while split > 1 and k % (split * 64):  # each split covers whole 64-weight blocks
+            split -= 1
         block_k = _fit_block_k(block_k, k // split)
         if out is None:
             out = (torch.zeros if split > 1 else torch.empty)((m, n), dtype=torch.float32, device=x.device)
