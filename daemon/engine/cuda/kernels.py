@@ -244,10 +244,14 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
             n, k, k // split, x.stride(0), out.stride(0), M=m, DOUBLE=w.double, HAS_BIAS=w.bias is not None,
             ATOMIC=split > 1, BLOCK_N=block_n, BLOCK_K=block_k, LUT16=lut16, num_warps=warps)
         return out
+    if k % 128:  # tl.dot needs 16 words (128 weights) per step: dequantize, then one GEMM
+        full = nf4_dequantize(w, torch.empty(n * k, dtype=x.dtype, device=x.device))
+        result = torch.nn.functional.linear(x, full, None if w.bias is None else w.bias.to(x.dtype))
+        return result if out is None else out.copy_(result)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps = config or NF4_CONFIGS.get(("mma", n, k), MMA_DEFAULT)
-    block_k = _fit_block_k(block_k, k)
+    block_k = max(128, _fit_block_k(block_k, k))
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _nf4_mma_kernel[grid](x, *common, w.pairs, w.bias if w.bias is not None else dummy, out,
