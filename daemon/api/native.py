@@ -162,10 +162,15 @@ class InferenceCommon:
     debug_render_only: bool = False
 
 
+def checked_top_logprobs(value: int | None, field: str = "top_logprobs") -> int:
+    value = value or 0
+    if not 0 <= value <= 20:
+        raise BadRequest(f"{field} must be between 0 and 20")
+    return value
+
+
 def _common(d: Mapping[str, Any]) -> dict[str, Any]:
-    top_logprobs = d.get("top_logprobs") or 0
-    if not 0 <= top_logprobs <= 20:
-        raise BadRequest("top_logprobs must be between 0 and 20")
+    top_logprobs = checked_top_logprobs(d.get("top_logprobs"))
     return dict(
         model=d.get("model") or "",
         format=d.get("format"),
@@ -343,3 +348,52 @@ class CreateRequest:
             source=d.get("source"),
             stream=d.get("stream") is not False,
         )
+
+
+EMBED_SPEC = Struct("EmbedRequest", {"model": "string", "input": "interface {}", "truncate": "bool",
+                                     "dimensions": "int", "options": "map[string]interface {}",
+                                     "keep_alive": "interface {}"})
+EMBEDDINGS_SPEC = Struct("EmbeddingRequest", {"model": "string", "prompt": "string",
+                                              "options": "map[string]interface {}", "keep_alive": "interface {}"})
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    model: str
+    inputs: tuple[str, ...] = ()
+    truncate: bool = True
+    dimensions: int = 0
+    options: Mapping[str, Any] = field(default_factory=dict)
+    keep_alive_ns: int | None = None
+
+    @classmethod
+    def from_body(cls, raw: bytes) -> "EmbedRequest":
+        d = decode_body(raw, EMBED_SPEC)
+        value = d.get("input")
+        if isinstance(value, str):
+            inputs: tuple[str, ...] = (value,) if value else ()
+        elif isinstance(value, list):
+            if not all(isinstance(v, str) for v in value):
+                raise BadRequest("invalid input type")
+            inputs = tuple(value)
+        elif value is None:
+            inputs = ()
+        else:
+            raise BadRequest("invalid input type")
+        return cls(model=d.get("model") or "", inputs=inputs, truncate=d.get("truncate") is not False,
+                   dimensions=d.get("dimensions") or 0, options=d.get("options") or {},
+                   keep_alive_ns=parse_keep_alive(d.get("keep_alive")))
+
+
+@dataclass(frozen=True)
+class EmbeddingsRequest:
+    model: str
+    prompt: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    keep_alive_ns: int | None = None
+
+    @classmethod
+    def from_body(cls, raw: bytes) -> "EmbeddingsRequest":
+        d = decode_body(raw, EMBEDDINGS_SPEC)
+        return cls(model=d.get("model") or "", prompt=d.get("prompt") or "", options=d.get("options") or {},
+                   keep_alive_ns=parse_keep_alive(d.get("keep_alive")))

@@ -6,6 +6,7 @@ sees `load_runtime` and `ModelRuntime.close`.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import time
@@ -15,10 +16,11 @@ import torch
 
 from daemon.backends.transformers_backend import LoadedModel, load_causal_lm, pick_device
 from daemon.config import Settings
+from daemon.engine.embed import CONTEXT_EXCEEDED, EmbedResult, EncoderEmbedder, pool, read_pooling
 from daemon.engine.forward import LlamaForward
 from daemon.engine.prompt import PromptBuilder
 from daemon.engine.runner import Runner
-from daemon.errors import InternalError
+from daemon.errors import BadRequest, InternalError
 from daemon.registry.catalog import ResolvedModel
 from daemon.store.derived import DerivedCache
 
@@ -66,6 +68,8 @@ def plan_load(resolved: ResolvedModel, settings: Settings, num_ctx: int | None =
 def estimate_footprint(resolved: ResolvedModel, settings: Settings, num_ctx: int | None = None) -> int:
     from daemon.scheduler.footprint import estimate
 
+    if resolved.metadata.is_embedding_model:  # weights and activations of one batch
+        return int(resolved.size * 1.2) + (64 << 20)
     plan = plan_load(resolved, settings, num_ctx)
     return estimate(resolved, plan.num_ctx, plan.slots, plan.device.type).total
 
@@ -92,6 +96,27 @@ class ModelRuntime:
     @property
     def size_vram(self) -> int:
         return self.size_bytes if self.loaded.device.type == "cuda" else 0
+
+    async def embed(self, texts: list[str], truncate: bool) -> EmbedResult:
+        """A generate model's embeddings: its final hidden states, mean pooled, computed on
+        the runner's thread between decode steps."""
+        tokenizer, forward, limit = self.loaded.tokenizer, self.forward, self.num_ctx - 1
+
+        def run() -> EmbedResult:
+            vectors, counts = [], []
+            for text in texts:
+                ids = tokenizer.encode(text, add_special_tokens=True)
+                if len(ids) > limit:
+                    if not truncate:
+                        raise BadRequest(CONTEXT_EXCEEDED)
+                    ids = ids[:limit]
+                hidden = forward.encode(torch.tensor(ids or [tokenizer.eos_token_id], device=forward.device))
+                mask = torch.ones(1, hidden.shape[0], device=hidden.device)
+                vectors.append(pool(hidden[None], mask, "mean")[0].cpu().tolist())
+                counts.append(len(ids))
+            return EmbedResult(vectors, counts)
+
+        return await self.runner.run_exclusive(run)
 
     def close(self) -> None:
         self.runner.close()
@@ -133,10 +158,56 @@ def _free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+@dataclass
+class EmbeddingRuntime:
+    """An encoder model (all-MiniLM and the like): no KV cache, no decode loop."""
+
+    resolved: ResolvedModel
+    embedder: EncoderEmbedder
+    device: torch.device
+    weights_bytes: int
+    num_ctx: int
+    default_num_ctx: int
+    load_seconds: float
+
+    @property
+    def size_bytes(self) -> int:
+        return self.weights_bytes
+
+    @property
+    def size_vram(self) -> int:
+        return self.weights_bytes if self.device.type == "cuda" else 0
+
+    async def embed(self, texts: list[str], truncate: bool) -> EmbedResult:
+        return await asyncio.to_thread(self.embedder.embed, texts, truncate)
+
+    def close(self) -> None:
+        del self.embedder
+        _free_device_memory(self.device)
+
+
+def load_embedding_runtime(resolved: ResolvedModel, settings: Settings) -> EmbeddingRuntime:
+    from transformers import AutoModel, AutoTokenizer
+
+    started = time.perf_counter()
+    device = pick_device(settings.device)
+    folder = resolved.location.path
+    pooling = read_pooling(folder)
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    model = AutoModel.from_pretrained(folder, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    context = min(x for x in (pooling.max_seq_length, resolved.context_length, tokenizer.model_max_length) if x)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return EmbeddingRuntime(resolved, EncoderEmbedder(model, tokenizer, pooling, context), device, weights, context,
+                            context, time.perf_counter() - started)
+
+
 def load_runtime(resolved: ResolvedModel, settings: Settings, num_ctx: int | None = None,
-                 num_parallel: int | None = None) -> ModelRuntime:
+                 num_parallel: int | None = None) -> ModelRuntime | EmbeddingRuntime:
     """Load weights and start the runner. Runs off the event loop (it takes seconds). A
     failure (out of memory included) frees whatever this load allocated before raising."""
+    if resolved.metadata.is_embedding_model:
+        return load_embedding_runtime(resolved, settings)
     started = time.perf_counter()
     plan = plan_load(resolved, settings, num_ctx, num_parallel)
     device = plan.device

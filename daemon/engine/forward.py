@@ -146,13 +146,14 @@ class LlamaForward:
         self.final_norm = inner.norm.weight.detach()
         self.layers = [self._take_layer(layer) for layer in inner.layers]
 
-        shape = (num_slots, self.num_kv_heads, max_ctx, self.head_dim)
+        # one extra slot for encode() (embeddings), never given to a sequence
+        shape = (num_slots + 1, self.num_kv_heads, max_ctx, self.head_dim)
         # torch.empty does not touch the pages, so an idle slot costs address space only.
         self.k_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         # Positions of each slot holding finite values: a batched step reads every slot up to
         # the longest row, and masked-out garbage would still turn 0 * NaN into NaN.
-        self._clean = [0] * num_slots
+        self._clean = [0] * (num_slots + 1)
         positions = torch.arange(max_ctx, device=self.device)[None]
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
         with torch.no_grad():
@@ -236,6 +237,18 @@ class LlamaForward:
     def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
         """tokens [B, T] at positions starts[b] .. starts[b]+T-1 of slots[b]; returns the
         logits of each row's last position, [B, vocab], float32. B > 1 needs T == 1."""
+        x = self._layers(tokens, slots, starts)
+        x = rms_norm(x[:, -1], self.final_norm, self.eps)
+        return self.lm_head(x).float()
+
+    @torch.inference_mode()
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final hidden states [T, hidden] of one sequence (for embeddings), computed in
+        the scratch slot."""
+        x = self._layers(tokens[None], [self.num_slots], [0])
+        return rms_norm(x[0], self.final_norm, self.eps).float()
+
+    def _layers(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
         batch, steps = tokens.shape
         tokens = tokens.to(self.device)
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
@@ -260,8 +273,7 @@ class LlamaForward:
             h = rms_norm(x, w.post_norm, self.eps)
             gate, up = w.gate_up(h).to(self.dtype).chunk(2, dim=-1)
             x = x + w.down(self.act(gate) * up).to(self.dtype)
-        x = rms_norm(x[:, -1], self.final_norm, self.eps)
-        return self.lm_head(x).float()
+        return x
 
 
 def _hf_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -98,6 +98,7 @@ class Runner:
         self._active: list[_Sequence] = []
         self._free_slots = list(range(model.num_slots))
         self._outbox: list[tuple[_Sequence, Chunk | BaseException]] = []
+        self._tasks: collections.deque[tuple[Any, asyncio.AbstractEventLoop, asyncio.Future]] = collections.deque()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name=f"runner:{name}", daemon=True)
         self._thread.start()
@@ -131,6 +132,18 @@ class Runner:
                     seq.cancelled = True
                     self._cv.notify()
 
+    async def run_exclusive(self, fn: Any) -> Any:
+        """Run fn() on the loop thread between two steps (nothing else touches the model
+        meanwhile) and return its result: embeddings with a generate model use it."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cv:
+            if self._closing:
+                raise InternalError("the model is unloading")
+            self._tasks.append((fn, loop, future))
+            self._cv.notify()
+        return await future
+
     @property
     def busy(self) -> int:
         with self._cv:
@@ -149,9 +162,15 @@ class Runner:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while not self._closing and not self._waiting and not self._active:
+                while not self._closing and not self._waiting and not self._active and not self._tasks:
                     self._cv.wait()
                 if self._closing:
+                    for _, loop, future in self._tasks:
+                        try:
+                            loop.call_soon_threadsafe(_settle, future, None, InternalError("the model was unloaded"))
+                        except RuntimeError:
+                            pass
+                    self._tasks.clear()
                     pending = list(self._waiting) + self._active
                     self._waiting.clear()
                     self._active.clear()
@@ -161,6 +180,16 @@ class Runner:
                     return
                 self._drop_cancelled()
                 self._admit()
+                tasks, self._tasks = list(self._tasks), collections.deque()
+            for fn, loop, future in tasks:
+                try:
+                    result, error = fn(), None
+                except Exception as exc:  # reported to the caller, the loop goes on
+                    result, error = None, exc
+                try:
+                    loop.call_soon_threadsafe(_settle, future, result, error)
+                except RuntimeError:
+                    pass
             try:
                 self._step()
             except Exception:  # a bug in the loop itself: fail the step's requests, keep serving
@@ -317,6 +346,15 @@ class Runner:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _deliver(items: list[tuple[_Sequence, Chunk | BaseException]]) -> None:

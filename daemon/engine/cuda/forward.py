@@ -194,6 +194,18 @@ class CudaLlamaForward:
         return self.lm_head(h).float()
 
     def _prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        out, x = self._prefill_layers(tokens, slot, start)
+        h, _ = K.add_rmsnorm(out[-1:], self.final_norm, self.eps, residual=x[-1:])
+        return self.lm_head(h).float()
+
+    @torch.inference_mode()
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [T, hidden] of one sequence (embeddings), in the scratch slot."""
+        out, x = self._prefill_layers(tokens.to(self.device), self.num_slots, 0)
+        h, _ = K.add_rmsnorm(out, self.final_norm, self.eps, residual=x)
+        return h.float()
+
+    def _prefill_layers(self, tokens: torch.Tensor, slot: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         steps = tokens.shape[0]
         end = start + steps
         positions = torch.arange(start, end, dtype=torch.int32, device=self.device)
@@ -216,8 +228,7 @@ class CudaLlamaForward:
             o = layer.o(o[0].transpose(0, 1).reshape(steps, self.num_heads * self.head_dim), self.scratch)
             h, x = K.add_rmsnorm(o, layer.post_norm, self.eps, residual=x)
             out = self._mlp(layer, h)
-        h, _ = K.add_rmsnorm(out[-1:], self.final_norm, self.eps, residual=x[-1:])
-        return self.lm_head(h).float()
+        return out, x
 
     # ---- decode through a captured graph --------------------------------------------------
 
