@@ -15,7 +15,7 @@ from daemon.registry.catalog import Catalog
 from daemon.registry.registry import Registry, shipped_modelfiles_dir
 from daemon.scheduler.policy import MemoryBudget
 from daemon.scheduler.scheduler import Estimator, Loader, Scheduler
-from daemon.server.handlers import inference, manage, meta, models
+from daemon.server.handlers import embed, inference, manage, meta, models, openai
 from daemon.server.middleware import OriginPolicy, cors_middleware, error_middleware, host_check_middleware
 from daemon.server.state import SERVICES, Services
 from daemon.store.store import Store
@@ -86,6 +86,8 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None, loader: Lo
     models.add_routes(app)
     inference.add_routes(app)
     manage.add_routes(app)
+    embed.add_routes(app)
+    openai.add_routes(app)
     return app
 
 

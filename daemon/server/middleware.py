@@ -14,7 +14,7 @@ from aiohttp import web
 
 from daemon.config import BindAddress
 from daemon.errors import DaemonError, message_of, status_of
-from daemon.server.wire import error_response
+from daemon.server.wire import error_response, json_response
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,19 @@ DEFAULT_ORIGINS = tuple(
 ) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
 
 
+def openai_error(message: str, status: int) -> dict:
+    """OpenAI's error object, as Ollama's /v1 layer sends it."""
+    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except DaemonError as exc:
+        if request.path.startswith("/v1/"):
+            return json_response(openai_error(message_of(exc), status_of(exc)), status_of(exc))
         return error_response(message_of(exc), status_of(exc))
     except web.HTTPNotFound:
         return web.Response(status=404, text="404 page not found")
@@ -49,6 +57,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except Exception as exc:
         log.exception("%s %s failed", request.method, request.path)
+        if request.path.startswith("/v1/"):
+            return json_response(openai_error(message_of(exc), 500), 500)
         return error_response(message_of(exc), 500)
 
 

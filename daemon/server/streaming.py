@@ -1,4 +1,5 @@
-"""The one streaming helper: a stream of wire objects becomes NDJSON lines or one object.
+"""The one streaming helper: a stream of wire objects becomes NDJSON lines (the native API),
+server-sent events (/v1), or one object.
 
 Errors before the first byte are real HTTP errors (the first event is pulled before the
 status line goes out); after it, one final `{"error": ...}` line ends the stream. A client
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from aiohttp import web
 
-from daemon.errors import DaemonError, message_of
+from daemon.errors import DaemonError, message_of, status_of
 from daemon.server.wire import dumps, json_response
 
 log = logging.getLogger(__name__)
@@ -25,26 +27,51 @@ def last_object(events: list[dict[str, Any]]) -> dict[str, Any]:
     return events[-1] if events else {}
 
 
+@dataclass(frozen=True)
+class Framing:
+    content_type: str
+    prefix: str
+    suffix: str
+    end: str  # written after the last event
+
+    def encode(self, obj: dict[str, Any]) -> bytes:
+        return (self.prefix + dumps(obj) + self.suffix).encode()
+
+
+NDJSON = Framing("application/x-ndjson", "", "\n", "")
+SSE = Framing("text/event-stream", "data: ", "\n\n", "data: [DONE]\n\n")
+
+
+def error_event(exc: BaseException, framing: Framing) -> dict[str, Any]:
+    if framing is SSE:  # OpenAI's error object
+        from daemon.server.middleware import openai_error
+
+        return openai_error(message_of(exc), status_of(exc))
+    return {"error": message_of(exc)}
+
+
 async def respond(request: web.Request, events: AsyncIterator[dict[str, Any]], *, stream: bool,
-                  reduce: Reducer = last_object) -> web.StreamResponse:
+                  reduce: Reducer = last_object, framing: Framing = NDJSON) -> web.StreamResponse:
     async with contextlib.aclosing(events):
         if not stream:
             return json_response(reduce([event async for event in events]))
         first = await anext(events, None)  # errors here become an HTTP error status
-        response = web.StreamResponse(status=200, headers={"Content-Type": "application/x-ndjson"})
+        response = web.StreamResponse(status=200, headers={"Content-Type": framing.content_type})
         await response.prepare(request)
         try:
             if first is not None:
-                await response.write((dumps(first) + "\n").encode())
+                await response.write(framing.encode(first))
             async for event in events:
-                await response.write((dumps(event) + "\n").encode())
+                await response.write(framing.encode(event))
         except (ConnectionResetError, ConnectionError):
             log.debug("client went away mid-stream")
             return response
         except DaemonError as exc:
-            await response.write((dumps({"error": message_of(exc)}) + "\n").encode())
+            await response.write(framing.encode(error_event(exc, framing)))
         except Exception as exc:  # after the first byte the status is sent: report in-band
             log.exception("stream failed")
-            await response.write((dumps({"error": message_of(exc)}) + "\n").encode())
+            await response.write(framing.encode(error_event(exc, framing)))
+        if framing.end:
+            await response.write(framing.end.encode())
         await response.write_eof()
         return response

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -122,11 +122,14 @@ async def _lines(shape: Shape, model: str, chunks: AsyncIterator[Chunk], started
 
 
 PromptFn = Callable[[PromptBuilder, ContextBudget], list[int]]
+# Turns the native wire lines into the HTTP answer: NDJSON here, OpenAI's shapes for /v1.
+Responder = Callable[[AsyncIterator[dict[str, Any]]], Awaitable[web.StreamResponse]]
 
 
 async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name: ModelName, model: ResolvedModel,
                  options: Options, started_ns: int, empty: bool, build_prompt: PromptFn,
-                 render_only: Callable[[PromptBuilder], str], with_context: bool) -> web.StreamResponse:
+                 render_only: Callable[[PromptBuilder], str], with_context: bool,
+                 responder: Responder | None) -> web.StreamResponse:
     svc = services(request)
     num_ctx = options.num_ctx or None
     async with svc.models.acquire(model, num_ctx, req.keep_alive_ns) as runtime:
@@ -134,7 +137,7 @@ async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name:
         if empty:
             line = shape.line(req.model, "", done=True)
             line["done_reason"] = "load"
-            return json_response(line)
+            return await _answer_single(line, responder)
         if req.debug_render_only:
             rendered = await asyncio.to_thread(render_only, runtime.prompts)
             line = {"model": req.model, "created_at": utc_now(), "done": False,
@@ -151,7 +154,20 @@ async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name:
                                                     top_logprobs=req.top_logprobs)
         chunks = runtime.runner.generate(generation)
         lines = _lines(shape, req.model, chunks, started_ns, load_ns, with_context)
+        if responder is not None:
+            return await responder(lines)
         return await respond(request, lines, stream=req.stream, reduce=shape.reduce)
+
+
+async def _single(line: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    yield line
+
+
+async def _answer_single(line: dict[str, Any], responder: Responder | None) -> web.StreamResponse:
+    """Load and unload answer one object, even on a streaming request (as Ollama)."""
+    if responder is not None:
+        return await responder(_single(line))
+    return json_response(line)
 
 
 def _unload_line(shape: Shape, requested: str) -> dict[str, Any]:
@@ -162,12 +178,17 @@ def _unload_line(shape: Shape, requested: str) -> dict[str, Any]:
 
 async def generate(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter_ns()
-    req = GenerateRequest.from_body(await request.read())
+    return await run_generate(request, GenerateRequest.from_body(await request.read()), started)
+
+
+async def run_generate(request: web.Request, req: GenerateRequest, started: int,
+                       responder: Responder | None = None) -> web.StreamResponse:
+    """Everything /api/generate does after parsing; /v1/completions calls it too."""
     svc = services(request)
     name, model = _resolve(svc, req.model, chat=False)
     if not req.prompt and req.keep_alive_ns == 0:
         await svc.models.unload(model)
-        return json_response(_unload_line(GENERATE, req.model))
+        return await _answer_single(_unload_line(GENERATE, req.model), responder)
     if req.raw and (req.template or req.system or req.context is not None):
         raise BadRequest("raw mode does not support template, system, or context")
     _check_capabilities(req, name, model, chat=False, needs_insert=bool(req.suffix), has_images=bool(req.images))
@@ -185,7 +206,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
                               think=_think(req))
 
     return await _serve(request, req, GENERATE, name, model, options, started, not req.prompt, build, render_only,
-                        with_context=not req.raw)
+                        with_context=not req.raw, responder=responder)
 
 
 def _think(req: InferenceCommon) -> bool | None:
@@ -198,12 +219,17 @@ def _think_level(req: InferenceCommon) -> str | None:
 
 async def chat(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter_ns()
-    req = ChatRequest.from_body(await request.read())
+    return await run_chat(request, ChatRequest.from_body(await request.read()), started)
+
+
+async def run_chat(request: web.Request, req: ChatRequest, started: int,
+                   responder: Responder | None = None) -> web.StreamResponse:
+    """Everything /api/chat does after parsing; /v1/chat/completions calls it too."""
     svc = services(request)
     name, model = _resolve(svc, req.model, chat=True)
     if not req.messages and req.keep_alive_ns == 0:
         await svc.models.unload(model)
-        return json_response(_unload_line(CHAT, req.model))
+        return await _answer_single(_unload_line(CHAT, req.model), responder)
     _check_capabilities(req, name, model, chat=True, has_tools=bool(req.tools),
                         has_images=any(m.images for m in req.messages))
     options = Options.layered(model.modelfile.parameters, req.options)
@@ -218,7 +244,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return prompts.render(prompts.conversation(messages), tools=tools, think=_think(req))
 
     return await _serve(request, req, CHAT, name, model, options, started, not req.messages, build, render_only,
-                        with_context=False)
+                        with_context=False, responder=responder)
 
 
 def add_routes(app: web.Application) -> None:
