@@ -20,11 +20,17 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/hfollama serve
 
-test: $(STAMP)
+# newman runs the Postman collection in the tests; it needs Node.js (skipped, and said so, without npm).
+NEWMAN := postman/node_modules/.bin/newman
+$(NEWMAN): postman/package.json postman/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix postman --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the Postman collection test will be skipped"; fi
+
+test: $(STAMP) $(NEWMAN)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/cpu_decode.py
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info postman/node_modules
