@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from daemon.config import Settings, parse_host  # noqa: E402
-from tinymodels import build_model  # noqa: E402
+from tinymodels import HERMES_TOOLS, THINKING, THINKING_SCRIPT, TOOL_SCRIPT, build_model  # noqa: E402
 
 
 def has_cuda() -> bool:
@@ -39,18 +39,18 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "scripted": build_model(root / "scripted", scripted=True),
         "random": build_model(root / "random", scripted=False, seed=1),
+        # tool calling and thinking: scripted answers, and random weights steered by grammars
+        "tools": build_model(root / "tools", scripted=True, script=TOOL_SCRIPT, template=HERMES_TOOLS),
+        "tools-random": build_model(root / "tools-random", scripted=False, seed=2, script=TOOL_SCRIPT,
+                                    template=HERMES_TOOLS),
+        "thinker": build_model(root / "thinker", scripted=True, script=THINKING_SCRIPT, template=THINKING),
     }
 
 
 def write_tiny_modelfiles(folder: Path, tiny_dirs: dict[str, Path]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tiny.yaml").write_text(
-        "family: tiny\n"
-        "tags:\n"
-        f"  scripted:\n    source: {{path: '{tiny_dirs['scripted']}'}}\n"
-        f"  random:\n    source: {{path: '{tiny_dirs['random']}'}}\n"
-        "  latest: {alias: scripted}\n"
-    )
+    tags = "".join(f"  {tag}:\n    source: {{path: '{path}'}}\n" for tag, path in tiny_dirs.items())
+    (folder / "tiny.yaml").write_text("family: tiny\ntags:\n" + tags + "  latest: {alias: scripted}\n")
 
 
 @dataclass

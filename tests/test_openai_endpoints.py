@@ -18,7 +18,7 @@ from conftest import make_settings
 from daemon.registry.catalog import Catalog
 from daemon.registry.registry import Registry
 from daemon.server.app import create_app
-from tinymodels import SCRIPT_TEXT
+from tinymodels import ANSWER_TEXT, SCRIPT_TEXT, THINKING_TEXT, TOOL_CALL_ARGUMENTS, WEATHER_TOOL
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -157,3 +157,76 @@ def test_embeddings_float_and_base64(client):
 def test_embedding_errors(daemon, body, error):
     r = httpx.post(daemon.url + "/v1/embeddings", json=body)
     assert r.status_code == 400 and r.json()["error"]["message"] == error
+
+
+# --- tools, reasoning and response_format ---------------------------------------------------
+
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_tool_calls_non_streaming(client):
+    r = client.chat.completions.create(model="tiny:tools", messages=ASK, tools=[WEATHER_TOOL])
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == TOOL_CALL_ARGUMENTS
+
+
+def test_tool_calls_streaming(client):
+    chunks = list(client.chat.completions.create(model="tiny:tools", messages=ASK, tools=[WEATHER_TOOL],
+                                                 stream=True))
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and json.loads(calls[0].function.arguments) == TOOL_CALL_ARGUMENTS  # whole, one chunk
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_call_round_trip(client):
+    first = client.chat.completions.create(model="tiny:tools", messages=ASK, tools=[WEATHER_TOOL])
+    call = first.choices[0].message.tool_calls[0]
+    history = ASK + [first.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "18 degrees"}]
+    r = client.chat.completions.create(model="tiny:tools", messages=history, tools=[WEATHER_TOOL], max_tokens=1)
+    assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_choice_forces_a_call_from_a_random_model(client, tool_choice):
+    """Random weights never write a tool call by themselves; tool_choice constrains them to one."""
+    for seed in range(3):
+        r = client.chat.completions.create(model="tiny:tools-random", messages=ASK, tools=[WEATHER_TOOL],
+                                           tool_choice=tool_choice, seed=seed)
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "get_weather"
+        assert json.loads(call.function.arguments)["city"] in ("Paris", "Tokyo")
+        assert r.choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_means_no_call(client):
+    r = client.chat.completions.create(model="tiny:tools", messages=ASK, tools=[WEATHER_TOOL], tool_choice="none",
+                                       max_tokens=5)
+    assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason != "tool_calls"
+
+
+def test_reasoning(client):
+    r = client.chat.completions.create(model="tiny:thinker", messages=ASK)
+    message = r.choices[0].message
+    assert message.content == ANSWER_TEXT and message.model_extra["reasoning"] == THINKING_TEXT
+    chunks = list(client.chat.completions.create(model="tiny:thinker", messages=ASK, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.model_extra.get("reasoning") or "" for d in deltas) == THINKING_TEXT
+    assert "".join(d.content or "" for d in deltas) == ANSWER_TEXT
+    off = client.chat.completions.create(model="tiny:thinker", messages=ASK, reasoning_effort="none")
+    assert off.choices[0].message.content == ANSWER_TEXT and "reasoning" not in off.choices[0].message.model_extra
+
+
+def test_response_format_json_schema(client):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"]}
+    r = client.chat.completions.create(model="tiny:random", messages=ASK, seed=4, max_tokens=100,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "n", "schema": schema}})
+    assert 0 <= json.loads(r.choices[0].message.content)["n"] <= 99 and r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model="tiny:random", messages=ASK, seed=4, max_tokens=100,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].message.content.startswith("{")

@@ -37,20 +37,51 @@ CORPUS = [
 SCRIPT_PIECES = ["Hello", "Ġworld", "ĠST", "OP", "Ġtail", "Ã", "©", "!"]
 SCRIPT_TEXT = "Hello world STOP tailé!"
 
+# A Hermes / Qwen-style template with tools, and a script that calls one.
+HERMES_TOOLS = (
+    "{% if tools %}<|im_start|>system\n# Tools\n<tools>{% for tool in tools %}{{ tool | tojson }}{% endfor %}"
+    "</tools>\nCall a function as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'tool' %}{{ '<|im_start|>user\n<tool_response>' + message['content'] + "
+    "'</tool_response><|im_end|>\n' }}"
+    "{% elif message['role'] == 'assistant' and message.get('tool_calls') %}<|im_start|>assistant\n"
+    "{% for call in message['tool_calls'] %}<tool_call>\n{{ {'name': call['function']['name'], "
+    "'arguments': call['function']['arguments']} | tojson }}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TOOL_CALL_ARGUMENTS = {"city": "Paris"}
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Tokyo"]}},
+                   "required": ["city"]}}}
+TOOL_SCRIPT = ["<tool_call>", '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n', "</tool_call>"]
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+# A Qwen3-style thinking template: think:false closes an empty block in the prompt.
+THINKING = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think></think>' }}{% endif %}{% endif %}"
+)
+THINKING_TEXT, ANSWER_TEXT = "Paris is in France.", "The capital is Paris."
+THINKING_SCRIPT = ["<think>", THINKING_TEXT, "</think>", ANSWER_TEXT]
+
+
+def build_tokenizer(script: list[str] = SCRIPT_PIECES, template: str = CHATML) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
-    missing = [p for p in SCRIPT_PIECES if tok.token_to_id(p) is None]
+    missing = [p for p in script if tok.token_to_id(p) is None]
     if missing:
-        tok.add_tokens(missing)
+        tok.add_tokens(missing)  # whole pieces (tool-call markers, sentences) as single tokens
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    unk_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHATML
+    fast.chat_template = template
     return fast
 
 
@@ -69,29 +100,31 @@ def generation_prompt_last_token(tokenizer: PreTrainedTokenizerFast) -> int:
     return tokenizer.encode(rendered, add_special_tokens=False)[-1]
 
 
-def build_model(out: Path, scripted: bool, seed: int = 0) -> Path:
+def build_model(out: Path, scripted: bool, seed: int = 0, script: list[str] = SCRIPT_PIECES,
+                template: str = CHATML) -> Path:
+    """`script`: the pieces the scripted model says (byte-level tokens, or whole new tokens)."""
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(script, template)
     vocab = len(tokenizer)
     model = LlamaForCausalLM(_config(vocab, tokenizer)).eval()
     if scripted:
-        _script(model, tokenizer)
+        _script(model, tokenizer, script)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "SCRIPT.json").write_text(json.dumps({"text": SCRIPT_TEXT, "scripted": scripted}))
+    (out / "SCRIPT.json").write_text(json.dumps({"pieces": script, "scripted": scripted}))
     return out
 
 
 @torch.no_grad()
-def _script(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
+def _script(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, script: list[str]) -> None:
     for layer in model.model.layers:
         layer.self_attn.o_proj.weight.zero_()
         layer.mlp.down_proj.weight.zero_()
     emb = torch.randn(model.config.vocab_size, model.config.hidden_size)
     emb = emb / emb.norm(dim=-1, keepdim=True) * model.config.hidden_size ** 0.5
     model.model.embed_tokens.weight.copy_(emb)
-    chain = [generation_prompt_last_token(tokenizer)] + [tokenizer.convert_tokens_to_ids(p) for p in SCRIPT_PIECES]
+    chain = [generation_prompt_last_token(tokenizer)] + [tokenizer.convert_tokens_to_ids(p) for p in script]
     chain.append(tokenizer.eos_token_id)
     assert len(set(chain)) == len(chain), "script tokens must be distinct"
     head = torch.randn_like(model.lm_head.weight) * 0.01

@@ -63,6 +63,7 @@ CHAT_SPEC = Struct("ChatRequest", {
     **_COMMON_INFERENCE,
     "messages": ArrayOf(_MESSAGE),
     "tools": ArrayOf("map[string]interface {}"),
+    "tool_choice": "interface {}",
 })
 SHOW_SPEC = Struct("ShowRequest", {
     "model": "string",
@@ -219,6 +220,9 @@ class GenerateRequest(InferenceCommon):
 class ChatRequest(InferenceCommon):
     messages: tuple[Message, ...] = ()
     tools: tuple[Mapping[str, Any], ...] = ()
+    # hfollama: OpenAI's tool_choice ("auto" | "none" | "required" | {"type": "function",
+    # "function": {"name": ...}}), also accepted on /api/chat
+    tool_choice: Any = None
 
     @classmethod
     def from_body(cls, raw: bytes) -> "ChatRequest":
@@ -226,7 +230,8 @@ class ChatRequest(InferenceCommon):
         return cls(
             **_common(d),
             messages=tuple(Message.from_dict(m) for m in d.get("messages") or () if m is not None),
-            tools=tuple(d.get("tools") or ()),
+            tools=() if d.get("tool_choice") == "none" else tuple(d.get("tools") or ()),
+            tool_choice=d.get("tool_choice"),
         )
 
 

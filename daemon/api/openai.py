@@ -251,6 +251,7 @@ class ChatCompletionRequest:
             model=d.get("model") or "",
             messages=tuple(_messages(d.get("messages") or [])),
             tools=tools,
+            tool_choice=d.get("tool_choice"),
             format=_format(d.get("response_format")),
             options=_sampling_options(d, max_tokens),
             stream=bool(d.get("stream")),

@@ -18,6 +18,7 @@ from daemon.backends.transformers_backend import LoadedModel, load_causal_lm, pi
 from daemon.config import Settings
 from daemon.engine.embed import CONTEXT_EXCEEDED, EmbedResult, EncoderEmbedder, pool, read_pooling
 from daemon.engine.forward import LlamaForward
+from daemon.engine.grammar import GrammarCompiler
 from daemon.engine.prompt import PromptBuilder
 from daemon.engine.runner import Runner
 from daemon.errors import BadRequest, InternalError
@@ -85,6 +86,7 @@ class ModelRuntime:
     default_num_ctx: int
     load_seconds: float
     measured_bytes: int = 0  # GPU memory the load took, measured
+    grammars: GrammarCompiler | None = None  # format and tool-call grammars for this tokenizer
 
     @property
     def size_bytes(self) -> int:
@@ -233,5 +235,6 @@ def load_runtime(resolved: ResolvedModel, settings: Settings, num_ctx: int | Non
     seconds = time.perf_counter() - started
     log.info("loaded %s on %s in %.1fs (num_ctx %d, %d slots)", resolved.name.display, device, seconds,
              plan.num_ctx, plan.slots)
+    grammars = GrammarCompiler(loaded.tokenizer, sorted(loaded.eos_token_ids))
     return ModelRuntime(resolved, loaded, forward, runner, prompts, plan.num_ctx, plan.default_num_ctx, seconds,
-                        measured)
+                        measured, grammars)

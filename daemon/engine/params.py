@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from daemon.api.options import Options
+
+if TYPE_CHECKING:
+    from daemon.engine.grammar import Constraint
 
 
 @dataclass(frozen=True)
@@ -40,10 +44,13 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    # The grammar state of this one generation (format / a required tool call); the runner
+    # masks each step's logits with it and ends the generation when the value is complete.
+    constraint: "Constraint | None" = field(default=None, compare=False)
 
     @classmethod
     def from_options(cls, prompt_ids: list[int] | tuple[int, ...], options: Options, *, logprobs: bool = False,
-                     top_logprobs: int = 0) -> "GenerationRequest":
+                     top_logprobs: int = 0, constraint: "Constraint | None" = None) -> "GenerationRequest":
         seed = options.seed if options.seed >= 0 else int.from_bytes(os.urandom(8), "little") >> 1
         sampling = SamplingParams(
             temperature=options.temperature,
@@ -59,4 +66,4 @@ class GenerationRequest:
         )
         max_new = options.num_predict if options.num_predict >= 0 else None
         return cls(tuple(prompt_ids), sampling, max_new, tuple(options.stop), logprobs or top_logprobs > 0,
-                   top_logprobs)
+                   top_logprobs, constraint)

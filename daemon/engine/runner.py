@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator, Iterable, Protocol, Sequence as Seq
 
 import torch
 
+from daemon.engine.grammar import Masker
 from daemon.engine.params import GenerationRequest
 from daemon.engine.sampling import SamplingBatch, sample, token_logprobs
 from daemon.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
@@ -100,6 +101,7 @@ class Runner:
         self._outbox: list[tuple[_Sequence, Chunk | BaseException]] = []
         self._tasks: collections.deque[tuple[Any, asyncio.AbstractEventLoop, asyncio.Future]] = collections.deque()
         self._closing = False
+        self._masker = Masker()
         self._thread = threading.Thread(target=self._loop, name=f"runner:{name}", daemon=True)
         self._thread.start()
 
@@ -254,6 +256,11 @@ class Runner:
         self._sample_and_emit(seqs, logits)
 
     def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        constraints = [s.request.constraint for s in seqs]
+        masks = self._masker.fill(constraints)
+        if masks is not None:
+            logits = logits.clone()  # the forward's output buffer may be a captured graph's
+            self._masker.apply(logits, masks)
         params = [s.request.sampling for s in seqs]
         batch = SamplingBatch.from_params(params, logits.device)
         steps = torch.tensor([len(s.generated) for s in seqs], device=logits.device)
@@ -293,8 +300,13 @@ class Runner:
             reason, text = "stop", self._drain(seq)
         else:
             text, hit = seq.stops.push(seq.detokenizer.push(token))
+            if request.constraint is not None:
+                request.constraint.accept(token)
             if hit:
                 reason = "stop"
+            elif request.constraint is not None and request.constraint.finished:
+                reason = "stop"  # the value is complete: nothing but EOS could follow
+                text += self._drain(seq)
             elif (request.max_new_tokens is not None and len(seq.generated) >= request.max_new_tokens) \
                     or len(seq.prompt) + len(seq.generated) >= self.max_ctx:
                 reason = "length"

@@ -104,6 +104,13 @@ class ResolvedModel:
         return self.modelfile.template or self.metadata.chat_template or RAW_TEMPLATE
 
     @property
+    def tool_dialect(self) -> str:
+        """How this model writes tool calls (see daemon.engine.output)."""
+        from daemon.engine.output import dialect_for
+
+        return dialect_for(self.template, self.modelfile.tool_parser)
+
+    @property
     def quantization_level(self) -> str:
         return self.modelfile.quantization.label or self.metadata.quantization_level
 
@@ -113,7 +120,7 @@ class ResolvedModel:
             return ["embedding"]
         caps = ["completion"]
         template = self.template
-        if "tools" in template:
+        if "tools" in template or self.modelfile.tool_parser:
             caps.append("tools")
         if self.modelfile.fim is not None or ".Suffix" in template:
             caps.append("insert")

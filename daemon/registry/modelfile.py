@@ -15,6 +15,8 @@
         license: "..."
         messages: [{role: user, content: ...}]
         fim: {prefix: "<fim_prefix>", suffix: "<fim_suffix>", middle: "<fim_middle>"}
+        tool_parser: llama3             # tool-call syntax: hermes | mistral | llama3
+                                        # (default: recognized from the template)
       instruct: {alias: 8b-instruct}
 
 A source is one of: `repo` (+ `revision`, optional `gguf` file in the repo), `package` +
@@ -31,13 +33,14 @@ from typing import Any, Mapping
 import yaml
 
 from daemon.api.options import OPTION_TYPES, OptionTypeError, coerce_option
+from daemon.engine.output import DIALECTS as TOOL_PARSERS
 from daemon.names import ModelName
-
 QUANT_MODES = ("none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "fp32": "float32", "f32": "float32"}
 _TAG_KEYS = {"source", "quantization", "parameters", "system", "template", "stop", "license",
-             "messages", "fim", "description", "alias"}
+             "messages", "fim", "description", "alias", "tool_parser"}
+
 
 
 class ModelfileError(ValueError):
@@ -97,6 +100,7 @@ class Modelfile:
     license: str = ""
     messages: tuple[Mapping[str, str], ...] = ()
     fim: Fim | None = None
+    tool_parser: str | None = None
     description: str = ""
     origin: str = ""  # the YAML file it came from
     alias_of: str | None = None  # set on alias tags: they resolve but are not listed
@@ -116,6 +120,7 @@ class Modelfile:
             "messages": [dict(m) for m in self.messages],
             "fim": None if self.fim is None else {"prefix": self.fim.prefix, "suffix": self.fim.suffix,
                                                   "middle": self.fim.middle},
+            "tool_parser": self.tool_parser,
         }
 
     @classmethod
@@ -268,6 +273,9 @@ def parse_tag(file: str, family: str, tag: str, raw: Mapping[str, Any]) -> Model
     template = raw.get("template")
     if template is not None and not isinstance(template, str):
         raise _err(file, f"{key}.template", "must be a string")
+    tool_parser = raw.get("tool_parser")
+    if tool_parser is not None and tool_parser not in TOOL_PARSERS:
+        raise _err(file, f"{key}.tool_parser", f"must be one of {', '.join(TOOL_PARSERS)}")
     return Modelfile(
         name=name,
         source=parse_source(file, f"{key}.source", raw["source"]),
@@ -278,6 +286,7 @@ def parse_tag(file: str, family: str, tag: str, raw: Mapping[str, Any]) -> Model
         license=_string(file, f"{key}.license", raw.get("license")),
         messages=_parse_messages(file, f"{key}.messages", raw.get("messages")),
         fim=_parse_fim(file, f"{key}.fim", raw.get("fim")),
+        tool_parser=tool_parser,
         description=_string(file, f"{key}.description", raw.get("description")),
         origin=file,
     )

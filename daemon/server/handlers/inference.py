@@ -8,6 +8,7 @@ the prompt is built and how a chunk looks on the wire (`response` vs `message`).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -16,10 +17,12 @@ from aiohttp import web
 
 from daemon.api.native import ChatRequest, GenerateRequest, InferenceCommon
 from daemon.api.options import Options
+from daemon.engine.grammar import Constraint, entry, json_answer, tool_call_answer
+from daemon.engine.output import OutputReader, Part, ThinkingSplitter, ToolCallParser
 from daemon.engine.params import GenerationRequest
 from daemon.engine.prompt import ContextBudget, PromptBuilder
 from daemon.engine.runner import Chunk
-from daemon.errors import BadRequest, NotFound, NotImplementedFeature
+from daemon.errors import BadRequest, NotFound
 from daemon.names import ModelName
 from daemon.registry.catalog import ResolvedModel
 from daemon.server.state import Services, services
@@ -29,27 +32,45 @@ from daemon.server.wire import json_response, utc_now
 
 @dataclass(frozen=True)
 class Shape:
-    """How one endpoint puts text on the wire."""
+    """How one endpoint puts output on the wire."""
 
     chat: bool
 
-    def line(self, model: str, text: str, *, done: bool = False) -> dict[str, Any]:
+    def line(self, model: str, part: Part | None = None, *, done: bool = False) -> dict[str, Any]:
+        part = part or Part()
         line: dict[str, Any] = {"model": model, "created_at": utc_now()}
         if self.chat:
-            line["message"] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": part.content}
+            if part.thinking:
+                message["thinking"] = part.thinking
+            if part.tool_calls:
+                message["tool_calls"] = part.tool_calls
+            line["message"] = message
         else:
-            line["response"] = text
+            line["response"] = part.content
+            if part.thinking:
+                line["thinking"] = part.thinking
         line["done"] = done
         return line
 
     def reduce(self, lines: list[dict[str, Any]]) -> dict[str, Any]:
-        """stream:false: the final line with the text and logprobs of every line."""
+        """stream:false: the final line with the text, thinking, tool calls and logprobs of every line."""
         final = dict(lines[-1])
-        text = "".join((ln["message"]["content"] if self.chat else ln["response"]) for ln in lines)
+        bodies = [ln["message"] for ln in lines] if self.chat else lines
+        text = "".join(b["content"] if self.chat else b["response"] for b in bodies)
+        thinking = "".join(b.get("thinking", "") for b in bodies)
+        calls = [c for b in bodies for c in b.get("tool_calls", ())]
         if self.chat:
-            final["message"] = {**final["message"], "content": text}
+            message = {**final["message"], "content": text}
+            if thinking:
+                message["thinking"] = thinking
+            if calls:
+                message["tool_calls"] = calls
+            final["message"] = message
         else:
             final["response"] = text
+            if thinking:
+                final["thinking"] = thinking
         logprobs = [lp for ln in lines for lp in ln.get("logprobs", ())]
         if logprobs:
             final["logprobs"] = logprobs
@@ -86,15 +107,17 @@ def _check_capabilities(req: InferenceCommon, name: ModelName, model: ResolvedMo
         raise BadRequest(f"{name.full} does not support tools")
     if has_images and "vision" not in caps:
         raise BadRequest(f"{name.full} does not support vision (image input)")
-    if req.format not in (None, "", "null"):
-        if not (req.format == "json" or isinstance(req.format, dict)):
-            raise BadRequest(f'invalid format: {req.format!r}; expected "json" or a valid JSON Schema object')
-        raise NotImplementedFeature("structured outputs (format) are not supported by this build yet")
+    if _format_of(req) is not None and not (req.format == "json" or isinstance(req.format, dict)):
+        raise BadRequest(f'invalid format: {json.dumps(req.format)}; expected "json" or a valid JSON Schema object')
+
+
+def _format_of(req: InferenceCommon) -> Any:
+    return None if req.format in (None, "", "null") else req.format
 
 
 def _final_line(shape: Shape, model: str, chunk: Chunk, started_ns: int, load_ns: int,
                 context: tuple[int, ...] | None) -> dict[str, Any]:
-    line = shape.line(model, "", done=True)
+    line = shape.line(model, done=True)
     line["done_reason"] = chunk.done_reason
     if context is not None:
         line["context"] = list(context)
@@ -109,16 +132,72 @@ def _final_line(shape: Shape, model: str, chunk: Chunk, started_ns: int, load_ns
     return line
 
 
-async def _lines(shape: Shape, model: str, chunks: AsyncIterator[Chunk], started_ns: int, load_ns: int,
-                 with_context: bool) -> AsyncIterator[dict[str, Any]]:
+async def _lines(shape: Shape, model: str, chunks: AsyncIterator[Chunk], reader: OutputReader, started_ns: int,
+                 load_ns: int, with_context: bool) -> AsyncIterator[dict[str, Any]]:
     async for chunk in chunks:
         if chunk.done:
+            rest = reader.flush()
+            if rest:
+                yield shape.line(model, rest)
             yield _final_line(shape, model, chunk, started_ns, load_ns, chunk.output_ids if with_context else None)
             return
-        line = shape.line(model, chunk.text)
+        part = reader.push(chunk.text)
+        if not part and not chunk.logprobs:
+            continue  # held back: it may be the start of a marker
+        line = shape.line(model, part)
         if chunk.logprobs:
             line["logprobs"] = chunk.logprobs
         yield line
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """How this request's output is read and constrained: thinking split off (where the
+    model thinks), tool calls parsed (where tools were sent), and the grammar of `format` or
+    of a required tool call."""
+
+    thinking: str | None = None  # None | "inside" (the prompt opened the block) | "optional"
+    keep_thinking: bool = True
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: Any = None
+    format: Any = None
+
+    def reader(self, model: ResolvedModel) -> OutputReader:
+        splitter = None
+        if self.thinking is not None:
+            splitter = ThinkingSplitter(inside=self.thinking == "inside", keep=self.keep_thinking)
+        parser = None
+        if self.tools:
+            parser = ToolCallParser(model.tool_dialect, [(t.get("function") or {}).get("name", "") for t in self.tools])
+        return OutputReader(splitter, parser)
+
+    def constraint(self, model: ResolvedModel, runtime: Any) -> Constraint | None:
+        """Compiled off the event loop (the tokenizer's grammar tables build once per model)."""
+        answer = None
+        literal = runtime.grammars.literal
+        if self.format is not None:
+            answer = json_answer(self.format)
+        elif self.tools and self.tool_choice not in (None, "auto", "none"):
+            only = None
+            if isinstance(self.tool_choice, dict):
+                only = (self.tool_choice.get("function") or {}).get("name") or self.tool_choice.get("name")
+            answer = tool_call_answer(model.tool_dialect, self.tools, only, literal)
+        if answer is None:
+            return None
+        # the grammar lets a thinking model think first only while its thinking is shown
+        thinking = self.thinking if self.keep_thinking else ("inside" if self.thinking == "inside" else None)
+        return runtime.grammars.compile(entry(answer, thinking, literal)).matcher()
+
+
+def _output_plan(req: InferenceCommon, model: ResolvedModel, prompt_tail: str, tools: tuple = (),
+                 tool_choice: Any = None) -> OutputPlan:
+    thinking = None
+    keep = True
+    if "thinking" in model.capabilities:
+        keep = req.think is None or req.think.enabled  # thinking models think by default
+        opened = prompt_tail.rstrip().endswith("<think>")
+        thinking = "inside" if opened else "optional"
+    return OutputPlan(thinking, keep, tools, tool_choice, _format_of(req))
 
 
 PromptFn = Callable[[PromptBuilder, ContextBudget], list[int]]
@@ -129,13 +208,14 @@ Responder = Callable[[AsyncIterator[dict[str, Any]]], Awaitable[web.StreamRespon
 async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name: ModelName, model: ResolvedModel,
                  options: Options, started_ns: int, empty: bool, build_prompt: PromptFn,
                  render_only: Callable[[PromptBuilder], str], with_context: bool,
-                 responder: Responder | None) -> web.StreamResponse:
+                 responder: Responder | None, tools: tuple[dict[str, Any], ...] = (),
+                 tool_choice: Any = None) -> web.StreamResponse:
     svc = services(request)
     num_ctx = options.num_ctx or None
     async with svc.models.acquire(model, num_ctx, req.keep_alive_ns) as runtime:
         load_ns = time.perf_counter_ns() - started_ns
         if empty:
-            line = shape.line(req.model, "", done=True)
+            line = shape.line(req.model, done=True)
             line["done_reason"] = "load"
             return await _answer_single(line, responder)
         if req.debug_render_only:
@@ -150,10 +230,13 @@ async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name:
         budget = ContextBudget(num_ctx=min(options.num_ctx or runtime.num_ctx, runtime.num_ctx),
                                num_keep=options.num_keep, num_predict=options.num_predict, truncate=req.truncate)
         prompt_ids = await asyncio.to_thread(build_prompt, runtime.prompts, budget)
+        tail = runtime.loaded.tokenizer.decode(prompt_ids[-4:], skip_special_tokens=False)
+        plan = _output_plan(req, model, tail, tools, tool_choice)
+        constraint = await asyncio.to_thread(plan.constraint, model, runtime)
         generation = GenerationRequest.from_options(prompt_ids, options, logprobs=req.logprobs,
-                                                    top_logprobs=req.top_logprobs)
+                                                    top_logprobs=req.top_logprobs, constraint=constraint)
         chunks = runtime.runner.generate(generation)
-        lines = _lines(shape, req.model, chunks, started_ns, load_ns, with_context)
+        lines = _lines(shape, req.model, chunks, plan.reader(model), started_ns, load_ns, with_context)
         if responder is not None:
             return await responder(lines)
         return await respond(request, lines, stream=req.stream, reduce=shape.reduce)
@@ -171,7 +254,7 @@ async def _answer_single(line: dict[str, Any], responder: Responder | None) -> w
 
 
 def _unload_line(shape: Shape, requested: str) -> dict[str, Any]:
-    line = shape.line(requested, "", done=True)
+    line = shape.line(requested, done=True)
     line["done_reason"] = "unload"
     return line
 
@@ -244,7 +327,8 @@ async def run_chat(request: web.Request, req: ChatRequest, started: int,
         return prompts.render(prompts.conversation(messages), tools=tools, think=_think(req))
 
     return await _serve(request, req, CHAT, name, model, options, started, not req.messages, build, render_only,
-                        with_context=False, responder=responder)
+                        with_context=False, responder=responder, tools=tuple(tools or ()),
+                        tool_choice=req.tool_choice)
 
 
 def add_routes(app: web.Application) -> None:

@@ -1,0 +1,262 @@
+"""Reading a model's output as it streams: thinking split from the answer, tool calls parsed
+out of it. Both work on text pieces and hold back only what could still be a marker, so the
+answer streams as it comes and each tool call goes out whole as soon as it is complete.
+
+Tool-call dialects (chosen from the chat template, or the modelfile's `tool_parser`):
+- hermes:  <tool_call>{"name": ..., "arguments": {...}}</tool_call> (Hermes, Qwen, SmolLM3)
+- mistral: [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]
+- llama3:  {"name": ..., "parameters": {...}} as the whole answer, optionally after
+           <|python_tag|>, several separated by ";" (Llama 3.1+)
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+DIALECTS = ("hermes", "mistral", "llama3")
+_ALNUM = string.ascii_lowercase + string.digits
+
+
+def call_id() -> str:
+    """Ollama's form: call_ + 8 lowercase alphanumerics."""
+    return "call_" + "".join(secrets.choice(_ALNUM) for _ in range(8))
+
+
+def dialect_for(template: str, configured: str | None = None) -> str:
+    if configured:
+        return configured
+    if "<tool_call>" in template:
+        return "hermes"
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    return "llama3"
+
+
+@dataclass
+class Part:
+    """What one piece of output adds to the reply."""
+
+    content: str = ""
+    thinking: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.thinking or self.tool_calls)
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that starts `marker` (to hold back)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+class ThinkingSplitter:
+    """Splits `<think>...</think>` from the answer. `inside` says whether the prompt already
+    opened the block (templates that end the generation prompt with <think>); `keep=False`
+    drops the thinking (think:false on a model that thinks anyway)."""
+
+    def __init__(self, inside: bool = False, keep: bool = True, start: str = "<think>",
+                 end: str = "</think>") -> None:
+        self.start, self.end, self.keep = start, end, keep
+        self._state = "thinking_start" if inside else "opening"
+        self._buffer = ""
+
+    def push(self, text: str) -> tuple[str, str]:
+        """Returns (thinking, content) that are safe to emit."""
+        self._buffer += text
+        thinking = content = ""
+        while self._buffer:
+            if self._state == "opening":  # whitespace, then maybe the start tag
+                stripped = self._buffer.lstrip()
+                if stripped.startswith(self.start):
+                    self._buffer, self._state = stripped[len(self.start):], "thinking_start"
+                elif not stripped or self.start.startswith(stripped):
+                    break
+                else:
+                    self._state = "answer"
+            elif self._state == "thinking_start":  # the thinking's leading whitespace goes
+                self._buffer = self._buffer.lstrip()
+                if self._buffer:
+                    self._state = "thinking"
+            elif self._state == "thinking":
+                i = self._buffer.find(self.end)
+                if i >= 0:
+                    thinking += self._buffer[:i]
+                    self._buffer, self._state = self._buffer[i + len(self.end):], "after"
+                    continue
+                hold = _partial_suffix(self._buffer, self.end)
+                cut = len(self._buffer) - hold
+                thinking, self._buffer = thinking + self._buffer[:cut], self._buffer[cut:]
+                break
+            elif self._state == "after":  # the answer's leading whitespace goes
+                self._buffer = self._buffer.lstrip()
+                if self._buffer:
+                    self._state = "answer"
+            else:
+                content, self._buffer = content + self._buffer, ""
+        return (thinking if self.keep else ""), content
+
+    def flush(self) -> tuple[str, str]:
+        rest, self._buffer = self._buffer, ""
+        if self._state in ("thinking", "thinking_start"):
+            return (rest.lstrip() if self.keep else ""), ""
+        return "", rest.lstrip() if self._state in ("opening", "after") else rest
+
+
+class ToolCallParser:
+    """Finds tool calls in the answer text; everything else is content."""
+
+    def __init__(self, dialect: str, tool_names: Iterable[str] = ()) -> None:
+        if dialect not in DIALECTS:
+            raise ValueError(f"unknown tool-call dialect {dialect!r}")
+        self.dialect = dialect
+        self.names = set(tool_names)
+        self._buffer = ""
+        self._calling = False  # inside a call's syntax: buffering until it completes
+        self._seen_text = False
+        self._index = 0
+
+    def _starts(self) -> tuple[str, ...]:
+        return {"hermes": ("<tool_call>",), "mistral": ("[TOOL_CALLS]",),
+                "llama3": ("<|python_tag|>",)}[self.dialect]
+
+    def push(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        self._buffer += text
+        content, calls = "", []
+        while self._buffer:
+            if not self._calling:
+                out, found = self._scan_for_start()
+                content += out
+                if not found:
+                    break
+                self._calling = True
+            parsed = self._parse_call()
+            if parsed is None:
+                break
+            found, not_a_call = parsed
+            calls.extend(found)
+            content += not_a_call
+            self._calling = False
+        if content.strip():
+            self._seen_text = True
+        return content, calls
+
+    def _scan_for_start(self) -> tuple[str, bool]:
+        """Text before a call's start marker; consumes the marker. Holds back a possible
+        partial marker (and, for llama3, a leading "{" that may begin a call)."""
+        buf = self._buffer
+        best = -1
+        marker = ""
+        for start in self._starts():
+            i = buf.find(start)
+            if i >= 0 and (best < 0 or i < best):
+                best, marker = i, start
+        if self.dialect == "llama3" and not self._seen_text:
+            lead = buf.lstrip()
+            if self._index and lead.startswith(";"):  # the separator between two calls
+                lead = lead[1:].lstrip()
+            if lead.startswith("{") and (best < 0 or len(buf) - len(lead) < best):
+                self._buffer = lead
+                return "", True
+        if best >= 0:
+            self._buffer = buf[best + len(marker):]
+            return buf[:best], True
+        hold = max(_partial_suffix(buf, s) for s in self._starts())
+        if self.dialect == "llama3" and not self._seen_text and not buf.strip().strip(";"):
+            hold = len(buf)  # only whitespace (or a separator) so far: a call may still start
+        cut = len(buf) - hold
+        self._buffer = buf[cut:]
+        return buf[:cut], False
+
+    def _parse_call(self) -> tuple[list[dict[str, Any]], str] | None:
+        """Complete calls at the start of the buffer (consumed), or JSON that turned out not
+        to be a call (as text); None while incomplete."""
+        buf = self._buffer.lstrip()
+        if not buf:
+            return None
+        try:
+            value, end = json.JSONDecoder().raw_decode(buf)
+        except json.JSONDecodeError:
+            return None  # not complete yet (flush() reports what never completed)
+        rest = buf[end:]
+        if self.dialect == "hermes":
+            stripped = rest.lstrip()
+            if not stripped:
+                return None  # wait for the end tag
+            if stripped.startswith("</tool_call>"):
+                rest = stripped[len("</tool_call>"):]
+            elif "</tool_call>".startswith(stripped):
+                return None
+        elif self.dialect == "llama3":
+            stripped = rest.lstrip()
+            if stripped.startswith(";"):
+                rest = stripped[1:]
+        calls = self._calls(value)
+        if calls is None:  # JSON, but not a call: it was content after all
+            self._buffer, self._seen_text = "", True
+            return [], buf[:end] + rest
+        self._buffer = rest
+        return calls, ""
+
+    def _calls(self, value: Any) -> list[dict[str, Any]] | None:
+        items = value if isinstance(value, list) else [value]
+        calls = []
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                return None
+            if self.dialect == "llama3" and self.names and item["name"] not in self.names:
+                return None
+            arguments = item.get("arguments", item.get("parameters", {}))
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError:
+                    return None
+            if not isinstance(arguments, dict):
+                return None
+            calls.append({"id": call_id(), "function": {"index": self._index, "name": item["name"],
+                                                        "arguments": arguments}})
+            self._index += 1
+        return calls
+
+    def flush(self) -> tuple[str, list[dict[str, Any]]]:
+        """At the end: text that never became a call is content."""
+        rest, self._buffer = self._buffer, ""
+        if self._calling:
+            self._calling = False
+            marker = "" if self.dialect == "llama3" and rest.lstrip().startswith("{") else self._starts()[0]
+            return marker + rest, []
+        return rest, []
+
+
+class OutputReader:
+    """The whole path from generated text to reply parts: thinking first, then tool calls
+    (when the request has tools)."""
+
+    def __init__(self, thinking: ThinkingSplitter | None, tools: ToolCallParser | None) -> None:
+        self.thinking, self.tools = thinking, tools
+
+    def push(self, text: str) -> Part:
+        thinking, content = self.thinking.push(text) if self.thinking else ("", text)
+        return self._answer(Part(thinking=thinking), content, final=False)
+
+    def flush(self) -> Part:
+        thinking, content = self.thinking.flush() if self.thinking else ("", "")
+        return self._answer(Part(thinking=thinking), content, final=True)
+
+    def _answer(self, part: Part, content: str, final: bool) -> Part:
+        if self.tools is None:
+            part.content = content
+            return part
+        part.content, part.tool_calls = self.tools.push(content) if content else ("", [])
+        if final:
+            more, more_calls = self.tools.flush()
+            part.content += more
+            part.tool_calls += more_calls
+        return part
