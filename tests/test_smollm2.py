@@ -3,6 +3,10 @@ The first load converts the GGUF once (tens of seconds); later loads take about 
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 import ollama
 import pytest
 
@@ -42,3 +46,79 @@ def test_show_reports_gguf_metadata(client):
     assert info.details.parameter_size == "134.52M"
     assert info.modelinfo["llama.context_length"] == 8192
     assert info.modelinfo["general.parameter_count"] == 134515008
+
+
+# --- batching on the real model (issue 6): one daemon with eight slots ---------------------
+
+QUESTIONS = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Say hello in Spanish.",
+             "What is the largest ocean?", "Who wrote Hamlet?", "What colour is the sky?", "Count to five."]
+
+
+@pytest.fixture(scope="module")
+def wide(daemon, tmp_path_factory, tiny_dirs):
+    """Eight slots, sharing the session daemon's store (SmolLM2 is converted once)."""
+    from conftest import make_settings, run_daemon
+
+    settings = make_settings(tmp_path_factory.mktemp("wide"), tiny_dirs, models_dir=daemon.settings.models_dir,
+                             num_parallel=8)
+    yield from run_daemon(settings)
+
+
+def _chat(url: str, question: str, **options) -> dict:
+    return httpx.post(url + "/api/chat", timeout=600, json={
+        "model": "smollm2:135m", "stream": False, "options": options,
+        "messages": [{"role": "user", "content": question}]}).json()
+
+
+def test_greedy_alone_equals_beside_seven_others(wide):
+    alone = _chat(wide.url, QUESTIONS[0], temperature=0, num_predict=40)
+    others = [dict(temperature=0.7, seed=i, num_predict=8 + 6 * i, top_k=20 + i, repeat_penalty=1.1)
+              for i in range(7)]
+    with ThreadPoolExecutor(8) as pool:
+        target = pool.submit(_chat, wide.url, QUESTIONS[0], temperature=0, num_predict=40)
+        rest = [pool.submit(_chat, wide.url, q, **o) for q, o in zip(QUESTIONS[1:], others)]
+        batched = target.result()
+        lengths = [f.result()["eval_count"] for f in rest]
+    assert batched["message"]["content"] == alone["message"]["content"] and "Paris" in alone["message"]["content"]
+    assert all(n <= o["num_predict"] for n, o in zip(lengths, others))
+
+
+def test_seeded_sampling_alone_equals_batched(wide):
+    options = dict(temperature=0.9, seed=42, num_predict=24)
+    alone = _chat(wide.url, QUESTIONS[3], **options)["message"]["content"]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda q: _chat(wide.url, q, **options), [QUESTIONS[3]] + QUESTIONS[4:7]))
+    assert results[0]["message"]["content"] == alone
+
+
+def test_cancelled_mid_batch_frees_its_slot(wide):
+    def cancel_early() -> None:
+        with httpx.stream("POST", wide.url + "/api/chat", timeout=600, json={
+                "model": "smollm2:135m", "options": {"num_predict": 500},
+                "messages": [{"role": "user", "content": "Write a long story."}]}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i == 3:
+                    return  # the client goes away
+
+    with ThreadPoolExecutor(4) as pool:
+        finishing = [pool.submit(_chat, wide.url, q, temperature=0, num_predict=16) for q in QUESTIONS[:3]]
+        pool.submit(cancel_early).result()
+        assert all(f.result()["done"] for f in finishing)
+    (resident,) = [r for r in wide.services.models.residents() if r.resolved.name.model == "smollm2"]
+    deadline = time.time() + 30
+    while resident.runtime.runner.busy and time.time() < deadline:
+        time.sleep(0.1)
+    assert resident.runtime.runner.busy == 0
+
+
+def test_32_concurrent_streams_complete(wide):
+    client = ollama.Client(host=wide.url, timeout=600)
+
+    def stream(i: int) -> tuple[str, bool]:
+        parts = list(client.chat(model="smollm2:135m", stream=True, options={"num_predict": 4, "seed": i},
+                                 messages=[{"role": "user", "content": QUESTIONS[i % 8]}]))
+        return "".join(p.message.content for p in parts), parts[-1].done
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(stream, range(32)))
+    assert len(results) == 32 and all(done and text for text, done in results)
