@@ -3,9 +3,10 @@
 llguidance was measured against xgrammar on SmolLM2's 49,152-word tokenizer (a nested
 schema with $ref, enum and arrays): compile 2.6 ms vs 11 ms, tokenizer setup 0.6 s vs
 0.3 s, mask 130 us vs 16 us per token. Both masks are small next to a decode step (the
-benchmark in bench/structured.py measures the whole cost); llguidance wins on having no
-dependencies (one abi3 wheel; xgrammar pulls triton and tvm-ffi), on JSON Schema coverage
-($defs/$ref, anyOf, min/max lengths and items) and on Lark grammars for tool calls.
+benchmark in bench/structured.py measures the whole cost, and the mask is computed while the
+GPU runs the step). llguidance was chosen for having no dependencies (one abi3 wheel for
+every Python; xgrammar pulls triton and tvm-ffi) and for its Lark grammars, which express a
+tool call in the model's own syntax and free thinking before a constrained answer.
 
 JSON is compact (no free whitespace), so a model cannot run on emitting whitespace, and a
 matcher stops as soon as the top-level value closes: the runner ends the generation there.
