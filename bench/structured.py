@@ -77,12 +77,12 @@ def measure(runner: Runner, ids: list[int], n: int, concurrent: int, compiler: G
     return rate, results[0][1]
 
 
-def mask_cost_us(compiler: GrammarCompiler, width: int, device: torch.device, steps: int = 200) -> float:
+def mask_cost_us(compiler: GrammarCompiler, tokenizer, width: int, device: torch.device, steps: int = 200) -> float:
     """Per-token cost of the mask alone (fill on the CPU, apply on the device), walking a
     schema-valid text."""
     constraint = compiler.compile(entry(json_answer(SCHEMA), None)).matcher()
     masker = Masker()
-    ids = compiler._hf_tokenizer.encode('{"people":[' + ",".join(
+    ids = tokenizer.encode('{"people":[' + ",".join(
         '{"name":"Ada Lovelace","age":36,"city":"London","tags":["work"]}' for _ in range(40)),
         add_special_tokens=False)[:steps]
     logits = torch.zeros(1, width, device=device)
@@ -130,7 +130,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--root", default="/tmp/bench")
-    parser.add_argument("--store", default=os.environ.get("OLLAMA_MODELS") or str(Path(tempfile.gettempdir()) / "hfollama-bench"))
+    parser.add_argument("--store", default=os.environ.get("OLLAMA_MODELS")
+                        or str(Path(tempfile.gettempdir()) / "hfollama-bench"))
     args = parser.parse_args()
 
     loaded, tokenizer, label = load(args)
@@ -154,7 +155,7 @@ def main() -> None:
             constrained, sample = measure(runner, ids, args.tokens, concurrent, compiler)
             rows.append((concurrent, free, constrained))
             print(f"batch {concurrent}: {free:.1f} -> {constrained:.1f} tok/s; sample: {sample[:100]!r}", flush=True)
-        mask_us = mask_cost_us(compiler, width, device)
+        mask_us = mask_cost_us(compiler, tokenizer, width, device)
     finally:
         runner.close()
         del forward, loaded

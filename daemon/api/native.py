@@ -224,13 +224,17 @@ class ChatRequest(InferenceCommon):
     # "function": {"name": ...}}), also accepted on /api/chat
     tool_choice: Any = None
 
+    def __post_init__(self) -> None:
+        if self.tool_choice == "none":  # no tools at all, whichever API asked (Ollama ignores it)
+            object.__setattr__(self, "tools", ())
+
     @classmethod
     def from_body(cls, raw: bytes) -> "ChatRequest":
         d = decode_body(raw, CHAT_SPEC)
         return cls(
             **_common(d),
             messages=tuple(Message.from_dict(m) for m in d.get("messages") or () if m is not None),
-            tools=() if d.get("tool_choice") == "none" else tuple(d.get("tools") or ()),
+            tools=tuple(d.get("tools") or ()),
             tool_choice=d.get("tool_choice"),
         )
 

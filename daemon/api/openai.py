@@ -243,14 +243,11 @@ class ChatCompletionRequest:
         max_tokens = d.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = d.get("max_tokens")
-        tools = tuple(d.get("tools") or ())
-        if d.get("tool_choice") == "none":  # Ollama ignores tool_choice; "none" means no tools
-            tools = ()
         top_logprobs = checked_top_logprobs(d.get("top_logprobs"))
         native = ChatRequest(
             model=d.get("model") or "",
             messages=tuple(_messages(d.get("messages") or [])),
-            tools=tools,
+            tools=tuple(d.get("tools") or ()),
             tool_choice=d.get("tool_choice"),
             format=_format(d.get("response_format")),
             options=_sampling_options(d, max_tokens),

@@ -61,12 +61,17 @@ def closed(schema: Any) -> Any:
     return out
 
 
+def check_format(value: Any) -> None:
+    """`format` is "json" (or off) or a JSON Schema object; anything else is a 400."""
+    if not (value is None or value == "json" or isinstance(value, dict)):
+        raise BadRequest(f'invalid format: {json.dumps(value)}; expected "json" or a valid JSON Schema object')
+
+
 def json_answer(schema: Any) -> list[str]:
     """Lark rules whose `answer` is a JSON value: `format` ("json" / None, or a schema)."""
+    check_format(schema)
     if schema is None or schema == "json":
         schema = JSON_OBJECT
-    if not isinstance(schema, dict):
-        raise BadRequest(f'invalid format: {json.dumps(schema)}; expected "json" or a valid JSON Schema object')
     return ["answer: %json " + json.dumps({**closed(schema), "x-guidance": COMPACT})]
 
 

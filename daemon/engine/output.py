@@ -17,7 +17,9 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-DIALECTS = ("hermes", "mistral", "llama3")
+# What opens a call in each dialect (llama3 also takes a bare "{" at the start of the answer)
+_CALL_STARTS = {"hermes": ("<tool_call>",), "mistral": ("[TOOL_CALLS]",), "llama3": ("<|python_tag|>",)}
+DIALECTS = tuple(_CALL_STARTS)
 _ALNUM = string.ascii_lowercase + string.digits
 
 
@@ -122,10 +124,6 @@ class ToolCallParser:
         self._seen_text = False
         self._index = 0
 
-    def _starts(self) -> tuple[str, ...]:
-        return {"hermes": ("<tool_call>",), "mistral": ("[TOOL_CALLS]",),
-                "llama3": ("<|python_tag|>",)}[self.dialect]
-
     def push(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         self._buffer += text
         content, calls = "", []
@@ -153,7 +151,7 @@ class ToolCallParser:
         buf = self._buffer
         best = -1
         marker = ""
-        for start in self._starts():
+        for start in _CALL_STARTS[self.dialect]:
             i = buf.find(start)
             if i >= 0 and (best < 0 or i < best):
                 best, marker = i, start
@@ -167,7 +165,7 @@ class ToolCallParser:
         if best >= 0:
             self._buffer = buf[best + len(marker):]
             return buf[:best], True
-        hold = max(_partial_suffix(buf, s) for s in self._starts())
+        hold = max(_partial_suffix(buf, s) for s in _CALL_STARTS[self.dialect])
         if self.dialect == "llama3" and not self._seen_text and not buf.strip().strip(";"):
             hold = len(buf)  # only whitespace (or a separator) so far: a call may still start
         cut = len(buf) - hold
@@ -230,7 +228,8 @@ class ToolCallParser:
         rest, self._buffer = self._buffer, ""
         if self._calling:
             self._calling = False
-            marker = "" if self.dialect == "llama3" and rest.lstrip().startswith("{") else self._starts()[0]
+            bare = self.dialect == "llama3" and rest.lstrip().startswith("{")  # no marker was consumed
+            marker = "" if bare else _CALL_STARTS[self.dialect][0]
             return marker + rest, []
         return rest, []
 

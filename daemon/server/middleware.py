@@ -14,7 +14,7 @@ from aiohttp import web
 
 from daemon.config import BindAddress
 from daemon.errors import DaemonError, message_of, status_of
-from daemon.server.wire import error_response, json_response
+from daemon.server.wire import error_response, native_error, openai_error
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,9 @@ DEFAULT_ORIGINS = tuple(
 ) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
 
 
-def openai_error(message: str, status: int) -> dict:
-    """OpenAI's error object, as Ollama's /v1 layer sends it."""
-    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+def _error(request: web.Request, message: str, status: int) -> web.Response:
+    """Ollama's `{"error": "..."}`, or OpenAI's error object under /v1."""
+    return error_response(message, status, openai_error if request.path.startswith("/v1/") else native_error)
 
 
 @web.middleware
@@ -44,9 +43,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except DaemonError as exc:
-        if request.path.startswith("/v1/"):
-            return json_response(openai_error(message_of(exc), status_of(exc)), status_of(exc))
-        return error_response(message_of(exc), status_of(exc))
+        return _error(request, message_of(exc), status_of(exc))
     except web.HTTPNotFound:
         return web.Response(status=404, text="404 page not found")
     except web.HTTPMethodNotAllowed:
@@ -57,9 +54,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except Exception as exc:
         log.exception("%s %s failed", request.method, request.path)
-        if request.path.startswith("/v1/"):
-            return json_response(openai_error(message_of(exc), 500), 500)
-        return error_response(message_of(exc), 500)
+        return _error(request, message_of(exc), 500)
 
 
 class OriginPolicy:

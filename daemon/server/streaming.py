@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Callable
 from aiohttp import web
 
 from daemon.errors import DaemonError, message_of, status_of
-from daemon.server.wire import dumps, json_response
+from daemon.server.wire import dumps, json_response, native_error, openai_error
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +33,17 @@ class Framing:
     prefix: str
     suffix: str
     end: str  # written after the last event
+    error: Callable[[str, int], dict[str, Any]]  # the in-band error event
 
     def encode(self, obj: dict[str, Any]) -> bytes:
         return (self.prefix + dumps(obj) + self.suffix).encode()
 
+    def error_event(self, exc: BaseException) -> bytes:
+        return self.encode(self.error(message_of(exc), status_of(exc)))
 
-NDJSON = Framing("application/x-ndjson", "", "\n", "")
-SSE = Framing("text/event-stream", "data: ", "\n\n", "data: [DONE]\n\n")
 
-
-def error_event(exc: BaseException, framing: Framing) -> dict[str, Any]:
-    if framing is SSE:  # OpenAI's error object
-        from daemon.server.middleware import openai_error
-
-        return openai_error(message_of(exc), status_of(exc))
-    return {"error": message_of(exc)}
+NDJSON = Framing("application/x-ndjson", "", "\n", "", native_error)
+SSE = Framing("text/event-stream", "data: ", "\n\n", "data: [DONE]\n\n", openai_error)
 
 
 async def respond(request: web.Request, events: AsyncIterator[dict[str, Any]], *, stream: bool,
@@ -67,10 +63,10 @@ async def respond(request: web.Request, events: AsyncIterator[dict[str, Any]], *
             log.debug("client went away mid-stream")
             return response
         except DaemonError as exc:
-            await response.write(framing.encode(error_event(exc, framing)))
+            await response.write(framing.error_event(exc))
         except Exception as exc:  # after the first byte the status is sent: report in-band
             log.exception("stream failed")
-            await response.write(framing.encode(error_event(exc, framing)))
+            await response.write(framing.error_event(exc))
         if framing.end:
             await response.write(framing.end.encode())
         await response.write_eof()

@@ -17,8 +17,18 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.json_response(obj, status=status, dumps=dumps)
 
 
-def error_response(message: str, status: int) -> web.Response:
-    return json_response({"error": message}, status)
+def native_error(message: str, status: int) -> dict:
+    return {"error": message}
+
+
+def openai_error(message: str, status: int) -> dict:
+    """OpenAI's error object, as Ollama's /v1 layer sends it."""
+    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+def error_response(message: str, status: int, shape=native_error) -> web.Response:
+    return json_response(shape(message, status), status)
 
 
 def utc_now() -> str:

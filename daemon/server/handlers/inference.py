@@ -8,7 +8,6 @@ the prompt is built and how a chunk looks on the wire (`response` vs `message`).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -17,7 +16,7 @@ from aiohttp import web
 
 from daemon.api.native import ChatRequest, GenerateRequest, InferenceCommon
 from daemon.api.options import Options
-from daemon.engine.grammar import Constraint, entry, json_answer, tool_call_answer
+from daemon.engine.grammar import Constraint, check_format, entry, json_answer, tool_call_answer
 from daemon.engine.output import OutputReader, Part, ThinkingSplitter, ToolCallParser
 from daemon.engine.params import GenerationRequest
 from daemon.engine.prompt import ContextBudget, PromptBuilder
@@ -107,8 +106,7 @@ def _check_capabilities(req: InferenceCommon, name: ModelName, model: ResolvedMo
         raise BadRequest(f"{name.full} does not support tools")
     if has_images and "vision" not in caps:
         raise BadRequest(f"{name.full} does not support vision (image input)")
-    if _format_of(req) is not None and not (req.format == "json" or isinstance(req.format, dict)):
-        raise BadRequest(f'invalid format: {json.dumps(req.format)}; expected "json" or a valid JSON Schema object')
+    check_format(_format_of(req))  # before the model loads: a 400, not an in-stream error
 
 
 def _format_of(req: InferenceCommon) -> Any:

@@ -77,11 +77,11 @@ async def retrieve_model(request: web.Request) -> web.Response:
     requested = request.match_info["model"]
     name = ModelName.parse(requested)
     try:
-        if not name.is_valid:
-            raise NotFound(requested)
-        model = services(request).catalog.resolve(name)
+        model = services(request).catalog.resolve(name) if name.is_valid else None
     except NotFound:
-        raise NotFound(f"model '{requested}' not found") from None
+        model = None
+    if model is None:
+        raise NotFound(f"model '{requested}' not found")
     return json_response(model_object(model.name.display, model.name.namespace, model.modified_at))
 
 
