@@ -105,13 +105,39 @@ def engine_numbers(runner: Runner, n: int) -> dict:
     return {"rate": statistics.median(rates), "ttft128": ttft[128], "ttft1024": ttft[1024]}
 
 
+def profile_step(forward, steps: int = 20) -> str:
+    """The kernels of one batch-1 decode step (graph replays), by GPU time: where the step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens = torch.tensor([[1000]])
+    for _ in range(3):
+        forward.forward(tokens, [0], [130])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            forward.forward(tokens, [0], [130])
+        torch.cuda.synchronize()
+    averages = [(getattr(a, "device_time_total", 0) or getattr(a, "cuda_time_total", 0), a.count, a.key[:70])
+                for a in prof.key_averages()]
+    ranked = sorted(averages, reverse=True)[:14]
+    lines = [f"  {total / steps:8.1f} µs/step  {count / steps:5.0f}/step  {name}" for total, count, name in ranked]
+    lines.append(f"  {sum(a[0] for a in averages) / steps:8.1f} µs/step in all")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", default="/tmp/bench")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--baseline-tokens", type=int, default=64)
+    parser.add_argument("--configs", default="", help="NF4 launch settings from bench/nf4_kernel.py --out")
+    parser.add_argument("--profile", action="store_true", help="print each variant's kernels per decode step")
     args = parser.parse_args()
+    if args.configs:
+        from daemon.engine.cuda import kernels
+
+        kernels.load_configs(Path(args.configs).read_text())
     root = Path(args.root)
     checkpoint = write_checkpoint(root / "llama3-8b-random")
     bandwidth = copy_bandwidth()
@@ -145,6 +171,8 @@ def main() -> None:
         finally:
             runner.close()
         peak = torch.cuda.max_memory_allocated() / (1 << 30)
+        if args.profile:
+            print(f"{variant}: kernels per decode step (batch 1)\n{profile_step(forward)}", flush=True)
         per_token = forward.weights_bytes - forward.embed.numel() * forward.embed.element_size()
         limit = bandwidth / per_token
         rows.append((variant, type(forward).__name__, numbers["rate"], base, numbers["ttft128"], numbers["ttft1024"],

@@ -90,7 +90,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--sequential", type=int, default=8, help="requests for the one-slot baseline (0: skip)")
+    parser.add_argument("--batch-weights", default="auto", choices=("auto", "on", "off"),
+                        help="HFOLLAMA_BATCH_WEIGHTS: a bf16 copy of the NF4 matrices for batches")
+    parser.add_argument("--configs", default="", help="NF4 launch settings from bench/nf4_kernel.py --out")
     args = parser.parse_args()
+    if args.configs:
+        from daemon.engine.cuda import kernels
+
+        kernels.load_configs(Path(args.configs).read_text())
     root = Path(args.root)
     checkpoint = write_checkpoint(root / "llama3-8b-random")
     mf = root / "modelfiles-serve"
@@ -102,7 +109,8 @@ def main() -> None:
         if not levels:
             continue
         settings = Settings.from_env({}, bind=parse_host("127.0.0.1:0"), models_dir=root / "store",
-                                     user_modelfiles_dir=mf, device="cuda", num_parallel=slots, context_length=2048)
+                                     user_modelfiles_dir=mf, device="cuda", num_parallel=slots, context_length=2048,
+                                     batch_weights=args.batch_weights)
         url, stop = start_daemon(settings)
         try:
             asyncio.run(wave(url, "serve:nf4", 1, 8))  # load, capture, warm up

@@ -127,6 +127,14 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
         return default
 
 
+def _choice(env: Mapping[str, str], key: str, allowed: tuple[str, ...], default: str) -> str:
+    text = env_var(env, key).strip().lower()
+    if text and text not in allowed:
+        logging.getLogger(__name__).warning("invalid %s=%r (one of %s), using %s", key, text, "/".join(allowed), default)
+        return default
+    return text or default
+
+
 @dataclass(frozen=True)
 class Settings:
     bind: BindAddress = field(default_factory=lambda: parse_host(""))
@@ -141,6 +149,7 @@ class Settings:
     max_loaded_models: int = 0  # 0: 3 per GPU, 3 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     gpu_memory: str = ""  # the memory budget: bytes with a unit, or a fraction of the device
+    batch_weights: str = "auto"  # auto | on | off: a bf16 copy of 4-bit weights for batched decoding
     hf_token: str | None = None
     hf_endpoint: str | None = None  # HF_ENDPOINT: a Hub mirror (the tests use a local one)
 
@@ -163,6 +172,7 @@ class Settings:
             max_loaded_models=max(0, _int(env, "OLLAMA_MAX_LOADED_MODELS", 0)),
             device=env_var(env, "HFOLLAMA_DEVICE") or "auto",
             gpu_memory=env_var(env, "HFOLLAMA_GPU_MEMORY"),
+            batch_weights=_choice(env, "HFOLLAMA_BATCH_WEIGHTS", ("auto", "on", "off"), "auto"),
             hf_token=env_var(env, "HF_TOKEN") or None,
             hf_endpoint=env_var(env, "HF_ENDPOINT") or None,
         )

@@ -60,3 +60,8 @@ def test_defaults_and_flag_overrides(tmp_path):
                                         ("1", logging.DEBUG), ("true", logging.DEBUG), ("2", TRACE)])
 def test_debug_levels(text, level):
     assert log_level(text) == level
+
+
+@pytest.mark.parametrize("text,value", [("", "auto"), ("on", "on"), ("OFF", "off"), (" auto ", "auto"), ("maybe", "auto")])
+def test_batch_weights_setting(text, value):
+    assert Settings.from_env({"HFOLLAMA_BATCH_WEIGHTS": text}).batch_weights == value

@@ -30,10 +30,10 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("nf4", [False, True])
-def test_logits_match_the_eager_path(tiny_dirs, nf4):
+@pytest.mark.parametrize("nf4,batch_weights", [(False, False), (True, False), (True, True)])
+def test_logits_match_the_eager_path(tiny_dirs, nf4, batch_weights):
     eager = LlamaForward(load(tiny_dirs["random"], nf4), num_slots=4, max_ctx=256)
-    fast = CudaLlamaForward(load(tiny_dirs["random"], nf4), num_slots=4, max_ctx=256)
+    fast = CudaLlamaForward(load(tiny_dirs["random"], nf4), num_slots=4, max_ctx=256, batch_weights=batch_weights)
     torch.manual_seed(0)
     prompts = [torch.randint(0, 300, (n,)) for n in (9, 70, 3)]
     slots = [2, 0, 3]
@@ -46,6 +46,21 @@ def test_logits_match_the_eager_path(tiny_dirs, nf4):
         starts = [len(p) + step for p in prompts]
         a, b = eager.forward(tokens, slots, starts), fast.forward(tokens, slots, starts)
         assert rel(b, a) < 3e-2
+
+
+def test_prompts_prefilled_together_equal_one_by_one(tiny_dirs):
+    """One pass over several prompts' chunks (a later chunk of one prompt among them) gives
+    each the logits, and the KV cache, that prefilling it alone gives."""
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (9, 70, 3)]
+    alone = CudaLlamaForward(load(tiny_dirs["random"], True), num_slots=4, max_ctx=256)
+    together = CudaLlamaForward(load(tiny_dirs["random"], True), num_slots=4, max_ctx=256)
+    expected = torch.cat([alone.forward(torch.tensor([p]), [s], [0]) for s, p in zip((2, 0, 3), prompts)])
+    together.prefill([(prompts[1][:40], 0, 0)])
+    got = together.prefill([(prompts[0], 2, 0), (prompts[1][40:], 0, 40), (prompts[2], 3, 0)])
+    assert rel(got[[0, 1, 2]], expected) < 1e-2
+    step = torch.tensor([[7], [8], [9]])
+    assert rel(together.forward(step, [2, 0, 3], [9, 70, 3]), alone.forward(step, [2, 0, 3], [9, 70, 3])) < 1e-2
 
 
 def greedy(forward, tokenizer, prompt_ids, n=48):

@@ -43,6 +43,27 @@ def test_nf4_matmul_matches_bitsandbytes(double, rows, shapes):
     assert not torch.isnan(out).any() and rel(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("config", [
+    (16, 512, 8, 1, False, True, True), (32, 256, 4, 4, False, True, False), (16, 256, 2, 8, False, True, True),
+    (32, 256, 4, 4, True, False, True), (64, 128, 2, 2, False, False, False),  # the fp32 path (fp16 activations)
+])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_nf4_gemv_settings_all_match(config, rows):
+    mods = [_Module(6144, 4096, True)]
+    w = K.NF4Weights(mods)
+    x = torch.randn(rows, w.k, dtype=torch.bfloat16, device="cuda")
+    out = torch.zeros((rows, w.n), device="cuda")  # split-K programs add into it
+    assert rel(K.nf4_matmul(x, w, out=out, config=config), x @ mods[0].ref.T) < 1e-2
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_nf4_gemv_with_fp16_activations(rows):
+    mods = [_Module(1024, 2048, False)]
+    w = K.NF4Weights(mods)
+    x = torch.randn(rows, w.k, dtype=torch.float16, device="cuda")
+    assert rel(K.nf4_matmul(x, w), x.float() @ mods[0].ref.float().T) < 1e-2
+
+
 def test_nf4_bias_and_dequantize():
     mods = [_Module(256, 512, True, bias=True), _Module(128, 512, True, bias=True)]
     w = K.NF4Weights(mods)

@@ -69,3 +69,29 @@ def test_cpu_estimate_matches_the_engine(tiny_dirs):
         assert predicted.weights + predicted.kv_cache == pytest.approx(runtime.size_bytes, rel=0.15)
     finally:
         runtime.close()
+
+
+def test_batch_weights_add_a_bf16_copy_of_4bit_matrices_only():
+    nf4 = FakeModel(FakeMetadata(LLAMA3_8B), FakeModelfile(Quantization("nf4", True, "bfloat16")))
+    dense = FakeModel(FakeMetadata(LLAMA3_8B), FakeModelfile(Quantization("none", False, "bfloat16")))
+    for model, extra in ((nf4, LLAMA3_8B.linear_params * 2), (dense, 0)):
+        plain = estimate(model, num_ctx=2048, slots=32, device_type="cuda")
+        copied = estimate(model, num_ctx=2048, slots=32, device_type="cuda", batch_weights=True)
+        assert copied.total - plain.total == extra
+
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize("setting,slots,footprint,card,keep", [
+    ("auto", 32, 28 * GIB, 80 * GIB, True),    # 8B NF4, 32 slots of 2k, on an H100: the copy fits
+    ("auto", 32, 28 * GIB, 24 * GIB, False),   # the same on a 24 GB card: NF4 alone
+    ("auto", 1, 20 * GIB, 80 * GIB, False),    # one slot never batches
+    ("auto", 4, 41 * GIB, 80 * GIB, False),    # more than half the card
+    ("on", 1, 90 * GIB, 24 * GIB, True),
+    ("off", 32, 1 * GIB, 80 * GIB, False),
+])
+def test_when_the_bf16_batch_copy_is_kept(setting, slots, footprint, card, keep):
+    from daemon.backends.runtime import wants_batch_weights
+
+    assert wants_batch_weights(setting, slots, footprint, card) is keep

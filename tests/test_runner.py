@@ -1,6 +1,7 @@
 """The runner thread: batching, per-request options, cancellation, error isolation."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -136,3 +137,65 @@ def test_close_fails_pending_requests(tiny_dirs):
     runner.close()
     with pytest.raises(InternalError):
         asyncio.run(collect(runner, req([1, 2])))
+
+
+def test_pipelined_steps_chain_on_the_device_and_match_step_by_step(tiny_dirs):
+    """Requests that need nothing from the host per token launch each step before the host
+    reads the previous one; asking for logprobs forces step-by-step decoding, and both give
+    the same tokens (greedy, and seeded sampling)."""
+    from dataclasses import replace
+
+    runner = make_runner(tiny_dirs["random"])
+    original = runner.model.forward
+    chained = {"n": 0}
+
+    def forward(tokens, slots, starts):
+        if runner._inflight is not None:
+            chained["n"] += 1
+        return original(tokens, slots, starts)
+
+    runner.model.forward = forward
+    try:
+        for request in (req([5, 6, 7], n=24), req([8, 9], n=24, temperature=0.9, top_k=20, seed=7)):
+            chained["n"] = 0
+            pipelined, final = asyncio.run(collect(runner, request))
+            assert final.eval_count == 24 and chained["n"] >= 20
+            chained["n"] = 0
+            stepwise, final = asyncio.run(collect(runner, replace(request, logprobs=True)))
+            assert final.eval_count == 24 and chained["n"] == 0
+            assert pipelined == stepwise
+    finally:
+        runner.close()
+
+
+def test_waiting_prompts_prefill_together_within_the_token_budget(tiny_dirs):
+    runner = make_runner(tiny_dirs["random"], chunk=8)
+    original = runner.model.prefill
+    passes = []
+
+    def prefill(chunks):
+        passes.append([len(ids) for ids, _, _ in chunks])
+        return original(chunks)
+
+    runner.model.prefill = prefill
+    try:
+        prompts = [[5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15, 16]]
+        alone = []
+        for p in prompts:
+            alone.append(asyncio.run(collect(runner, req(p, n=6)))[0])
+        passes.clear()
+
+        async def arrive_together():  # all three wait while the loop thread is busy
+            busy = asyncio.ensure_future(runner.run_exclusive(lambda: time.sleep(0.3)))
+            await asyncio.sleep(0.05)
+            results = await _gather(runner, [req(p, n=6) for p in prompts])
+            await busy
+            return results
+
+        together = asyncio.run(arrive_together())
+        assert [t for t, _ in together] == alone
+        # 12 prompt tokens under a budget of 8: the first pass takes both short prompts and
+        # the head of the third, the second pass its tail
+        assert passes[:2] == [[3, 3, 2], [4]]
+    finally:
+        runner.close()

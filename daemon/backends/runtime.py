@@ -54,16 +54,44 @@ class LoadPlan:
     num_ctx: int
     default_num_ctx: int
     slots: int
+    batch_weights: bool = False  # a bf16 copy of 4-bit matrices for batched decoding and prefill
+    prefill_tokens: int = 512  # prompt tokens per prefill pass (several prompts share one)
+
+
+# A GPU prefills up to this many prompt tokens in one pass: concurrent prompts start together,
+# and a long prompt stalls running streams for one pass of this size at a time.
+GPU_PREFILL_TOKENS = 2048
+
+# "auto" keeps the bf16 copy when the whole model with it takes at most this share of the card:
+# one 8B NF4 model with 32 slots on an 80 GB card, not on a 24 GB one.
+BATCH_WEIGHTS_SHARE = 0.5
+
+
+def wants_batch_weights(setting: str, slots: int, footprint_with_copy: int, device_memory: int) -> bool:
+    """Keep a bf16 copy of an NF4 model's matrices? "on"/"off" decide; "auto" keeps it for a
+    model that serves several slots and still fits in BATCH_WEIGHTS_SHARE of the card."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    return slots > 1 and footprint_with_copy <= BATCH_WEIGHTS_SHARE * device_memory
 
 
 def plan_load(resolved: ResolvedModel, settings: Settings, num_ctx: int | None = None,
               num_parallel: int | None = None) -> LoadPlan:
     """Where and how large a model loads: the one place the scheduler's estimate and the
     loader agree on."""
+    from daemon.scheduler.footprint import estimate, quantized_mode
+
     device = pick_device(settings.device)
     default_ctx = default_num_ctx(settings, device, resolved.context_length)
     ctx = min(num_ctx, resolved.context_length or num_ctx) if num_ctx else default_ctx
-    return LoadPlan(device, ctx, default_ctx, num_parallel or default_num_parallel(settings, device))
+    slots = num_parallel or default_num_parallel(settings, device)
+    prefill = GPU_PREFILL_TOKENS if device.type == "cuda" else 512
+    batch_weights = False
+    if device.type == "cuda" and quantized_mode(resolved, "cuda") == "nf4" and resolved.metadata.shape is not None:
+        with_copy = estimate(resolved, ctx, slots, "cuda", prefill, batch_weights=True).total
+        batch_weights = wants_batch_weights(settings.batch_weights, slots, with_copy,
+                                            torch.cuda.get_device_properties(device).total_memory)
+    return LoadPlan(device, ctx, default_ctx, slots, batch_weights, prefill)
 
 
 def estimate_footprint(resolved: ResolvedModel, settings: Settings, num_ctx: int | None = None) -> int:
@@ -72,7 +100,8 @@ def estimate_footprint(resolved: ResolvedModel, settings: Settings, num_ctx: int
     if resolved.metadata.is_embedding_model:  # weights and activations of one batch
         return int(resolved.size * 1.2) + (64 << 20)
     plan = plan_load(resolved, settings, num_ctx)
-    return estimate(resolved, plan.num_ctx, plan.slots, plan.device.type).total
+    return estimate(resolved, plan.num_ctx, plan.slots, plan.device.type, plan.prefill_tokens,
+                    batch_weights=plan.batch_weights).total
 
 
 @dataclass
@@ -130,7 +159,7 @@ class ModelRuntime:
         _free_device_memory(device)
 
 
-def make_forward(model: torch.nn.Module, slots: int, num_ctx: int):
+def make_forward(model: torch.nn.Module, slots: int, num_ctx: int, batch_weights: bool = False):
     """The fast GPU path where it applies (CUDA, Triton, a Llama-family model with dense or
     NF4 layers), with its decode graphs captured now; else the eager path."""
     device = next(model.parameters()).device
@@ -142,7 +171,7 @@ def make_forward(model: torch.nn.Module, slots: int, num_ctx: int):
             from daemon.engine.forward import UnsupportedArchitecture
 
             try:
-                forward = CudaLlamaForward(model, num_slots=slots, max_ctx=num_ctx)
+                forward = CudaLlamaForward(model, num_slots=slots, max_ctx=num_ctx, batch_weights=batch_weights)
             except UnsupportedArchitecture as exc:
                 log.info("eager decoding (%s)", exc)
             else:
@@ -217,8 +246,9 @@ def load_runtime(resolved: ResolvedModel, settings: Settings, num_ctx: int | Non
     loaded = forward = None
     try:
         loaded = load_causal_lm(resolved, device, DerivedCache(settings.models_dir / "derived"))
-        forward = make_forward(loaded.model, plan.slots, plan.num_ctx)
-        runner = Runner(forward, loaded.tokenizer, loaded.eos_token_ids, name=resolved.name.display)
+        forward = make_forward(loaded.model, plan.slots, plan.num_ctx, plan.batch_weights)
+        runner = Runner(forward, loaded.tokenizer, loaded.eos_token_ids, prefill_chunk=plan.prefill_tokens,
+                        name=resolved.name.display)
     except BaseException as exc:
         del loaded, forward
         _free_device_memory(device)
@@ -233,8 +263,8 @@ def load_runtime(resolved: ResolvedModel, settings: Settings, num_ctx: int | Non
     prompts = PromptBuilder(loaded.tokenizer, resolved.template, system=modelfile.system,
                             messages=modelfile.messages, fim=modelfile.fim)
     seconds = time.perf_counter() - started
-    log.info("loaded %s on %s in %.1fs (num_ctx %d, %d slots)", resolved.name.display, device, seconds,
-             plan.num_ctx, plan.slots)
+    log.info("loaded %s on %s in %.1fs (num_ctx %d, %d slots%s)", resolved.name.display, device, seconds,
+             plan.num_ctx, plan.slots, ", bf16 batch weights" if plan.batch_weights else "")
     grammars = GrammarCompiler(loaded.tokenizer, sorted(loaded.eos_token_ids))
     return ModelRuntime(resolved, loaded, forward, runner, prompts, plan.num_ctx, plan.default_num_ctx, seconds,
                         measured, grammars)

@@ -241,6 +241,11 @@ class LlamaForward:
         x = rms_norm(x[:, -1], self.final_norm, self.eps)
         return self.lm_head(x).float()
 
+    def prefill(self, chunks: list[tuple[list[int], int, int]]) -> torch.Tensor:
+        """Several prompts' chunks (token ids, slot, start): each chunk's last logits,
+        [len(chunks), vocab]. On this path, one chunk after another."""
+        return torch.cat([self.forward(torch.tensor([ids]), [slot], [start]) for ids, slot, start in chunks])
+
     @torch.inference_mode()
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """The final hidden states [T, hidden] of one sequence (for embeddings), computed in

@@ -3,12 +3,20 @@
 Requests join through `generate()`, an async generator of `Chunk`s. The loop thread owns
 the model and its KV slots; it never waits on an HTTP client: each request has its own
 asyncio queue, fed once per step with one `call_soon_threadsafe`. Every iteration runs at
-most one prefill chunk (so a long prompt does not stall running streams for long) and one
-decode step for all sequences past their prefill, sampled together row by row.
+most one prefill pass (the next chunks of waiting prompts, up to `prefill_chunk` tokens in
+all, so many short prompts start together and a long one does not stall running streams
+for long) and one decode step for all sequences past their prefill, sampled together.
 
 A request that is cancelled (client gone) is dropped before the next step and its slot
 freed; an error in one request's prefill fails that request only; an error in a shared
 decode step fails the requests in that step, and the loop keeps serving.
+
+Decoding is pipelined: a step's sampled tokens stay on the device and feed the next step,
+which is launched before the host reads them (then detokenizes, matches stops and emits
+while the GPU computes). So the GPU does not wait for Python between steps. A step is
+chained this way while the batch stays the same and each of its requests can go on without
+host-side work per token (no grammar mask, penalty window or logprobs); a sequence that
+ends on the token being read has one extra step computed for it, which is discarded.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ class ForwardModel(Protocol):
     device: torch.device
 
     def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor: ...
+
+    def prefill(self, chunks: list[tuple[list[int], int, int]]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -85,6 +95,23 @@ class _Sequence:
         return tokens if n < 0 else tokens[-n:]
 
 
+@dataclass
+class _InFlight:
+    """A decode step launched and sampled on the device, not yet read by the host."""
+
+    seqs: list[_Sequence]
+    tokens: torch.Tensor  # [B] on the model's device: the next step's input
+    host: torch.Tensor  # [B] the same, copied (asynchronously on a GPU) to host memory
+    ready: Any  # a torch.cuda.Event recorded after that copy, or None on the CPU
+    batch: SamplingBatch
+    steps: torch.Tensor  # [B] tokens generated before this step's token, on the device
+
+    def read(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()  # this step's work only: the next one may still be running
+        return self.host.tolist()
+
+
 class Runner:
     def __init__(self, model: ForwardModel, tokenizer: Decoder, eos_token_ids: Iterable[int],
                  prefill_chunk: int = 512, name: str = "model") -> None:
@@ -102,6 +129,7 @@ class Runner:
         self._tasks: collections.deque[tuple[Any, asyncio.AbstractEventLoop, asyncio.Future]] = collections.deque()
         self._closing = False
         self._masker = Masker()
+        self._inflight: _InFlight | None = None
         self._thread = threading.Thread(target=self._loop, name=f"runner:{name}", daemon=True)
         self._thread.start()
 
@@ -173,6 +201,7 @@ class Runner:
                         except RuntimeError:
                             pass
                     self._tasks.clear()
+                    self._inflight = None
                     pending = list(self._waiting) + self._active
                     self._waiting.clear()
                     self._active.clear()
@@ -223,37 +252,109 @@ class Runner:
         with self._cv:
             prefilling = [s for s in self._active if s.prefilled < len(s.prompt) and not s.cancelled]
             decoding = [s for s in self._active if s.decoding and s.generated and not s.cancelled]
+        if self._inflight is not None and not decoding:
+            self._land()
         if prefilling:
-            self._prefill_chunk(prefilling[0])
+            self._prefill(prefilling)
         if decoding:
             self._decode(decoding)
 
-    def _prefill_chunk(self, seq: _Sequence) -> None:
-        if seq.prefilled == 0:
-            seq.t_prefill_start = time.perf_counter_ns()
-        start = seq.prefilled
-        chunk = seq.prompt[start:start + self.prefill_chunk]
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        """One forward over the next prompt chunks of waiting sequences, in order, up to
+        `prefill_chunk` tokens in all: many short prompts start together, a long one goes on
+        in chunks between decode steps."""
+        budget, chunks, taken = self.prefill_chunk, [], []
+        for seq in seqs:
+            if budget <= 0:
+                break
+            if seq.prefilled == 0:
+                seq.t_prefill_start = time.perf_counter_ns()
+            start = seq.prefilled
+            chunk = seq.prompt[start:start + budget]
+            chunks.append((chunk, seq.slot, start))
+            taken.append(seq)
+            budget -= len(chunk)
         try:
-            tokens = torch.tensor([chunk], device=self.model.device)
-            logits = self.model.forward(tokens, [seq.slot], [start])
+            logits = self.model.prefill(chunks)
         except Exception as exc:
             log.exception("prefill failed")
-            self._fail([seq], exc)
+            self._fail(taken, exc)
             return
-        seq.prefilled += len(chunk)
-        if seq.prefilled == len(seq.prompt):
-            seq.t_prefill_end = time.perf_counter_ns()
-            self._sample_and_emit([seq], logits)
+        done = []
+        for row, (seq, (chunk, _, _)) in enumerate(zip(taken, chunks)):
+            seq.prefilled += len(chunk)
+            if seq.prefilled == len(seq.prompt):
+                seq.t_prefill_end = time.perf_counter_ns()
+                done.append(row)
+        if done:
+            self._sample_and_emit([taken[row] for row in done], logits[done])
 
     def _decode(self, seqs: list[_Sequence]) -> None:
-        tokens = torch.tensor([[s.generated[-1]] for s in seqs], device=self.model.device)
+        inflight = self._inflight
+        if inflight is not None and not self._chains(inflight, seqs):
+            self._land()  # the batch changed or a request needs the host: read, then decode afresh
+            return
         try:
-            logits = self.model.forward(tokens, [s.slot for s in seqs], [s.position() for s in seqs])
+            if inflight is not None:  # the tokens still on the device, one position further
+                tokens, starts = inflight.tokens[:, None], [s.position() + 1 for s in seqs]
+            else:
+                tokens = torch.tensor([[s.generated[-1]] for s in seqs], device=self.model.device)
+                starts = [s.position() for s in seqs]
+            logits = self.model.forward(tokens, [s.slot for s in seqs], starts)
         except Exception as exc:
             log.exception("decode step failed")
-            self._fail(seqs, exc)
+            self._land()
+            self._fail([s for s in seqs if not s.finished], exc)
             return
-        self._sample_and_emit(seqs, logits)
+        if not all(self._pipelined(s) for s in seqs):
+            self._sample_and_emit(seqs, logits)
+            return
+        launched = self._sample_on_device(seqs, logits, inflight)
+        self._land()
+        self._inflight = launched
+
+    @staticmethod
+    def _pipelined(seq: _Sequence) -> bool:
+        """Whether a request's tokens need nothing from the host between steps."""
+        request = seq.request
+        return request.constraint is None and not request.logprobs and not request.sampling.penalized
+
+    def _chains(self, inflight: _InFlight, seqs: list[_Sequence]) -> bool:
+        """The next step can follow the one in flight: the same sequences, none of which ends
+        for its length with the token in flight."""
+        if inflight.seqs != seqs:
+            return False
+        for s in seqs:
+            after = len(s.generated) + 1  # with the token in flight
+            limit = s.request.max_new_tokens
+            if (limit is not None and after >= limit) or len(s.prompt) + after >= self.max_ctx:
+                return False
+        return all(self._pipelined(s) for s in seqs)
+
+    def _sample_on_device(self, seqs: list[_Sequence], logits: torch.Tensor, previous: _InFlight | None) -> _InFlight:
+        if previous is not None:
+            batch, steps = previous.batch, previous.steps + 1
+        else:
+            batch = SamplingBatch.from_params([s.request.sampling for s in seqs], logits.device)
+            steps = torch.tensor([len(s.generated) for s in seqs], device=logits.device)
+        tokens = sample(logits, batch, steps)
+        on_gpu = tokens.is_cuda
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=on_gpu)
+        host.copy_(tokens, non_blocking=on_gpu)
+        ready = None
+        if on_gpu:
+            ready = torch.cuda.Event()
+            ready.record()
+        return _InFlight(seqs, tokens, host, ready, batch, steps)
+
+    def _land(self) -> None:
+        """Read the step in flight and advance its sequences (those still running)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return
+        for seq, token in zip(inflight.seqs, inflight.read()):
+            if not seq.finished and not seq.cancelled:
+                self._advance(seq, token, None)
 
     def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         constraints = [s.request.constraint for s in seqs]

@@ -6,7 +6,8 @@ a second-level fp32 scale per 256 blocks under double quantization; int8: a byte
 fp32 scale per row); embeddings and the LM head stay in the compute dtype (bitsandbytes
 skips them). On the CPU the engine keeps dense weights in fp16 and activations in fp32.
 KV cache: every slot's full context. Workspace: activations of one prefill chunk, the
-logits, and allocator slack.
+logits, and allocator slack. Batch weights: where the GPU path keeps a bf16 copy of 4-bit
+matrices for batched decoding and prefill, that copy too.
 """
 
 from __future__ import annotations
@@ -43,7 +44,18 @@ def linear_bytes(shape: ModelShape, mode: str, double_quant: bool, dense_bytes: 
     return params * dense_bytes
 
 
-def estimate(model: ResolvedModel, num_ctx: int, slots: int, device_type: str, prefill_chunk: int = 512) -> Footprint:
+def quantized_mode(model: ResolvedModel, device_type: str) -> str:
+    """How the linear layers sit in memory: nf4 / fp4 / int8 / none."""
+    q = model.modelfile.quantization
+    if device_type != "cuda":
+        return "none"
+    if model.quantization_level in ("NF4", "FP4", "INT8") and q.mode == "none":  # a pre-quantized checkpoint
+        return model.quantization_level.lower()
+    return q.mode
+
+
+def estimate(model: ResolvedModel, num_ctx: int, slots: int, device_type: str, prefill_chunk: int = 512,
+             batch_weights: bool = False) -> Footprint:
     shape = model.metadata.shape
     if shape is None:  # unknown architecture: the files' size is the best guess
         return Footprint(weights=model.size, kv_cache=0, workspace=64 << 20)
@@ -51,13 +63,11 @@ def estimate(model: ResolvedModel, num_ctx: int, slots: int, device_type: str, p
     act_bytes = 2 if on_gpu else 4
     dense_bytes = 2  # bf16/fp16 on a GPU; fp16 weights on the CPU
     q = model.modelfile.quantization
-    mode = q.mode if on_gpu else "none"
-    prequantized = model.quantization_level in ("NF4", "FP4", "INT8") and q.mode == "none"
-    if prequantized and on_gpu:
-        mode, double = model.quantization_level.lower(), True
-    else:
-        double = q.double_quant
+    mode = quantized_mode(model, device_type)
+    double = True if on_gpu and q.mode == "none" else q.double_quant
     weights = linear_bytes(shape, mode, double, dense_bytes)
+    if batch_weights and mode in ("nf4", "fp4"):
+        weights += shape.linear_params * dense_bytes
     head = shape.embedding_params * dense_bytes
     embed = 0 if shape.tied_embeddings else shape.embedding_params * (act_bytes if not on_gpu else dense_bytes)
     weights += head + embed + shape.layers * 2 * shape.hidden * act_bytes

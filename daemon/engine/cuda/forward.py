@@ -4,10 +4,11 @@ Per layer and decode step: add+RMSNorm, the QKV product, RoPE + KV write, split-
 attention, the O product, add+RMSNorm, the gate/up product, SiLU*up, the down product:
 nine launches, replayed from a captured graph, so Python does one replay per token.
 Products use cuBLAS for dense bf16/fp16 weights and the NF4 GEMV for bitsandbytes 4-bit
-weights (bitsandbytes' layout as it is) at 1-4 rows; more rows (batched decode, prefill)
-dequantize each NF4 matrix into a scratch buffer and run one GEMM, which measured faster
-than the tensor-core NF4 kernel at 8 and 32 rows on an H100. Prefill attention is PyTorch's SDPA over the
-slot's cache.
+weights (bitsandbytes' layout as it is) at 1-4 rows. More rows (batched decode, prefill)
+multiply by a bf16 copy of each NF4 matrix where the load plan keeps one (`batch_weights`:
+the same numbers as bitsandbytes' dequantize-then-matmul, at cuBLAS speed), else dequantize
+each matrix into a scratch buffer per product and run one GEMM. Prefill attention is
+PyTorch's SDPA over the slot's cache.
 
 The interface is LlamaForward's (`forward(tokens, slots, starts)`), so the runner does not
 know which path runs. `graphs=False` runs the same kernels without capture (the eager
@@ -16,6 +17,7 @@ fallback, also used where capture fails).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
@@ -40,15 +42,25 @@ def _dense(module: torch.nn.Module) -> bool:
     return type(module) is torch.nn.Linear and module.weight.is_floating_point()
 
 
-class Linear:
-    """A fused matrix product: dense (cuBLAS) or NF4 (Triton)."""
+# Rows from which a 4-bit matrix with a bf16 batch copy multiplies by that copy (cuBLAS)
+# rather than by the NF4 GEMV: bench/nf4_kernel.py on an H100, Llama-3-8B shapes.
+BATCH_WEIGHT_ROWS = 3
 
-    def __init__(self, modules: list[torch.nn.Module], dtype: torch.dtype) -> None:
+
+class Linear:
+    """A fused matrix product: dense (cuBLAS) or NF4 (Triton), with an optional bf16 copy of
+    NF4 weights for batches (`batch_weights`)."""
+
+    def __init__(self, modules: list[torch.nn.Module], dtype: torch.dtype, batch_weights: bool = False) -> None:
         self.nf4: K.NF4Weights | None = None
+        self.batch_weight: torch.Tensor | None = None
         if all(_is_nf4(m) for m in modules):
             self.nf4 = K.NF4Weights(modules)
             self.n, self.k = self.nf4.n, self.nf4.k
             self.weight = self.bias = None
+            if batch_weights:  # bitsandbytes' own dequantization, kept: the same numbers as dequantizing per call
+                self.batch_weight = K.nf4_dequantize(self.nf4, torch.empty(self.n * self.k, dtype=dtype,
+                                                                           device=self.nf4.packed.device))
         elif all(_dense(m) for m in modules):
             self.weight = (modules[0].weight.detach().to(dtype) if len(modules) == 1 else
                            torch.cat([m.weight.detach().to(dtype) for m in modules])).contiguous()
@@ -58,29 +70,57 @@ class Linear:
         else:
             raise UnsupportedArchitecture("the fast path handles dense and NF4 layers (int8 / FP4 run eagerly)")
 
-    def __call__(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, scratch: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W^T. `out`: a zeroed fp32 buffer [rows, n] for the NF4 GEMV (1-4 rows)."""
         if self.nf4 is None:
             return F.linear(x, self.weight, self.bias)
-        if x.shape[0] > 4 and scratch is not None:  # batches and prefill: dequantize once, one GEMM
+        rows = x.shape[0]
+        if self.batch_weight is not None and rows >= BATCH_WEIGHT_ROWS:
+            bias = None if self.nf4.bias is None else self.nf4.bias.to(x.dtype)
+            return F.linear(x, self.batch_weight.view(self.n, self.k), bias)
+        if rows > 4 and scratch is not None:  # batches and prefill: dequantize once, one GEMM
             return F.linear(x, K.nf4_dequantize(self.nf4, scratch[:self.n * self.k]), self.nf4.bias)
-        return K.nf4_matmul(x, self.nf4)
+        return K.nf4_matmul(x, self.nf4, out=out)
 
     @property
     def nbytes(self) -> int:
         if self.nf4 is not None:
-            return self.nf4.nbytes
+            extra = 0 if self.batch_weight is None else self.batch_weight.numel() * self.batch_weight.element_size()
+            return self.nf4.nbytes + extra
         return self.weight.numel() * self.weight.element_size()
 
 
+class _Outputs:
+    """One zeroed fp32 buffer for a decode step's NF4 GEMV outputs (split-K programs add into
+    them): one memset per step instead of one per product."""
+
+    def __init__(self, rows: int, widths: int, device: torch.device) -> None:
+        self.buffer = torch.zeros(rows * widths, dtype=torch.float32, device=device)
+        self.rows, self.used = rows, 0
+
+    def reset(self) -> None:
+        self.buffer.zero_()
+        self.used = 0
+
+    def take(self, linear: Linear, rows: int) -> torch.Tensor | None:
+        if linear.nf4 is None or rows > 4 or (linear.batch_weight is not None and rows >= BATCH_WEIGHT_ROWS):
+            return None
+        size = rows * linear.n
+        view = self.buffer[self.used:self.used + size].view(rows, linear.n)
+        self.used += size
+        return view
+
+
 class _Layer:
-    def __init__(self, layer: torch.nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, layer: torch.nn.Module, dtype: torch.dtype, batch_weights: bool) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.input_norm = layer.input_layernorm.weight.detach().to(dtype)
         self.post_norm = layer.post_attention_layernorm.weight.detach().to(dtype)
-        self.qkv = Linear([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
-        self.o = Linear([attn.o_proj], dtype)
-        self.gate_up = Linear([mlp.gate_proj, mlp.up_proj], dtype)
-        self.down = Linear([mlp.down_proj], dtype)
+        self.qkv = Linear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, batch_weights)
+        self.o = Linear([attn.o_proj], dtype, batch_weights)
+        self.gate_up = Linear([mlp.gate_proj, mlp.up_proj], dtype, batch_weights)
+        self.down = Linear([mlp.down_proj], dtype, batch_weights)
         for holder, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                               (mlp, ("gate_proj", "up_proj", "down_proj"))):
             for name in names:  # the fused copies replace the originals
@@ -94,21 +134,26 @@ class _Graph:
         dev = owner.device
         self.batch = batch
         self.meta = torch.zeros((4, batch), dtype=torch.int32, device=dev)  # tokens, slots, positions, lengths
-        self.host = torch.zeros((4, batch), dtype=torch.int32).pin_memory()
+        # two pinned staging buffers, used in turn: with pipelined steps, the copy from one
+        # may still be queued while the host fills the next step's
+        self.hosts = [torch.zeros((4, batch), dtype=torch.int32).pin_memory() for _ in range(2)]
+        self.turn = 0
         self.attention = K.DecodeAttention(batch, owner.num_heads, owner.num_kv_heads, owner.head_dim,
                                            owner.max_ctx, dev, owner.dtype)
+        widths = sum(lin.n for layer in owner.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        self.outputs = _Outputs(batch, widths, dev) if batch <= 4 else None
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def run(self, owner: "CudaLlamaForward") -> torch.Tensor:
         tokens, slots, positions, lengths = self.meta[0], self.meta[1], self.meta[2], self.meta[3]
-        self.logits = owner._decode_body(tokens, slots, positions, lengths, self.attention)
+        self.logits = owner._decode_body(tokens, slots, positions, lengths, self.attention, self.outputs)
         return self.logits
 
 
 class CudaLlamaForward:
     def __init__(self, model: torch.nn.Module, num_slots: int, max_ctx: int, graphs: bool = True,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> None:
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, batch_weights: bool = False) -> None:
         config = model.config
         if config.model_type not in FAST_ARCHITECTURES:
             raise UnsupportedArchitecture(f"no fast GPU path for {config.model_type!r}")
@@ -140,11 +185,12 @@ class CudaLlamaForward:
         self.vocab_size = config.vocab_size
         self.use_graphs = graphs
 
-        self.layers = [_Layer(layer, self.dtype) for layer in inner.layers]
+        self.layers = [_Layer(layer, self.dtype, batch_weights) for layer in inner.layers]
         self.lm_head = Linear([model.lm_head], self.dtype)
         self.embed = inner.embed_tokens.weight.detach()
         self.final_norm = inner.norm.weight.detach().to(self.dtype)
-        nf4 = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down) if lin.nf4]
+        nf4 = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
+               if lin.nf4 and lin.batch_weight is None]
         largest = max((lin.n * lin.k for lin in nf4), default=0)
         self.scratch = torch.empty(largest, dtype=self.dtype, device=self.device) if largest else None
         # one extra slot: padded rows of a graph bucket write there, never into a sequence's cache
@@ -173,59 +219,77 @@ class CudaLlamaForward:
 
     # ---- one layer, any number of rows ----------------------------------------------------
 
-    def _mlp(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
-        return layer.down(K.silu_mul(layer.gate_up(h, self.scratch), self.dtype), self.scratch)
+    def _mlp(self, layer: _Layer, h: torch.Tensor, outputs: "_Outputs | None" = None) -> torch.Tensor:
+        rows = h.shape[0]
+        gate_up = layer.gate_up(h, self.scratch, outputs and outputs.take(layer.gate_up, rows))
+        return layer.down(K.silu_mul(gate_up, self.dtype), self.scratch, outputs and outputs.take(layer.down, rows))
 
-    def _decode_body(self, tokens, slots, positions, lengths, attention: K.DecodeAttention) -> torch.Tensor:
+    def _decode_body(self, tokens, slots, positions, lengths, attention: K.DecodeAttention,
+                     outputs: "_Outputs | None" = None) -> torch.Tensor:
         batch = tokens.shape[0]
+        if outputs is not None:
+            outputs.reset()
         x = F.embedding(tokens.long(), self.embed)
         out = None
         for i, layer in enumerate(self.layers):
             h, x = K.add_rmsnorm(out if out is not None else x, layer.input_norm, self.eps,
                                  residual=x if out is not None else None)
-            qkv = layer.qkv(h)
+            qkv = layer.qkv(h, self.scratch, outputs and outputs.take(layer.qkv, batch))
             q = K.rope_kv(qkv, self.cos, self.sin, positions, slots, self.k_cache[i], self.v_cache[i],
                           self.num_heads, self.num_kv_heads, self.head_dim)
             o = attention(q, self.k_cache[i], self.v_cache[i], slots, lengths, self.scale)
-            o = layer.o(o.reshape(batch, self.num_heads * self.head_dim))  # fp32 from the NF4 GEMV
+            o = layer.o(o.reshape(batch, self.num_heads * self.head_dim), self.scratch,
+                        outputs and outputs.take(layer.o, batch))  # fp32 from the NF4 GEMV
             h, x = K.add_rmsnorm(o, layer.post_norm, self.eps, residual=x)
-            out = self._mlp(layer, h)
+            out = self._mlp(layer, h, outputs)
         h, _ = K.add_rmsnorm(out, self.final_norm, self.eps, residual=x)
         return self.lm_head(h).float()
 
-    def _prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
-        out, x = self._prefill_layers(tokens, slot, start)
-        h, _ = K.add_rmsnorm(out[-1:], self.final_norm, self.eps, residual=x[-1:])
+    @torch.inference_mode()
+    def prefill(self, chunks: list[tuple[list[int], int, int]]) -> torch.Tensor:
+        """Several prompts' chunks (token ids, slot, start) in one pass: the matrix products
+        run over all their tokens together, attention per chunk. Returns each chunk's last
+        logits, [len(chunks), vocab] float32."""
+        tokens = torch.tensor([t for ids, _, _ in chunks for t in ids], device=self.device)
+        out, x = self._prefill_layers(tokens, [(slot, start, len(ids)) for ids, slot, start in chunks])
+        last = torch.tensor(list(itertools.accumulate(len(ids) for ids, _, _ in chunks)), device=self.device) - 1
+        h, _ = K.add_rmsnorm(out[last], self.final_norm, self.eps, residual=x[last])
         return self.lm_head(h).float()
 
     @torch.inference_mode()
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final hidden states [T, hidden] of one sequence (embeddings), in the scratch slot."""
-        out, x = self._prefill_layers(tokens.to(self.device), self.num_slots, 0)
+        out, x = self._prefill_layers(tokens.to(self.device), [(self.num_slots, 0, tokens.shape[0])])
         h, _ = K.add_rmsnorm(out, self.final_norm, self.eps, residual=x)
         return h.float()
 
-    def _prefill_layers(self, tokens: torch.Tensor, slot: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prefill_layers(self, tokens: torch.Tensor, segments: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [T]: the segments (slot, start, length) one after another."""
         steps = tokens.shape[0]
-        end = start + steps
-        positions = torch.arange(start, end, dtype=torch.int32, device=self.device)
-        slots = torch.full((steps,), slot, dtype=torch.int32, device=self.device)
+        positions = torch.cat([torch.arange(start, start + n, dtype=torch.int32) for _, start, n in segments])
+        slots = torch.cat([torch.full((n,), slot, dtype=torch.int32) for slot, _, n in segments])
+        positions, slots = positions.to(self.device, non_blocking=True), slots.to(self.device, non_blocking=True)
+        masks = []
+        for _, start, n in segments:  # a chunk after the first attends to the slot's earlier tokens too
+            masks.append(None if start == 0 else
+                         torch.arange(start + n, device=self.device)[None, :] <= (start + torch.arange(n, device=self.device))[:, None])
         x = F.embedding(tokens, self.embed)
-        mask = None
-        if start > 0:
-            q_pos = start + torch.arange(steps, device=self.device)
-            mask = torch.arange(end, device=self.device)[None, :] <= q_pos[:, None]
         out = None
         for i, layer in enumerate(self.layers):
             h, x = K.add_rmsnorm(out if out is not None else x, layer.input_norm, self.eps,
                                  residual=x if out is not None else None)
             q = K.rope_kv(layer.qkv(h, self.scratch), self.cos, self.sin, positions, slots, self.k_cache[i],
                           self.v_cache[i], self.num_heads, self.num_kv_heads, self.head_dim)
-            keys = self.k_cache[i][slot:slot + 1, :, :end]
-            values = self.v_cache[i][slot:slot + 1, :, :end]
-            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask,
-                                               is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads)
-            o = layer.o(o[0].transpose(0, 1).reshape(steps, self.num_heads * self.head_dim), self.scratch)
+            parts, offset = [], 0
+            for (slot, start, n), mask in zip(segments, masks):
+                keys = self.k_cache[i][slot:slot + 1, :, :start + n]
+                values = self.v_cache[i][slot:slot + 1, :, :start + n]
+                o = F.scaled_dot_product_attention(q[offset:offset + n].transpose(0, 1)[None], keys, values,
+                                                   attn_mask=mask, is_causal=mask is None,
+                                                   enable_gqa=self.num_kv_heads != self.num_heads)
+                parts.append(o[0].transpose(0, 1).reshape(n, self.num_heads * self.head_dim))
+                offset += n
+            o = layer.o(parts[0] if len(parts) == 1 else torch.cat(parts), self.scratch)
             h, x = K.add_rmsnorm(o, layer.post_norm, self.eps, residual=x)
             out = self._mlp(layer, h)
         return out, x
@@ -275,10 +339,13 @@ class CudaLlamaForward:
         batch, steps = tokens.shape
         if steps > 1:
             assert batch == 1
-            return self._prefill(tokens[0].to(self.device), slots[0], starts[0])
+            return self.prefill([(tokens[0].tolist(), slots[0], starts[0])])
         g = self._graph_for(batch)
-        host = g.host
-        host[0, :batch] = tokens[:, 0]
+        host = g.hosts[g.turn]
+        g.turn ^= 1
+        on_device = tokens.device.type == "cuda"  # the previous step's samples (pipelined decoding)
+        if not on_device:
+            host[0, :batch] = tokens[:, 0]
         host[1, :batch] = torch.tensor(slots, dtype=torch.int32)
         host[2, :batch] = torch.tensor(starts, dtype=torch.int32)
         host[3, :batch] = host[2, :batch] + 1
@@ -286,6 +353,8 @@ class CudaLlamaForward:
         host[2, batch:] = 0
         host[3, batch:] = 1
         g.meta.copy_(host, non_blocking=True)
+        if on_device:
+            g.meta[0, :batch].copy_(tokens[:, 0])
         if g.graph is not None:
             g.graph.replay()
             logits = g.logits
