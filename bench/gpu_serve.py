@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -83,6 +84,10 @@ async def wave(url, model, concurrency, tokens):
     return total / wall, per_stream, statistics.median(ttfts) * 1000, p95 * 1000
 
 
+def run_wave(url: str, model: str, concurrency: int, tokens: int) -> tuple:
+    return asyncio.run(wave(url, model, concurrency, tokens))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", default="/tmp/bench")
@@ -112,12 +117,17 @@ def main() -> None:
                                      user_modelfiles_dir=mf, device="cuda", num_parallel=slots, context_length=2048,
                                      batch_weights=args.batch_weights)
         url, stop = start_daemon(settings)
+        # the clients run in another process, as real ones do: not competing with the daemon
+        # for its GIL
+        clients = multiprocessing.get_context("spawn").Pool(1)
         try:
-            asyncio.run(wave(url, "serve:nf4", 1, 8))  # load, capture, warm up
+            clients.apply(run_wave, (url, "serve:nf4", 1, 8))  # load, capture
+            clients.apply(run_wave, (url, "serve:nf4", min(4, slots), 8))  # warm up: a step with new prompts
             for c in levels:
-                rows.append((label, c) + asyncio.run(wave(url, "serve:nf4", c, args.tokens)))
+                rows.append((label, c) + clients.apply(run_wave, (url, "serve:nf4", c, args.tokens)))
                 print(rows[-1], flush=True)
         finally:
+            clients.terminate()
             stop()
     print(f"\nLlama-3-8B shapes, NF4 + double quant, random weights, {args.tokens} new tokens per request, HTTP /api/chat")
     print(f"{'serving':<24}{'concurrent':>11}{'aggregate tok/s':>17}{'per stream':>12}{'TTFT p50':>10}{'p95':>8}")

@@ -48,19 +48,25 @@ def test_logits_match_the_eager_path(tiny_dirs, nf4, batch_weights):
         assert rel(b, a) < 3e-2
 
 
-def test_prompts_prefilled_together_equal_one_by_one(tiny_dirs):
-    """One pass over several prompts' chunks (a later chunk of one prompt among them) gives
-    each the logits, and the KV cache, that prefilling it alone gives."""
+def test_one_pass_of_decode_rows_and_prompt_chunks_equals_them_apart(tiny_dirs):
+    """A pass with running sequences' decode rows and several prompts' chunks (a later chunk
+    of one prompt among them) gives each the logits, and the KV cache, that it gets alone."""
     torch.manual_seed(1)
-    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (9, 70, 3)]
-    alone = CudaLlamaForward(load(tiny_dirs["random"], True), num_slots=4, max_ctx=256)
-    together = CudaLlamaForward(load(tiny_dirs["random"], True), num_slots=4, max_ctx=256)
-    expected = torch.cat([alone.forward(torch.tensor([p]), [s], [0]) for s, p in zip((2, 0, 3), prompts)])
-    together.prefill([(prompts[1][:40], 0, 0)])
-    got = together.prefill([(prompts[0], 2, 0), (prompts[1][40:], 0, 40), (prompts[2], 3, 0)])
-    assert rel(got[[0, 1, 2]], expected) < 1e-2
-    step = torch.tensor([[7], [8], [9]])
-    assert rel(together.forward(step, [2, 0, 3], [9, 70, 3]), alone.forward(step, [2, 0, 3], [9, 70, 3])) < 1e-2
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (9, 70, 3, 12)]
+    apart = CudaLlamaForward(load(tiny_dirs["random"], True), num_slots=4, max_ctx=256, batch_weights=True)
+    mixed = CudaLlamaForward(load(tiny_dirs["random"], True), num_slots=4, max_ctx=256, batch_weights=True)
+    for forward in (apart, mixed):  # slot 1 is decoding already
+        forward.forward(torch.tensor([prompts[3]]), [1], [0])
+    decode_row = apart.forward(torch.tensor([[42]]), [1], [12])
+    expected = torch.cat([apart.forward(torch.tensor([p]), [s], [0]) for s, p in zip((2, 0, 3), prompts[:3])])
+    mixed.forward_mixed(torch.zeros(0, 1, dtype=torch.long), [], [], [(prompts[1][:40], 0, 0)])
+    got = mixed.forward_mixed(torch.tensor([[42]]), [1], [12],
+                              [(prompts[0], 2, 0), (prompts[1][40:], 0, 40), (prompts[2], 3, 0)])
+    assert got.shape[0] == 4
+    assert rel(got[:1], decode_row) < 1e-2 and rel(got[1:], expected) < 1e-2
+    step = torch.tensor([[7], [8], [9], [10]])
+    where = ([2, 0, 3, 1], [9, 70, 3, 13])
+    assert rel(mixed.forward(step, *where), apart.forward(step, *where)) < 1e-2
 
 
 def greedy(forward, tokenizer, prompt_ids, n=48):

@@ -169,15 +169,17 @@ def test_pipelined_steps_chain_on_the_device_and_match_step_by_step(tiny_dirs):
 
 
 def test_waiting_prompts_prefill_together_within_the_token_budget(tiny_dirs):
+    """Prompts waiting together share a pass (within the budget), which also carries the
+    running sequences' decode step; the tokens equal each request alone."""
     runner = make_runner(tiny_dirs["random"], chunk=8)
-    original = runner.model.prefill
+    original = runner.model.forward_mixed
     passes = []
 
-    def prefill(chunks):
+    def forward_mixed(tokens, slots, starts, chunks):
         passes.append([len(ids) for ids, _, _ in chunks])
-        return original(chunks)
+        return original(tokens, slots, starts, chunks)
 
-    runner.model.prefill = prefill
+    runner.model.forward_mixed = forward_mixed
     try:
         prompts = [[5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15, 16]]
         alone = []

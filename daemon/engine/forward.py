@@ -241,10 +241,14 @@ class LlamaForward:
         x = rms_norm(x[:, -1], self.final_norm, self.eps)
         return self.lm_head(x).float()
 
-    def prefill(self, chunks: list[tuple[list[int], int, int]]) -> torch.Tensor:
-        """Several prompts' chunks (token ids, slot, start): each chunk's last logits,
-        [len(chunks), vocab]. On this path, one chunk after another."""
-        return torch.cat([self.forward(torch.tensor([ids]), [slot], [start]) for ids, slot, start in chunks])
+    def forward_mixed(self, tokens: torch.Tensor, slots: list[int], starts: list[int],
+                      chunks: list[tuple[list[int], int, int]]) -> torch.Tensor:
+        """A decode step (tokens [B, 1], B may be 0) and prompt chunks (token ids, slot,
+        start): the B rows' logits, then each chunk's last, [B + len(chunks), vocab]. On
+        this path, one after another."""
+        parts = [self.forward(tokens, slots, starts)] if tokens.shape[0] else []
+        parts += [self.forward(torch.tensor([ids]), [slot], [start]) for ids, slot, start in chunks]
+        return torch.cat(parts)
 
     @torch.inference_mode()
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,10 @@
 
 Requests join through `generate()`, an async generator of `Chunk`s. The loop thread owns
 the model and its KV slots; it never waits on an HTTP client: each request has its own
-asyncio queue, fed once per step with one `call_soon_threadsafe`. Every iteration runs at
-most one prefill pass (the next chunks of waiting prompts, up to `prefill_chunk` tokens in
-all, so many short prompts start together and a long one does not stall running streams
-for long) and one decode step for all sequences past their prefill, sampled together.
+asyncio queue, fed once per step with one `call_soon_threadsafe`. Every iteration runs one
+forward: a decode step for all sequences past their prefill, sampled together, which also
+takes in the next chunks of waiting prompts (up to `prefill_chunk` tokens in all, so many
+short prompts start together and a long one does not stall running streams for long).
 
 A request that is cancelled (client gone) is dropped before the next step and its slot
 freed; an error in one request's prefill fails that request only; an error in a shared
@@ -47,7 +47,8 @@ class ForwardModel(Protocol):
 
     def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor: ...
 
-    def prefill(self, chunks: list[tuple[list[int], int, int]]) -> torch.Tensor: ...
+    def forward_mixed(self, tokens: torch.Tensor, slots: list[int], starts: list[int],
+                      chunks: list[tuple[list[int], int, int]]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -251,18 +252,22 @@ class Runner:
     def _step(self) -> None:
         with self._cv:
             prefilling = [s for s in self._active if s.prefilled < len(s.prompt) and not s.cancelled]
+        if self._inflight is not None and prefilling:
+            self._land()  # the step that takes in new prompts starts from the host's tokens
+        with self._cv:
             decoding = [s for s in self._active if s.decoding and s.generated and not s.cancelled]
         if self._inflight is not None and not decoding:
             self._land()
         if prefilling:
-            self._prefill(prefilling)
-        if decoding:
+            self._prefill(prefilling, decoding)
+        elif decoding:
             self._decode(decoding)
 
-    def _prefill(self, seqs: list[_Sequence]) -> None:
+    def _prefill(self, seqs: list[_Sequence], decoding: list[_Sequence]) -> None:
         """One forward over the next prompt chunks of waiting sequences, in order, up to
-        `prefill_chunk` tokens in all: many short prompts start together, a long one goes on
-        in chunks between decode steps."""
+        `prefill_chunk` tokens in all (many short prompts start together, a long one goes on
+        in chunks), together with the decode step of the running ones: the weights are read
+        once for both, and running streams do not wait for a separate prefill pass."""
         budget, chunks, taken = self.prefill_chunk, [], []
         for seq in seqs:
             if budget <= 0:
@@ -275,19 +280,22 @@ class Runner:
             taken.append(seq)
             budget -= len(chunk)
         try:
-            logits = self.model.prefill(chunks)
+            tokens = torch.tensor([[s.generated[-1]] for s in decoding], dtype=torch.long).view(len(decoding), 1)
+            logits = self.model.forward_mixed(tokens, [s.slot for s in decoding], [s.position() for s in decoding],
+                                              chunks)
         except Exception as exc:
             log.exception("prefill failed")
-            self._fail(taken, exc)
+            self._fail(taken + decoding, exc)
             return
         done = []
         for row, (seq, (chunk, _, _)) in enumerate(zip(taken, chunks)):
             seq.prefilled += len(chunk)
             if seq.prefilled == len(seq.prompt):
                 seq.t_prefill_end = time.perf_counter_ns()
-                done.append(row)
-        if done:
-            self._sample_and_emit([taken[row] for row in done], logits[done])
+                done.append(len(decoding) + row)
+        rows = list(range(len(decoding))) + done
+        if rows:
+            self._sample_and_emit(decoding + [taken[row - len(decoding)] for row in done], logits[rows])
 
     def _decode(self, seqs: list[_Sequence]) -> None:
         inflight = self._inflight

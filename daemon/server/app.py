@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 from typing import AsyncIterator, Callable
 
 from aiohttp import web
@@ -91,9 +92,16 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None, loader: Lo
     return app
 
 
+# The runner threads wait for the GIL after every decode step while the event loop serves
+# HTTP; with Python's default 5 ms switch interval a busy event loop could leave the GPU idle
+# for that long between steps.
+GIL_SWITCH_SECONDS = 0.0005
+
+
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner and the bound port (port 0 picks a free one).
     Handlers are cancelled when their client disconnects, which stops generation."""
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -246,14 +246,26 @@ class CudaLlamaForward:
         return self.lm_head(h).float()
 
     @torch.inference_mode()
-    def prefill(self, chunks: list[tuple[list[int], int, int]]) -> torch.Tensor:
-        """Several prompts' chunks (token ids, slot, start) in one pass: the matrix products
-        run over all their tokens together, attention per chunk. Returns each chunk's last
-        logits, [len(chunks), vocab] float32."""
-        tokens = torch.tensor([t for ids, _, _ in chunks for t in ids], device=self.device)
-        out, x = self._prefill_layers(tokens, [(slot, start, len(ids)) for ids, slot, start in chunks])
-        last = torch.tensor(list(itertools.accumulate(len(ids) for ids, _, _ in chunks)), device=self.device) - 1
-        h, _ = K.add_rmsnorm(out[last], self.final_norm, self.eps, residual=x[last])
+    def forward_mixed(self, tokens: torch.Tensor, slots: list[int], starts: list[int],
+                      chunks: list[tuple[list[int], int, int]]) -> torch.Tensor:
+        """A decode step (tokens [B, 1] at `starts` of `slots`; B may be 0) and prompt chunks
+        (token ids, slot, start) in one pass: the matrix products run over all their tokens
+        together; attention is the decode kernel for the B rows and SDPA per chunk. Returns
+        the B rows' logits, then each chunk's last, [B + len(chunks), vocab] float32."""
+        batch = tokens.shape[0]
+        ids = tokens[:, 0].tolist() + [t for chunk, _, _ in chunks for t in chunk]
+        segments = [(slot, start, len(chunk)) for chunk, slot, start in chunks]
+        decode = None
+        if batch:
+            # separate tensors: each starts 16-byte aligned, as in the captured graphs, so the
+            # attention kernels need no other compiled variant
+            decode_slots = torch.tensor(slots, dtype=torch.int32).to(self.device, non_blocking=True)
+            lengths = torch.tensor([p + 1 for p in starts], dtype=torch.int32).to(self.device, non_blocking=True)
+            decode = (batch, list(zip(slots, starts)), decode_slots, lengths, self._graph_for(batch).attention)
+        out, x = self._prefill_layers(torch.tensor(ids, device=self.device), segments, decode)
+        ends = itertools.accumulate((len(chunk) for chunk, _, _ in chunks), initial=batch)
+        rows = torch.tensor(list(range(batch)) + [end - 1 for end in list(ends)[1:]], device=self.device)
+        h, _ = K.add_rmsnorm(out[rows], self.final_norm, self.eps, residual=x[rows])
         return self.lm_head(h).float()
 
     @torch.inference_mode()
@@ -263,11 +275,15 @@ class CudaLlamaForward:
         h, _ = K.add_rmsnorm(out, self.final_norm, self.eps, residual=x)
         return h.float()
 
-    def _prefill_layers(self, tokens: torch.Tensor, segments: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [T]: the segments (slot, start, length) one after another."""
-        steps = tokens.shape[0]
-        positions = torch.cat([torch.arange(start, start + n, dtype=torch.int32) for _, start, n in segments])
-        slots = torch.cat([torch.full((n,), slot, dtype=torch.int32) for slot, _, n in segments])
+    def _prefill_layers(self, tokens: torch.Tensor, segments: list[tuple[int, int, int]],
+                        decode: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [T]: `decode` rows first (batch, [(slot, position)], slots, lengths on the
+        device, the DecodeAttention to use), then the segments (slot, start, length)."""
+        batch, rows = (decode[0], decode[1]) if decode is not None else (0, [])
+        positions = torch.cat([torch.tensor([p for _, p in rows], dtype=torch.int32)]
+                              + [torch.arange(start, start + n, dtype=torch.int32) for _, start, n in segments])
+        slots = torch.cat([torch.tensor([s for s, _ in rows], dtype=torch.int32)]
+                          + [torch.full((n,), slot, dtype=torch.int32) for slot, _, n in segments])
         positions, slots = positions.to(self.device, non_blocking=True), slots.to(self.device, non_blocking=True)
         masks = []
         for _, start, n in segments:  # a chunk after the first attends to the slot's earlier tokens too
@@ -280,7 +296,11 @@ class CudaLlamaForward:
                                  residual=x if out is not None else None)
             q = K.rope_kv(layer.qkv(h, self.scratch), self.cos, self.sin, positions, slots, self.k_cache[i],
                           self.v_cache[i], self.num_heads, self.num_kv_heads, self.head_dim)
-            parts, offset = [], 0
+            parts, offset = [], batch
+            if decode is not None:
+                _, _, decode_slots, lengths, attention = decode
+                o = attention(q[:batch], self.k_cache[i], self.v_cache[i], decode_slots, lengths, self.scale)
+                parts.append(o.reshape(batch, self.num_heads * self.head_dim))
             for (slot, start, n), mask in zip(segments, masks):
                 keys = self.k_cache[i][slot:slot + 1, :, :start + n]
                 values = self.v_cache[i][slot:slot + 1, :, :start + n]
@@ -339,7 +359,7 @@ class CudaLlamaForward:
         batch, steps = tokens.shape
         if steps > 1:
             assert batch == 1
-            return self.prefill([(tokens[0].tolist(), slots[0], starts[0])])
+            return self.forward_mixed(tokens[:0], [], [], [(tokens[0].tolist(), slots[0], starts[0])])
         g = self._graph_for(batch)
         host = g.hosts[g.turn]
         g.turn ^= 1
