@@ -130,16 +130,24 @@ def _nf4_pairs(words, t0, t1, t2, t3, t4, t5, t6, t7):
 
 
 @triton.jit
-def _dot4(p0, p1, p2, p3, xb):
+def _dot4(p0, p1, p2, p3, xb, GROUPS: tl.constexpr, X_VEC: tl.constexpr):
     """per word: sum over its 8 weights of w * x, from the bf16 pairs and the word's inputs
-    read as 4 int32 (bf16 pairs) at xb [G, 8] + [0, 4)."""
-    x0 = tl.load(xb)[None, :, :]
-    x1 = tl.load(xb + 1)[None, :, :]
-    x2 = tl.load(xb + 2)[None, :, :]
-    x3 = tl.load(xb + 3)[None, :, :]
+    read as 4 int32 (bf16 pairs) at xb [G, 8] + [0, 4): one 16-byte vector split in
+    registers (X_VEC), or four loads."""
+    if X_VEC:
+        xv = tl.load(xb[:, :, None] + tl.arange(0, 4)[None, None, :])
+        even, odd = tl.split(tl.reshape(xv, (GROUPS, 8, 2, 2)))
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+    else:
+        x0 = tl.load(xb)
+        x1 = tl.load(xb + 1)
+        x2 = tl.load(xb + 2)
+        x3 = tl.load(xb + 3)
     z = tl.zeros(p0.shape, tl.int32)
-    return tl.inline_asm_elementwise(_DOT4_ASM, "=f,r,r,r,r,r,r,r,r", [p0, p1, p2, p3, z + x0, z + x1, z + x2, z + x3],
-                                     dtype=tl.float32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(_DOT4_ASM, "=f,r,r,r,r,r,r,r,r",
+                                     [p0, p1, p2, p3, z + x0[None, :, :], z + x1[None, :, :], z + x2[None, :, :],
+                                      z + x3[None, :, :]], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -273,7 +281,7 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
             v0, v1, v2, v3, v4, v5, v6, v7 = _nf4_decode8(words, t0, t1, t2, t3, t4, t5, t6, t7)
         for r in tl.static_range(M):
             if PACKED:
-                part = _dot4(p0, p1, p2, p3, x32 + (r * stride_xm + k0) // 2 + x_at // 2)
+                part = _dot4(p0, p1, p2, p3, x32 + (r * stride_xm + k0) // 2 + x_at // 2, GROUPS, X_VEC)
             else:
                 part = _dot8(v0, v1, v2, v3, v4, v5, v6, v7, x_ptr + r * stride_xm + k0 + x_at, GROUPS, X_VEC)
             if r == 0:
@@ -308,10 +316,10 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
 NF4_CONFIGS: dict[tuple, tuple] = {
     # bench/nf4_kernel.py on an H100 80GB HBM3, Llama-3-8B shapes: (BLOCK_N, BLOCK_K, warps,
     # split-K, x as vectors, packed bf16, prefetch) per (path, N, K[, rows])
-    ('gemv', 6144, 4096): (16, 512, 8, 1, False, True, True),
+    ('gemv', 6144, 4096): (16, 512, 8, 1, True, True, True),
     ('gemv', 6144, 4096, 2): (16, 512, 8, 1, False, True, True),
     ('gemv', 6144, 4096, 4): (16, 512, 8, 1, False, True, True),
-    ('gemv', 4096, 4096): (16, 256, 4, 4, False, True, True),
+    ('gemv', 4096, 4096): (16, 512, 8, 1, True, True, True),
     ('gemv', 4096, 4096, 2): (16, 256, 4, 4, False, True, False),
     ('gemv', 4096, 4096, 4): (16, 256, 4, 4, False, True, True),
     ('gemv', 28672, 4096): (16, 512, 8, 1, False, True, True),
