@@ -287,8 +287,9 @@ class CudaLlamaForward:
         positions, slots = positions.to(self.device, non_blocking=True), slots.to(self.device, non_blocking=True)
         masks = []
         for _, start, n in segments:  # a chunk after the first attends to the slot's earlier tokens too
-            masks.append(None if start == 0 else
-                         torch.arange(start + n, device=self.device)[None, :] <= (start + torch.arange(n, device=self.device))[:, None])
+            query_positions = start + torch.arange(n, device=self.device)
+            key_positions = torch.arange(start + n, device=self.device)
+            masks.append(None if start == 0 else key_positions[None, :] <= query_positions[:, None])
         x = F.embedding(tokens, self.embed)
         out = None
         for i, layer in enumerate(self.layers):

@@ -24,11 +24,12 @@ import triton.language as tl
 
 
 # ---- programmatic dependent launch ----------------------------------------------------------
-# On Hopper and later, the decode chain's kernels are launched with PDL: each lets the next
-# one launch as soon as all its programs have started, and waits for the previous kernel's
-# results only where it reads them (the NF4 GEMV first issues its weight loads, which do not
-# depend on anything). Every such kernel waits before it finishes, so the order of
-# completion, and what each reads, is as without PDL.
+# On Hopper and later, the small kernels of the decode chain (norm, RoPE, attention, merge,
+# SiLU) are launched with PDL: each lets the next one launch as soon as all its programs have
+# started, and waits for the previous kernel's results before reading or writing anything.
+# Every such kernel waits before it finishes, so the order of completion, and what each
+# reads, is as without PDL. The NF4 GEMV is launched without it: launched early (its weight
+# loads issued, then waiting), it slowed the whole step on an H100 (258 against 287 tok/s).
 
 @triton.jit
 def _pdl_start(PDL: tl.constexpr):
@@ -243,7 +244,7 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
                      N, K, K_SPLIT, stride_xm, stride_om,
                      M: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                      EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, X_VEC: tl.constexpr,
-                     PACKED: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                     PACKED: tl.constexpr, PREFETCH: tl.constexpr):
     """Decode-size products (M <= 4 rows). Weights are read as int32 words (8 nibbles) and
     decoded in registers; absmax applies per 64 weights; a program covers BLOCK_N outputs
     over K_SPLIT inputs, and split programs add their sums atomically into an fp32 output."""
@@ -260,13 +261,9 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
     acc3 = tl.zeros([BLOCK_N, GROUPS, 8], dtype=tl.float32)
     step: tl.constexpr = GROUPS * 64
     k_last = k_begin + K_SPLIT - step
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH:  # the next block's loads are in flight while this one is decoded
         words, raw, scale, shift = _load_block(w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, rows, row_ok, K,
                                                k_begin, DOUBLE, EVEN_N, GROUPS)
-    if PDL:  # the weights are on their way: now wait for x, the previous kernel's output
-        tl.extra.cuda.gdc_wait()
     for k0 in range(k_begin, k_begin + K_SPLIT, step):
         if PREFETCH:
             n_words, n_raw, n_scale, n_shift = _load_block(w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, rows, row_ok,
@@ -404,7 +401,8 @@ def _fit_block_k(block_k: int, k: int) -> int:
     return block_k
 
 
-GEMV_DEFAULT = (32, 256, 4, 4, False, True, True)  # BLOCK_N, BLOCK_K, warps, split-K, x as vectors, packed bf16, prefetch
+# BLOCK_N, BLOCK_K, warps, split-K, x as vectors, packed bf16, prefetch
+GEMV_DEFAULT = (32, 256, 4, 4, False, True, True)
 
 
 def _config(path: str, n: int, k: int, m: int, default: tuple) -> tuple:
@@ -429,7 +427,6 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
     common = (w.packed, w.absmax, w.absmax2 if w.double else dummy, w.code2 if w.double else dummy,
               w.bias if w.bias is not None else dummy)
     if m <= 4:
-        pdl = False  # measured: the GEMV launched early (weights streaming, then waiting) slowed the step
         block_n, block_k, warps, split, x_vec, packed, *more = config or _config("gemv", n, k, m, GEMV_DEFAULT)
         prefetch = bool(more and more[0])
         packed = packed and x.dtype == torch.bfloat16 and x.stride(0) % 2 == 0
@@ -442,7 +439,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
             x, *common, out, w.offset if w.double else dummy, *w.tables,
             n, k, k // split, x.stride(0), out.stride(0), M=m, DOUBLE=w.double, HAS_BIAS=w.bias is not None,
             ATOMIC=split > 1, EVEN_N=n % block_n == 0, BLOCK_N=block_n, GROUPS=block_k // 64, X_VEC=x_vec,
-            PACKED=packed, PREFETCH=prefetch, PDL=pdl, num_warps=warps, launch_pdl=pdl)
+            PACKED=packed, PREFETCH=prefetch, num_warps=warps)
         return out
     # more rows (batches, prefill): dequantize, then one GEMM on the tensor cores
     full = nf4_dequantize(w, torch.empty(n * k, dtype=x.dtype, device=x.device))
