@@ -275,6 +275,11 @@ class CudaLlamaForward:
         h, _ = K.add_rmsnorm(out, self.final_norm, self.eps, residual=x)
         return h.float()
 
+    def _chunk_mask(self, start: int, n: int) -> torch.Tensor:
+        """A chunk after a prompt's first attends to the slot's earlier tokens too: [n, start + n]."""
+        queries = start + torch.arange(n, device=self.device)
+        return torch.arange(start + n, device=self.device)[None, :] <= queries[:, None]
+
     def _prefill_layers(self, tokens: torch.Tensor, segments: list[tuple[int, int, int]],
                         decode: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [T]: `decode` rows first (batch, [(slot, position)], slots, lengths on the
@@ -285,11 +290,7 @@ class CudaLlamaForward:
         slots = torch.cat([torch.tensor([s for s, _ in rows], dtype=torch.int32)]
                           + [torch.full((n,), slot, dtype=torch.int32) for slot, _, n in segments])
         positions, slots = positions.to(self.device, non_blocking=True), slots.to(self.device, non_blocking=True)
-        masks = []
-        for _, start, n in segments:  # a chunk after the first attends to the slot's earlier tokens too
-            query_positions = start + torch.arange(n, device=self.device)
-            key_positions = torch.arange(start + n, device=self.device)
-            masks.append(None if start == 0 else key_positions[None, :] <= query_positions[:, None])
+        masks = [None if start == 0 else self._chunk_mask(start, n) for _, start, n in segments]
         x = F.embedding(tokens, self.embed)
         out = None
         for i, layer in enumerate(self.layers):
