@@ -201,3 +201,31 @@ def test_waiting_prompts_prefill_together_within_the_token_budget(tiny_dirs):
         assert passes[:2] == [[3, 3, 2], [4]]
     finally:
         runner.close()
+
+
+def test_a_failing_prefill_pass_fails_its_prompts_and_running_streams_go_on(tiny_dirs):
+    runner = make_runner(tiny_dirs["random"])
+    original = runner.model.forward_mixed
+    state = {"armed": False}
+
+    def forward_mixed(tokens, slots, starts, chunks):
+        if state["armed"] and tokens.shape[0] > 0:  # a pass with running streams and a new prompt
+            state["armed"] = False
+            raise RuntimeError("prefill boom")
+        return original(tokens, slots, starts, chunks)
+
+    runner.model.forward_mixed = forward_mixed
+    try:
+        async def main():
+            running = runner.generate(req([1, 2, 3], n=30))
+            await running.__anext__()  # streaming
+            state["armed"] = True
+            with pytest.raises(InternalError, match="prefill boom"):
+                await collect(runner, req([4, 5], n=5))
+            rest = [c async for c in running]
+            return rest[-1]
+
+        final = asyncio.run(main())
+        assert final.done and final.eval_count == 30
+    finally:
+        runner.close()

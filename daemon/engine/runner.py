@@ -8,8 +8,9 @@ takes in the next chunks of waiting prompts (up to `prefill_chunk` tokens in all
 short prompts start together and a long one does not stall running streams for long).
 
 A request that is cancelled (client gone) is dropped before the next step and its slot
-freed; an error in one request's prefill fails that request only; an error in a shared
-decode step fails the requests in that step, and the loop keeps serving.
+freed; an error in a prefill pass fails the requests whose prompts were in it (the running
+ones decode on); an error in a decode step fails the requests in that step, and the loop
+keeps serving.
 
 Decoding is pipelined: a step's sampled tokens stay on the device and feed the next step,
 which is launched before the host reads them (then detokenizes, matches stops and emits
@@ -283,9 +284,9 @@ class Runner:
             tokens = torch.tensor([[s.generated[-1]] for s in decoding], dtype=torch.long).view(len(decoding), 1)
             logits = self.model.forward_mixed(tokens, [s.slot for s in decoding], [s.position() for s in decoding],
                                               chunks)
-        except Exception as exc:
+        except Exception as exc:  # the prompts fail; the running streams decode on at the next step
             log.exception("prefill failed")
-            self._fail(taken + decoding, exc)
+            self._fail(taken, exc)
             return
         done = []
         for row, (seq, (chunk, _, _)) in enumerate(zip(taken, chunks)):

@@ -70,18 +70,24 @@ class Linear:
         else:
             raise UnsupportedArchitecture("the fast path handles dense and NF4 layers (int8 / FP4 run eagerly)")
 
+    def uses_gemv(self, rows: int) -> bool:
+        """Whether this many rows go through the NF4 GEMV (an fp32 result that split-K programs
+        add into)."""
+        return self.nf4 is not None and rows <= 4 and (self.batch_weight is None or rows < BATCH_WEIGHT_ROWS)
+
     def __call__(self, x: torch.Tensor, scratch: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W^T. `out`: a zeroed fp32 buffer [rows, n] for the NF4 GEMV (1-4 rows)."""
+        """x @ W^T. `out`: a zeroed fp32 buffer [rows, n] for the NF4 GEMV."""
         if self.nf4 is None:
             return F.linear(x, self.weight, self.bias)
-        rows = x.shape[0]
-        if self.batch_weight is not None and rows >= BATCH_WEIGHT_ROWS:
-            bias = None if self.nf4.bias is None else self.nf4.bias.to(x.dtype)
+        if self.uses_gemv(x.shape[0]):
+            return K.nf4_matmul(x, self.nf4, out=out)
+        bias = None if self.nf4.bias is None else self.nf4.bias.to(x.dtype)
+        if self.batch_weight is not None:
             return F.linear(x, self.batch_weight.view(self.n, self.k), bias)
-        if rows > 4 and scratch is not None:  # batches and prefill: dequantize once, one GEMM
-            return F.linear(x, K.nf4_dequantize(self.nf4, scratch[:self.n * self.k]), self.nf4.bias)
-        return K.nf4_matmul(x, self.nf4, out=out)
+        if scratch is not None:  # batches and prefill: dequantize into the scratch buffer, one GEMM
+            return F.linear(x, K.nf4_dequantize(self.nf4, scratch[:self.n * self.k]), bias)
+        return K.nf4_matmul(x, self.nf4)
 
     @property
     def nbytes(self) -> int:
@@ -97,14 +103,14 @@ class _Outputs:
 
     def __init__(self, rows: int, widths: int, device: torch.device) -> None:
         self.buffer = torch.zeros(rows * widths, dtype=torch.float32, device=device)
-        self.rows, self.used = rows, 0
+        self.used = 0
 
     def reset(self) -> None:
         self.buffer.zero_()
         self.used = 0
 
     def take(self, linear: Linear, rows: int) -> torch.Tensor | None:
-        if linear.nf4 is None or rows > 4 or (linear.batch_weight is not None and rows >= BATCH_WEIGHT_ROWS):
+        if not linear.uses_gemv(rows):
             return None
         size = rows * linear.n
         view = self.buffer[self.used:self.used + size].view(rows, linear.n)
