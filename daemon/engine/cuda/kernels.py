@@ -61,17 +61,26 @@ def _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, DOUBLE: tl.cons
 # half, and the bf16 bytes are put together into exact fp32 values. About 4 integer
 # instructions per weight, where an L1 gather of a lookup table (the previous design)
 # bounded the kernel at a quarter of the memory bandwidth.
-_DECODE_HALF = """
-and.b32 s, {src}, 0x7777;
-shr.u32 t, {src}, 3;
+# The lookup of the 4 nibbles in the low half of {src}: their bf16 values' low bytes into
+# `lo`, high bytes into `hi` ({t} numbers the first of the 8 table operands).
+_LOOKUP_HALF = """
+and.b32 s, {{src}}, 0x7777;
+shr.u32 t, {{src}}, 3;
 prmt.b32 m, c, c, t;
-prmt.b32 a, $9, $10, s;
-prmt.b32 b, $11, $12, s;
+prmt.b32 a, ${t0}, ${t1}, s;
+prmt.b32 b, ${t2}, ${t3}, s;
 lop3.b32 lo, a, b, m, 0xD8;
-prmt.b32 a, $13, $14, s;
-prmt.b32 b, $15, $16, s;
+prmt.b32 a, ${t4}, ${t5}, s;
+prmt.b32 b, ${t6}, ${t7}, s;
 lop3.b32 hi, a, b, m, 0xD8;
-prmt.b32 p, lo, hi, 0x5140;
+"""
+
+
+def _lookup_half(first_table: int) -> str:
+    return _LOOKUP_HALF.format(**{f"t{i}": first_table + i for i in range(8)})
+
+
+_DECODE_HALF = _lookup_half(9) + """prmt.b32 p, lo, hi, 0x5140;
 and.b32 {o0}, p, 0xFFFF0000;
 shl.b32 {o1}, p, 16;
 prmt.b32 p, lo, hi, 0x7362;
@@ -88,17 +97,7 @@ _DECODE_ASM = tl.constexpr("{\n.reg .b32 s, t, m, a, b, lo, hi, p, c, w;\nmov.b3
 # memory order) for packed bf16 arithmetic: 23 instructions per word instead of 33. The mask
 # needs no `and`: with 0xFF00FF00 in both table registers, the selector's bit 0 (the nibble's
 # bit 3) alone picks 0x00 or 0xFF, and its sign-replicate bit keeps either as it is.
-_PAIRS_HALF = """
-and.b32 s, {src}, 0x7777;
-shr.u32 t, {src}, 3;
-prmt.b32 m, c, c, t;
-prmt.b32 a, $5, $6, s;
-prmt.b32 b, $7, $8, s;
-lop3.b32 lo, a, b, m, 0xD8;
-prmt.b32 a, $9, $10, s;
-prmt.b32 b, $11, $12, s;
-lop3.b32 hi, a, b, m, 0xD8;
-prmt.b32 {o0}, lo, hi, 0x4051;
+_PAIRS_HALF = _lookup_half(5) + """prmt.b32 {o0}, lo, hi, 0x4051;
 prmt.b32 {o1}, lo, hi, 0x6273;
 """
 _PAIRS_ASM = tl.constexpr("{\n.reg .b32 s, t, m, a, b, lo, hi, c, w;\nmov.b32 c, 0xFF00FF00;\n"
@@ -498,10 +497,11 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
     out = torch.empty((rows, d), dtype=weight.dtype, device=x.device) if out is None else out
     if residual is not None and residual_out is None:
         residual_out = torch.empty((rows, d), dtype=weight.dtype, device=x.device)
+    pdl = _pdl(x.device)
     _add_rmsnorm_kernel[(rows,)](x, residual if residual is not None else x, weight, out,
                                  residual_out if residual_out is not None else x, eps, d,
-                                 HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(d), PDL=_pdl(x.device),
-                                 num_warps=8, launch_pdl=_pdl(x.device))
+                                 HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(d), PDL=pdl,
+                                 num_warps=8, launch_pdl=pdl)
     return out, (residual_out if residual is not None else x)
 
 
@@ -550,9 +550,10 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: 
     (slots[t], positions[t]); returns rotated q [T, H, D]."""
     t = qkv.shape[0]
     q_out = torch.empty((t, heads, head_dim), dtype=k_cache.dtype, device=qkv.device) if q_out is None else q_out
+    pdl = _pdl(qkv.device)
     _rope_kv_kernel[(t, heads + 2 * kv_heads)](qkv, cos, sin, positions, slots, q_out, k_cache, v_cache,
                                                qkv.stride(0), heads, kv_heads, k_cache.shape[2], D=head_dim,
-                                               PDL=_pdl(qkv.device), num_warps=1, launch_pdl=_pdl(qkv.device))
+                                               PDL=pdl, num_warps=1, launch_pdl=pdl)
     return q_out
 
 
