@@ -30,10 +30,12 @@ import bitsandbytes.functional as BF  # noqa: E402
 from daemon.engine.cuda import kernels as K  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-# (BLOCK_N, BLOCK_K, warps, split-K, x as vectors, packed bf16, prefetch): 16-128 weights per thread
-GEMV_SWEEP = [c for c in itertools.product((16, 32), (256, 512), (2, 4, 8), (1, 2, 4, 8), (False, True), (True,), (True,))
-              if 16 <= c[0] * c[1] // (32 * c[2]) <= 128]
-GEMV_SWEEP += [(64, 128, 2, 4, True, False, False), (32, 256, 8, 4, False, False, False)]  # the fp32 path, for comparison
+# (BLOCK_N, BLOCK_K, warps, split-K, x as vectors, packed bf16, prefetch): a warp reads BLOCK_K / 2
+# contiguous bytes of one row at a time; more rows per program reuse each x load for several rows
+GEMV_SWEEP = [(bn, bk, w, sk, True, True, True)
+              for bn, bk, w, sk in itertools.product((16, 32, 64), (512, 1024, 2048), (4, 8), (1, 2, 4, 8))
+              if 32 <= bn * bk // (32 * w) <= 256 and bk * sk <= 4096]
+GEMV_SWEEP += [(64, 128, 2, 4, True, False, False), (32, 256, 8, 4, False, False, False)]  # the fp32 path
 L2_BYTES = 50 << 20
 
 

@@ -3,7 +3,8 @@
 - nf4_matmul: y = x W^T with W in bitsandbytes' NF4 layout, read as it is: packed nibbles
   (high nibble first, row-major), one absmax per 64 weights, double-quantized absmax
   (uint8 codes, a float per 256 blocks, an offset) decoded in the kernel. A GEMV for 1-4
-  rows: 16-byte word loads, the nibbles decoded in registers by byte permutes (no lookup
+  rows: each warp reads long runs of one weight row in 16-byte loads (whole DRAM pages, not
+  32 bytes of many rows), the nibbles are decoded in registers by byte permutes (no lookup
   in memory), bf16 pairs multiplied in packed bf16 and summed in fp32, split-K, the next
   block's loads in flight while one is decoded. More rows dequantize, then one GEMM.
 - add_rmsnorm: the residual add and HF's RMSNorm in one pass (the sum rounded to the
@@ -21,6 +22,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 # ---- programmatic dependent launch ----------------------------------------------------------
@@ -46,10 +48,18 @@ def _pdl(device: torch.device) -> bool:
 # ---- NF4 ---------------------------------------------------------------------------------
 
 @triton.jit
+def _mul_add(a, b, c):
+    """a * b + c rounded twice, never fused into one FMA: bitsandbytes decodes double-quantized
+    absmax in two steps (the product in one kernel, the offset added after), and an FMA rounds
+    differently now and then (a dequantized weight one bf16 step off)."""
+    return libdevice.add_rn(libdevice.mul_rn(a, b), c)
+
+
+@triton.jit
 def _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, DOUBLE: tl.constexpr):
     if DOUBLE:  # bitsandbytes' double quantization, decoded exactly as it decodes it
         q = tl.load(absmax_ptr + blk).to(tl.int32)
-        value = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // 256) + tl.load(offset_ptr + blk // 256)
+        value = _mul_add(tl.load(code2_ptr + q), tl.load(absmax2_ptr + blk // 256), tl.load(offset_ptr + blk // 256))
     else:
         value = tl.load(absmax_ptr + blk).to(tl.float32)
     return value
@@ -87,7 +97,7 @@ prmt.b32 p, lo, hi, 0x7362;
 and.b32 {o2}, p, 0xFFFF0000;
 shl.b32 {o3}, p, 16;
 """
-_DECODE_ASM = tl.constexpr("{\n.reg .b32 s, t, m, a, b, lo, hi, p, c, w;\nmov.b32 c, 0xFF00FF00;\n"
+_DECODE_ASM = tl.constexpr("{\n.reg .b32 s, t, m, a, b, lo, hi, p, c, w;\nmov.b32 c, $17;\n"
                + _DECODE_HALF.format(src="$8", o0="$0", o1="$1", o2="$2", o3="$3")
                + "shr.u32 w, $8, 16;\n"
                + _DECODE_HALF.format(src="w", o0="$4", o1="$5", o2="$6", o3="$7") + "}")
@@ -100,7 +110,7 @@ _DECODE_ASM = tl.constexpr("{\n.reg .b32 s, t, m, a, b, lo, hi, p, c, w;\nmov.b3
 _PAIRS_HALF = _lookup_half(5) + """prmt.b32 {o0}, lo, hi, 0x4051;
 prmt.b32 {o1}, lo, hi, 0x6273;
 """
-_PAIRS_ASM = tl.constexpr("{\n.reg .b32 s, t, m, a, b, lo, hi, c, w;\nmov.b32 c, 0xFF00FF00;\n"
+_PAIRS_ASM = tl.constexpr("{\n.reg .b32 s, t, m, a, b, lo, hi, c, w;\nmov.b32 c, $13;\n"
                           + _PAIRS_HALF.format(src="$4", o0="$0", o1="$1")
                           + "shr.u32 w, $4, 16;\n"
                           + _PAIRS_HALF.format(src="w", o0="$2", o1="$3") + "}")
@@ -120,11 +130,11 @@ add.f32 $0, lo, acc;
 
 
 @triton.jit
-def _nf4_pairs(words, t0, t1, t2, t3, t4, t5, t6, t7):
+def _nf4_pairs(words, t0, t1, t2, t3, t4, t5, t6, t7, mask):
     z = tl.zeros(words.shape, tl.int32)
     p0, p1, p2, p3 = tl.inline_asm_elementwise(
-        _PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
-        [words, z + t0, z + t1, z + t2, z + t3, z + t4, z + t5, z + t6, z + t7],
+        _PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+        [words, z + t0, z + t1, z + t2, z + t3, z + t4, z + t5, z + t6, z + t7, z + mask],
         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     return p0, p1, p2, p3
 
@@ -134,11 +144,10 @@ def _dot4(p0, p1, p2, p3, xb, GROUPS: tl.constexpr, X_VEC: tl.constexpr):
     """per word: sum over its 8 weights of w * x, from the bf16 pairs and the word's inputs
     read as 4 int32 (bf16 pairs) at xb [G, 8] + [0, 4): one 16-byte vector split in
     registers (X_VEC), or four loads."""
-    if X_VEC:
-        xv = tl.load(xb[:, :, None] + tl.arange(0, 4)[None, None, :])
-        even, odd = tl.split(tl.reshape(xv, (GROUPS, 8, 2, 2)))
-        x0, x2 = tl.split(even)
-        x1, x3 = tl.split(odd)
+    if X_VEC:  # one 16-byte load per word, straight into the four registers
+        x0, x1, x2, x3 = tl.inline_asm_elementwise(
+            "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [xb.to(tl.int64, bitcast=True)],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     else:
         x0 = tl.load(xb)
         x1 = tl.load(xb + 1)
@@ -151,13 +160,13 @@ def _dot4(p0, p1, p2, p3, xb, GROUPS: tl.constexpr, X_VEC: tl.constexpr):
 
 
 @triton.jit
-def _nf4_decode8(words, t0, t1, t2, t3, t4, t5, t6, t7):
+def _nf4_decode8(words, t0, t1, t2, t3, t4, t5, t6, t7, mask):
     """int32 words [..] -> the 8 weights of each word as fp32 (weight i of the word: v_i;
     bitsandbytes puts weight 2b in the high nibble of byte b)."""
     z = tl.zeros(words.shape, tl.int32)
     v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-        _DECODE_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
-        [words, z + t0, z + t1, z + t2, z + t3, z + t4, z + t5, z + t6, z + t7],
+        _DECODE_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+        [words, z + t0, z + t1, z + t2, z + t3, z + t4, z + t5, z + t6, z + t7, z + mask],
         dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32),
         is_pure=True, pack=1)
     return (v0.to(tl.float32, bitcast=True), v1.to(tl.float32, bitcast=True), v2.to(tl.float32, bitcast=True),
@@ -209,37 +218,56 @@ def _load_block(w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, rows, row_ok, K, k0,
     j = tl.arange(0, 8)
     kw = tl.multiple_of(K // 8, 8)
     w32 = w_ptr.to(tl.pointer_type(tl.int32))
-    at = rows[:, None, None] * kw + (k0 // 8 + g * 8)[None, :, None] + j[None, None, :]
-    at = tl.max_contiguous(tl.multiple_of(at, [1, 8, 8]), [1, 1, 8])
-    blk = rows[:, None] * (K // 64) + (k0 // 64 + g)[None, :]
+    # shifts, not //: the indices are never negative, and a signed division costs a fix-up.
+    # The words are read as rows of GROUPS * 8 contiguous words, then viewed as [.., GROUPS, 8]:
+    # so a warp reads long runs of one row (whole DRAM pages), not 32 bytes of each of 16 rows
+    at = rows[:, None] * kw + ((k0 >> 3) + tl.arange(0, GROUPS * 8))[None, :]
+    at = tl.max_contiguous(tl.multiple_of(at, [1, 8]), [1, GROUPS * 8])
+    blk = rows[:, None] * (K >> 6) + ((k0 >> 6) + g)[None, :]
     if EVEN_N:
         words = tl.load(w32 + at)
     else:
-        words = tl.load(w32 + at, mask=row_ok[:, None, None], other=0)
+        words = tl.load(w32 + at, mask=row_ok[:, None], other=0)
         blk = tl.where(row_ok[:, None], blk, 0)
-    raw = tl.load(absmax_ptr + blk)
+    words = tl.reshape(words, (rows.shape[0], GROUPS, 8))
     if DOUBLE:  # bitsandbytes' double quantization: an 8-bit code, a scale and an offset per 256 blocks
-        scale = tl.load(absmax2_ptr + blk // 256)
-        shift = tl.load(offset_ptr + blk // 256)
+        raw = _ldg_u8(absmax_ptr + blk)
+        scale = _ldg_f32(absmax2_ptr + (blk >> 8))
+        shift = _ldg_f32(offset_ptr + (blk >> 8))
     else:
+        raw = _ldg_f32(absmax_ptr.to(tl.pointer_type(tl.float32)) + blk)
         scale = raw
         shift = raw
     return words, raw, scale, shift
+
+
+# The absmax parts are read by inline loads, which take the layout of their addresses: plain
+# loads get a layout of their own (coalesced along the blocks) and a conversion through shared
+# memory, with barriers, in every iteration of the GEMV's loop.
+@triton.jit
+def _ldg_u8(ptr):
+    return tl.inline_asm_elementwise("ld.global.nc.u8 $0, [$1];", "=r,l", [ptr.to(tl.int64, bitcast=True)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _ldg_f32(ptr):
+    return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptr.to(tl.int64, bitcast=True)],
+                                     dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
 def _block_absmax(code2_ptr, raw, scale, shift, DOUBLE: tl.constexpr):
     """[BLOCK_N, GROUPS, 1] absmax, decoded exactly as bitsandbytes decodes it."""
     if DOUBLE:
-        value = tl.load(code2_ptr + raw.to(tl.int32)) * scale + shift
+        value = _mul_add(_ldg_f32(code2_ptr + raw), scale, shift)
     else:
-        value = raw.to(tl.float32)
+        value = raw
     return value[:, :, None]
 
 
 @triton.jit
-def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr, out_ptr, offset_ptr,
-                     t0, t1, t2, t3, t4, t5, t6, t7,
+def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr, out_ptr, offset_ptr, tables_ptr,
                      N, K, K_SPLIT, stride_xm, stride_om,
                      M: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                      EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, X_VEC: tl.constexpr,
@@ -249,6 +277,20 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
     over K_SPLIT inputs, and split programs add their sums atomically into an fp32 output."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    # the byte tables, read per lane from 32 copies: values ptxas cannot prove uniform stay in
+    # vector registers through the loop, instead of being copied from uniform registers before
+    # every byte permute (40 of the loop's 220 instructions)
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [pid_n], dtype=tl.int32, is_pure=True, pack=1)
+    tables = tables_ptr + lane * 9
+    t0 = tl.load(tables)
+    t1 = tl.load(tables + 1)
+    t2 = tl.load(tables + 2)
+    t3 = tl.load(tables + 3)
+    t4 = tl.load(tables + 4)
+    t5 = tl.load(tables + 5)
+    t6 = tl.load(tables + 6)
+    t7 = tl.load(tables + 7)
+    mask = tl.load(tables + 8)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     x_at = (tl.arange(0, GROUPS) * 64)[:, None] + (tl.arange(0, 8) * 8)[None, :]
@@ -263,7 +305,9 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
     if PREFETCH:  # the next block's loads are in flight while this one is decoded
         words, raw, scale, shift = _load_block(w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, rows, row_ok, K,
                                                k_begin, DOUBLE, EVEN_N, GROUPS)
-    for k0 in range(k_begin, k_begin + K_SPLIT, step):
+    # no software pipelining by Triton: staging the loads through shared memory (cp.async) measured
+    # no faster on an H200 than the register prefetch
+    for k0 in tl.range(k_begin, k_begin + K_SPLIT, step, num_stages=1):
         if PREFETCH:
             n_words, n_raw, n_scale, n_shift = _load_block(w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, rows, row_ok,
                                                            K, tl.minimum(k0 + step, k_last), DOUBLE, EVEN_N, GROUPS)
@@ -272,12 +316,12 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
                                                    DOUBLE, EVEN_N, GROUPS)
         am = _block_absmax(code2_ptr, raw, scale, shift, DOUBLE)
         if PACKED:
-            p0, p1, p2, p3 = _nf4_pairs(words, t0, t1, t2, t3, t4, t5, t6, t7)
+            p0, p1, p2, p3 = _nf4_pairs(words, t0, t1, t2, t3, t4, t5, t6, t7, mask)
         else:
-            v0, v1, v2, v3, v4, v5, v6, v7 = _nf4_decode8(words, t0, t1, t2, t3, t4, t5, t6, t7)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _nf4_decode8(words, t0, t1, t2, t3, t4, t5, t6, t7, mask)
         for r in tl.static_range(M):
             if PACKED:
-                part = _dot4(p0, p1, p2, p3, x32 + (r * stride_xm + k0) // 2 + x_at // 2, GROUPS, X_VEC)
+                part = _dot4(p0, p1, p2, p3, x32 + ((r * stride_xm + k0) >> 1) + (x_at >> 1), GROUPS, X_VEC)
             else:
                 part = _dot8(v0, v1, v2, v3, v4, v5, v6, v7, x_ptr + r * stride_xm + k0 + x_at, GROUPS, X_VEC)
             if r == 0:
@@ -310,20 +354,17 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
 
 # Launch settings per (path, N, K[, rows]), measured by bench/nf4_kernel.py on the card.
 NF4_CONFIGS: dict[tuple, tuple] = {
-    # bench/nf4_kernel.py on an H100 80GB HBM3, Llama-3-8B shapes: (BLOCK_N, BLOCK_K, warps,
-    # split-K, x as vectors, packed bf16, prefetch) per (path, N, K[, rows])
-    ('gemv', 6144, 4096): (16, 512, 8, 1, True, True, True),
-    ('gemv', 6144, 4096, 2): (16, 512, 8, 1, False, True, True),
-    ('gemv', 6144, 4096, 4): (16, 512, 8, 1, False, True, True),
-    ('gemv', 4096, 4096): (16, 512, 8, 1, True, True, True),
-    ('gemv', 4096, 4096, 2): (16, 256, 4, 4, False, True, False),
-    ('gemv', 4096, 4096, 4): (16, 256, 4, 4, False, True, True),
-    ('gemv', 28672, 4096): (16, 512, 8, 1, False, True, True),
-    ('gemv', 28672, 4096, 2): (16, 512, 8, 1, False, True, True),
-    ('gemv', 28672, 4096, 4): (16, 512, 8, 1, False, True, True),
-    ('gemv', 4096, 14336): (16, 256, 4, 8, False, True, True),
-    ('gemv', 4096, 14336, 2): (16, 256, 4, 8, False, True, True),
-    ('gemv', 4096, 14336, 4): (16, 512, 8, 4, False, True, True),
+    # bench/nf4_kernel.py on an H200 (2026-12-01), Llama-3-8B shapes: (BLOCK_N, BLOCK_K, warps,
+    # split-K, x as vectors, packed bf16, prefetch) per (path, N, K[, rows]);
+    # 3-4 rows take the one-row settings
+    ('gemv', 6144, 4096): (16, 1024, 8, 1, True, True, True),
+    ('gemv', 6144, 4096, 2): (16, 1024, 4, 1, True, True, True),
+    ('gemv', 4096, 4096): (16, 1024, 8, 1, True, True, True),
+    ('gemv', 4096, 4096, 2): (16, 1024, 8, 1, True, True, True),
+    ('gemv', 28672, 4096): (16, 1024, 4, 1, True, True, True),
+    ('gemv', 28672, 4096, 2): (32, 512, 4, 1, True, True, True),
+    ('gemv', 4096, 14336): (16, 2048, 8, 1, True, True, True),
+    ('gemv', 4096, 14336, 2): (16, 1024, 8, 1, True, True, True),
 }
 
 
@@ -342,7 +383,8 @@ class NF4Weights:
         self.k = int(states[0].shape[1])
         self.n = sum(int(st.shape[0]) for st in states)
         self.code = states[0].code.float().contiguous()
-        self.tables = _byte_tables(self.code)
+        # one copy of the byte tables (and the mask constant) per lane: see _nf4_gemv_kernel
+        self.tables = torch.tensor([_byte_tables(self.code)] * 32, dtype=torch.int32, device=self.code.device)
         if any(st.blocksize != 64 or st.quant_type != "nf4" for st in states) or self.k % 64:
             raise ValueError("the fused kernel reads NF4 with blocksize 64 and rows of whole blocks")
         self.packed = torch.cat([m.weight.data.reshape(-1) for m in modules]).contiguous()
@@ -372,7 +414,8 @@ class NF4Weights:
 
 def _byte_tables(code: torch.Tensor) -> tuple[int, ...]:
     """The 16 code values rounded to bf16, as 8 int32 registers for `prmt`: the low bytes of
-    entries 0-3, 4-7, 8-11, 12-15, then the high bytes likewise."""
+    entries 0-3, 4-7, 8-11, 12-15, then the high bytes likewise; then the mask constant
+    0xFF00FF00 (as a signed int32)."""
     bits = [int(b) & 0xFFFF for b in code.float().cpu().to(torch.bfloat16).view(torch.int16)]
     if len(bits) != 16:
         raise ValueError("a 4-bit code has 16 values")
@@ -382,7 +425,7 @@ def _byte_tables(code: torch.Tensor) -> tuple[int, ...]:
         return w - (1 << 32) if w >= 1 << 31 else w  # a signed int32 kernel argument
 
     low, high = [b & 0xFF for b in bits], [b >> 8 for b in bits]
-    return tuple(word(table[i:i + 4]) for table in (low, high) for i in range(0, 16, 4))
+    return tuple(word(table[i:i + 4]) for table in (low, high) for i in range(0, 16, 4)) + (word([0, 255, 0, 255]),)
 
 
 def _plain_absmax(state) -> torch.Tensor:
@@ -401,7 +444,7 @@ def _fit_block_k(block_k: int, k: int) -> int:
 
 
 # BLOCK_N, BLOCK_K, warps, split-K, x as vectors, packed bf16, prefetch
-GEMV_DEFAULT = (32, 256, 4, 4, False, True, True)
+GEMV_DEFAULT = (32, 256, 4, 4, True, True, True)
 
 
 def _config(path: str, n: int, k: int, m: int, default: tuple) -> tuple:
@@ -429,13 +472,14 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
         block_n, block_k, warps, split, x_vec, packed, *more = config or _config("gemv", n, k, m, GEMV_DEFAULT)
         prefetch = bool(more and more[0])
         packed = packed and x.dtype == torch.bfloat16 and x.stride(0) % 2 == 0
+        x_vec = x_vec and x.data_ptr() % 16 == 0 and (m == 1 or x.stride(0) % 8 == 0)  # 16-byte loads of x
         while split > 1 and k % (split * 64):  # each split covers whole 64-weight blocks
             split -= 1
         block_k = _fit_block_k(block_k, k // split)
         if out is None:
             out = (torch.zeros if split > 1 else torch.empty)((m, n), dtype=torch.float32, device=x.device)
         _nf4_gemv_kernel[(triton.cdiv(n, block_n), split)](
-            x, *common, out, w.offset if w.double else dummy, *w.tables,
+            x, *common, out, w.offset if w.double else dummy, w.tables,
             n, k, k // split, x.stride(0), out.stride(0), M=m, DOUBLE=w.double, HAS_BIAS=w.bias is not None,
             ATOMIC=split > 1, EVEN_N=n % block_n == 0, BLOCK_N=block_n, GROUPS=block_k // 64, X_VEC=x_vec,
             PACKED=packed, PREFETCH=prefetch, num_warps=warps)
