@@ -52,6 +52,7 @@ for what in "$@"; do
         ;;
     checkpoint)  # in the background: the 16 GB random checkpoint the benches share
         python3 -c "from pathlib import Path; from bench.dummy_llama import write_checkpoint; write_checkpoint(Path('/tmp/bench/llama3-8b-random'))" > "$OUT/checkpoint.log" 2>&1 &
+        WRITER=$!
         ;;
     tests)
         step tests python3 -m pytest -p no:cacheprovider -q -x -m gpu ${TESTS_K:+-k "$TESTS_K"} tests/test_cuda_kernels.py tests/test_cuda_forward.py
@@ -62,11 +63,13 @@ for what in "$@"; do
         CONFIGS=$OUT/configs.json
         ;;
     decode)
+        [ -n "${WRITER:-}" ] && wait "$WRITER"  # the checkpoint, whole, before it is read
         args=(--root /tmp/bench --variants ${VARIANTS:-nf4-dq bf16 nf4 int8} --profile)
         [ -f "$CONFIGS" ] && args+=(--configs "$CONFIGS")
         TAIL=60 step decode python3 bench/gpu_decode.py "${args[@]}"
         ;;
     serve)
+        [ -n "${WRITER:-}" ] && wait "$WRITER"  # the checkpoint, whole, before it is read
         args=(--root /tmp/bench --concurrency 1 8 32 --sequential 4 --repeats ${REPEATS:-3})
         [ -f "$CONFIGS" ] && args+=(--configs "$CONFIGS")
         step serve python3 bench/gpu_serve.py "${args[@]}"

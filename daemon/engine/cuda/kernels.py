@@ -142,8 +142,8 @@ def _nf4_pairs(words, t0, t1, t2, t3, t4, t5, t6, t7, mask):
 @triton.jit
 def _dot4(p0, p1, p2, p3, xb, GROUPS: tl.constexpr, X_VEC: tl.constexpr):
     """per word: sum over its 8 weights of w * x, from the bf16 pairs and the word's inputs
-    read as 4 int32 (bf16 pairs) at xb [G, 8] + [0, 4): one 16-byte vector split in
-    registers (X_VEC), or four loads."""
+    read as 4 int32 (bf16 pairs) at xb [G, 8] + [0, 4): one 16-byte load into the four
+    registers (X_VEC; xb 16-byte aligned), or four loads."""
     if X_VEC:  # one 16-byte load per word, straight into the four registers
         x0, x1, x2, x3 = tl.inline_asm_elementwise(
             "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [xb.to(tl.int64, bitcast=True)],
@@ -215,7 +215,6 @@ def _load_block(w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, rows, row_ok, K, k0,
     is 8 contiguous words, read 16 bytes at a time) and what their absmax is made of, as read
     from memory: `_block_absmax` finishes it, so that a prefetch never waits on a load."""
     g = tl.arange(0, GROUPS)
-    j = tl.arange(0, 8)
     kw = tl.multiple_of(K // 8, 8)
     w32 = w_ptr.to(tl.pointer_type(tl.int32))
     # shifts, not //: the indices are never negative, and a signed division costs a fix-up.
