@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from daemon.engine.cuda import nf4_decode
+
 
 # ---- programmatic dependent launch ----------------------------------------------------------
 # On Hopper and later, the small kernels of the decode chain (norm, RoPE, attention, merge,
@@ -65,55 +67,11 @@ def _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, DOUBLE: tl.cons
     return value
 
 
-# Decoding 8 NF4 weights (one int32 word) without memory lookups: the 16 code values,
-# rounded to bf16, live in 8 registers as byte tables (low and high bytes of entries 0-7
-# and 8-15); `prmt` looks up 4 nibbles at once in a table, bit 3 of each nibble picks the
-# half, and the bf16 bytes are put together into exact fp32 values. About 4 integer
-# instructions per weight, where an L1 gather of a lookup table (the previous design)
-# bounded the kernel at a quarter of the memory bandwidth.
-# The lookup of the 4 nibbles in the low half of {src}: their bf16 values' low bytes into
-# `lo`, high bytes into `hi` ({t} numbers the first of the 8 table operands).
-_LOOKUP_HALF = """
-and.b32 s, {{src}}, 0x7777;
-shr.u32 t, {{src}}, 3;
-prmt.b32 m, c, c, t;
-prmt.b32 a, ${t0}, ${t1}, s;
-prmt.b32 b, ${t2}, ${t3}, s;
-lop3.b32 lo, a, b, m, 0xD8;
-prmt.b32 a, ${t4}, ${t5}, s;
-prmt.b32 b, ${t6}, ${t7}, s;
-lop3.b32 hi, a, b, m, 0xD8;
-"""
-
-
-def _lookup_half(first_table: int) -> str:
-    return _LOOKUP_HALF.format(**{f"t{i}": first_table + i for i in range(8)})
-
-
-_DECODE_HALF = _lookup_half(9) + """prmt.b32 p, lo, hi, 0x5140;
-and.b32 {o0}, p, 0xFFFF0000;
-shl.b32 {o1}, p, 16;
-prmt.b32 p, lo, hi, 0x7362;
-and.b32 {o2}, p, 0xFFFF0000;
-shl.b32 {o3}, p, 16;
-"""
-_DECODE_ASM = tl.constexpr("{\n.reg .b32 s, t, m, a, b, lo, hi, p, c, w;\nmov.b32 c, $17;\n"
-               + _DECODE_HALF.format(src="$8", o0="$0", o1="$1", o2="$2", o3="$3")
-               + "shr.u32 w, $8, 16;\n"
-               + _DECODE_HALF.format(src="w", o0="$4", o1="$5", o2="$6", o3="$7") + "}")
-
-
-# The same lookups, stopping at bf16 pairs (weights 2j, 2j+1 of the word in one register, in
-# memory order) for packed bf16 arithmetic: 23 instructions per word instead of 33. The mask
-# needs no `and`: with 0xFF00FF00 in both table registers, the selector's bit 0 (the nibble's
-# bit 3) alone picks 0x00 or 0xFF, and its sign-replicate bit keeps either as it is.
-_PAIRS_HALF = _lookup_half(5) + """prmt.b32 {o0}, lo, hi, 0x4051;
-prmt.b32 {o1}, lo, hi, 0x6273;
-"""
-_PAIRS_ASM = tl.constexpr("{\n.reg .b32 s, t, m, a, b, lo, hi, c, w;\nmov.b32 c, $13;\n"
-                          + _PAIRS_HALF.format(src="$4", o0="$0", o1="$1")
-                          + "shr.u32 w, $4, 16;\n"
-                          + _PAIRS_HALF.format(src="w", o0="$2", o1="$3") + "}")
+# Decoding 8 NF4 weights (one int32 word) without memory lookups: byte permutes over tables
+# held in registers (nf4_decode says how, and CI checks that PTX on the CPU); the weights are
+# relabeled at load so that the tables need no masks.
+_PAIRS_ASM = tl.constexpr(nf4_decode.PAIRS_ASM)
+_DECODE_ASM = tl.constexpr(nf4_decode.DECODE_ASM)
 # Four bf16-pair products summed in bf16 (as bitsandbytes' own GEMV multiplies in bf16),
 # then the two halves added in fp32.
 _DOT4_ASM = tl.constexpr("""{
@@ -130,11 +88,11 @@ add.f32 $0, lo, acc;
 
 
 @triton.jit
-def _nf4_pairs(words, t0, t1, t2, t3, t4, t5, t6, t7, mask):
+def _nf4_pairs(words, t0, t1, t2, t3, t4, t5, t6, t7):
     z = tl.zeros(words.shape, tl.int32)
     p0, p1, p2, p3 = tl.inline_asm_elementwise(
-        _PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
-        [words, z + t0, z + t1, z + t2, z + t3, z + t4, z + t5, z + t6, z + t7, z + mask],
+        _PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+        [words, z + t0, z + t1, z + t2, z + t3, z + t4, z + t5, z + t6, z + t7],
         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     return p0, p1, p2, p3
 
@@ -160,13 +118,13 @@ def _dot4(p0, p1, p2, p3, xb, GROUPS: tl.constexpr, X_VEC: tl.constexpr):
 
 
 @triton.jit
-def _nf4_decode8(words, t0, t1, t2, t3, t4, t5, t6, t7, mask):
+def _nf4_decode8(words, t0, t1, t2, t3, t4, t5, t6, t7):
     """int32 words [..] -> the 8 weights of each word as fp32 (weight i of the word: v_i;
     bitsandbytes puts weight 2b in the high nibble of byte b)."""
     z = tl.zeros(words.shape, tl.int32)
     v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-        _DECODE_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
-        [words, z + t0, z + t1, z + t2, z + t3, z + t4, z + t5, z + t6, z + t7, z + mask],
+        _DECODE_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+        [words, z + t0, z + t1, z + t2, z + t3, z + t4, z + t5, z + t6, z + t7],
         dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32),
         is_pure=True, pack=1)
     return (v0.to(tl.float32, bitcast=True), v1.to(tl.float32, bitcast=True), v2.to(tl.float32, bitcast=True),
@@ -280,7 +238,7 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
     # vector registers through the loop, instead of being copied from uniform registers before
     # every byte permute (40 of the loop's 220 instructions)
     lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [pid_n], dtype=tl.int32, is_pure=True, pack=1)
-    tables = tables_ptr + lane * 9
+    tables = tables_ptr + lane * 8
     t0 = tl.load(tables)
     t1 = tl.load(tables + 1)
     t2 = tl.load(tables + 2)
@@ -289,7 +247,6 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
     t5 = tl.load(tables + 5)
     t6 = tl.load(tables + 6)
     t7 = tl.load(tables + 7)
-    mask = tl.load(tables + 8)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     x_at = (tl.arange(0, GROUPS) * 64)[:, None] + (tl.arange(0, 8) * 8)[None, :]
@@ -315,9 +272,9 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
                                                    DOUBLE, EVEN_N, GROUPS)
         am = _block_absmax(code2_ptr, raw, scale, shift, DOUBLE)
         if PACKED:
-            p0, p1, p2, p3 = _nf4_pairs(words, t0, t1, t2, t3, t4, t5, t6, t7, mask)
+            p0, p1, p2, p3 = _nf4_pairs(words, t0, t1, t2, t3, t4, t5, t6, t7)
         else:
-            v0, v1, v2, v3, v4, v5, v6, v7 = _nf4_decode8(words, t0, t1, t2, t3, t4, t5, t6, t7, mask)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _nf4_decode8(words, t0, t1, t2, t3, t4, t5, t6, t7)
         for r in tl.static_range(M):
             if PACKED:
                 part = _dot4(p0, p1, p2, p3, x32 + ((r * stride_xm + k0) >> 1) + (x_at >> 1), GROUPS, X_VEC)
@@ -373,7 +330,7 @@ def _next_pow2(n: int) -> int:
 
 class NF4Weights:
     """One or more bitsandbytes Linear4bit layers fused along the output dimension, kept in
-    bitsandbytes' own NF4 layout. Double-quantized absmax stays 8-bit; each 256-block group
+    bitsandbytes' NF4 layout with the 16 codes relabeled (nf4_decode). Double-quantized absmax stays 8-bit; each 256-block group
     carries its module's offset, so fused modules decode exactly as bitsandbytes decodes
     them one by one."""
 
@@ -381,12 +338,16 @@ class NF4Weights:
         states = [m.weight.quant_state for m in modules]
         self.k = int(states[0].shape[1])
         self.n = sum(int(st.shape[0]) for st in states)
-        self.code = states[0].code.float().contiguous()
-        # one copy of the byte tables (and the mask constant) per lane: see _nf4_gemv_kernel
-        self.tables = torch.tensor([_byte_tables(self.code)] * 32, dtype=torch.int32, device=self.code.device)
+        # the kernels read the codes relabeled (nf4_decode): the packed weights and the code
+        # table are relabeled alike, so every weight decodes to bitsandbytes' value
+        decoding = nf4_decode.decoding_for(states[0].code.float().tolist())
+        device = states[0].code.device
+        self.code = torch.tensor(decoding.code, dtype=torch.float32, device=device)
+        # one copy of the byte tables per lane: see _nf4_gemv_kernel
+        self.tables = torch.tensor([decoding.tables] * 32, dtype=torch.int32, device=device)
         if any(st.blocksize != 64 or st.quant_type != "nf4" for st in states) or self.k % 64:
             raise ValueError("the fused kernel reads NF4 with blocksize 64 and rows of whole blocks")
-        self.packed = torch.cat([m.weight.data.reshape(-1) for m in modules]).contiguous()
+        self.packed = decoding.relabel(torch.cat([m.weight.data.reshape(-1) for m in modules]))
         double = [st.state2 is not None for st in states]
         aligned = all((st.shape[0] * st.shape[1] // 64) % 256 == 0 for st in states)
         if all(double) and aligned:
@@ -409,22 +370,6 @@ class NF4Weights:
     def nbytes(self) -> int:
         parts = [self.packed, self.absmax, self.absmax2, self.offset, self.bias]
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
-
-
-def _byte_tables(code: torch.Tensor) -> tuple[int, ...]:
-    """The 16 code values rounded to bf16, as 8 int32 registers for `prmt`: the low bytes of
-    entries 0-3, 4-7, 8-11, 12-15, then the high bytes likewise; then the mask constant
-    0xFF00FF00 (as a signed int32)."""
-    bits = [int(b) & 0xFFFF for b in code.float().cpu().to(torch.bfloat16).view(torch.int16)]
-    if len(bits) != 16:
-        raise ValueError("a 4-bit code has 16 values")
-
-    def word(values: list[int]) -> int:
-        w = values[0] | values[1] << 8 | values[2] << 16 | values[3] << 24
-        return w - (1 << 32) if w >= 1 << 31 else w  # a signed int32 kernel argument
-
-    low, high = [b & 0xFF for b in bits], [b >> 8 for b in bits]
-    return tuple(word(table[i:i + 4]) for table in (low, high) for i in range(0, 16, 4)) + (word([0, 255, 0, 255]),)
 
 
 def _plain_absmax(state) -> torch.Tensor:
