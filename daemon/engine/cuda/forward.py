@@ -4,7 +4,7 @@ Per layer and decode step: add+RMSNorm, the QKV product, RoPE + KV write, split-
 attention, the O product, add+RMSNorm, the gate/up product, SiLU*up, the down product:
 nine launches, replayed from a captured graph, so Python does one replay per token.
 Products use cuBLAS for dense bf16/fp16 weights and the NF4 GEMV for bitsandbytes 4-bit
-weights (bitsandbytes' layout as it is) at 1-4 rows. More rows (batched decode, prefill)
+weights (bitsandbytes' layout, the codes relabeled) at 1-4 rows. More rows (batched decode, prefill)
 multiply by a bf16 copy of each NF4 matrix where the load plan keeps one (`batch_weights`:
 the same numbers as bitsandbytes' dequantize-then-matmul, at cuBLAS speed), else dequantize
 each matrix into a scratch buffer per product and run one GEMM. Prefill attention is

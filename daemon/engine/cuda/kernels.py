@@ -1,7 +1,7 @@
 """Triton kernels for decoding: few launches per layer, each one pass over its bytes.
 
-- nf4_matmul: y = x W^T with W in bitsandbytes' NF4 layout, read as it is: packed nibbles
-  (high nibble first, row-major), one absmax per 64 weights, double-quantized absmax
+- nf4_matmul: y = x W^T with W in bitsandbytes' NF4 layout (the 16 codes relabeled once at
+  load, see nf4_decode): packed nibbles (high nibble first, row-major), one absmax per 64 weights, double-quantized absmax
   (uint8 codes, a float per 256 blocks, an offset) decoded in the kernel. A GEMV for 1-4
   rows: each warp reads long runs of one weight row in 16-byte loads (whole DRAM pages, not
   32 bytes of many rows), the nibbles are decoded in registers by byte permutes (no lookup
