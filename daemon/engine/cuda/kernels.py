@@ -555,13 +555,15 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, len_ptr,
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(len_ptr + b)
+    start = split * SPLIT_LEN
+    if start >= length:  # a split past the row's length: the merge reads none of it
+        return
     slot = tl.load(slot_ptr + b)
     g = tl.arange(0, GROUP_PAD)
     g_ok = g < GROUP
     d = tl.arange(0, D)
     heads = kv_head * GROUP + g
     q = tl.load(q_ptr + (b * H + heads)[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0)
-    start = split * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, length)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
