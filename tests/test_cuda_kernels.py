@@ -56,6 +56,20 @@ def test_nf4_gemv_settings_all_match(config, rows):
     assert rel(K.nf4_matmul(x, w, out=out, config=config), x @ mods[0].ref.T) < 1e-2
 
 
+@pytest.mark.parametrize("config", [(16, 1024, 4, 1, True, True, True), (32, 512, 4, 1, True, True, True),
+                                    (64, 128, 2, 1, False, False, False)])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_nf4_gemv_silu_epilogue_equals_the_silu_kernel(config, rows):
+    mods = [_Module(1024, 2048, True), _Module(1024, 2048, True)]  # [gate; up]
+    w = K.NF4Weights(mods)
+    x = torch.randn(rows, w.k, dtype=torch.bfloat16, device="cuda")
+    fused = K.nf4_matmul(x, w, config=config, silu=True)
+    assert fused.shape == (rows, 1024) and fused.dtype == torch.bfloat16
+    assert torch.equal(fused, K.silu_mul(K.nf4_matmul(x, w, config=config), torch.bfloat16))
+    with pytest.raises(ValueError, match="split-K"):
+        K.nf4_matmul(x, w, config=(32, 256, 4, 4, True, True, True), silu=True)
+
+
 @pytest.mark.parametrize("rows", [1, 4])
 def test_nf4_gemv_with_fp16_activations(rows):
     mods = [_Module(1024, 2048, False)]

@@ -1,8 +1,9 @@
 """The GPU forward pass: Triton kernels, fused weights, a CUDA graph per decode batch size.
 
 Per layer and decode step: add+RMSNorm, the QKV product, RoPE + KV write, split-KV
-attention, the O product, add+RMSNorm, the gate/up product, SiLU*up, the down product:
-nine launches, replayed from a captured graph, so Python does one replay per token.
+attention and its merge, the O product, add+RMSNorm, the gate/up product with SiLU*up in its
+epilogue (the NF4 GEMV without split-K; else a SiLU launch), the down product: nine launches,
+replayed from a captured graph, so Python does one replay per token.
 Products use cuBLAS for dense bf16/fp16 weights and the NF4 GEMV for bitsandbytes 4-bit
 weights (bitsandbytes' layout, the codes relabeled) at 1-4 rows. More rows (batched decode, prefill)
 multiply by a bf16 copy of each NF4 matrix where the load plan keeps one (`batch_weights`:
@@ -74,6 +75,11 @@ class Linear:
         """Whether this many rows go through the NF4 GEMV (an fp32 result that split-K programs
         add into)."""
         return self.nf4 is not None and rows <= 4 and (self.batch_weight is None or rows < BATCH_WEIGHT_ROWS)
+
+    def fuses_silu(self, rows: int) -> bool:
+        """Whether SiLU(gate) * up of this [gate; up] product comes from the GEMV's epilogue
+        (the GEMV without split-K: its sums are final when stored)."""
+        return self.uses_gemv(rows) and K.nf4_gemv_split(self.nf4, rows) == 1
 
     def __call__(self, x: torch.Tensor, scratch: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,8 +233,11 @@ class CudaLlamaForward:
 
     def _mlp(self, layer: _Layer, h: torch.Tensor, outputs: "_Outputs | None" = None) -> torch.Tensor:
         rows = h.shape[0]
-        gate_up = layer.gate_up(h, self.scratch, outputs and outputs.take(layer.gate_up, rows))
-        return layer.down(K.silu_mul(gate_up, self.dtype), self.scratch, outputs and outputs.take(layer.down, rows))
+        if layer.gate_up.fuses_silu(rows):  # one launch fewer per layer
+            act = K.nf4_matmul(h, layer.gate_up.nf4, silu=True)
+        else:
+            act = K.silu_mul(layer.gate_up(h, self.scratch, outputs and outputs.take(layer.gate_up, rows)), self.dtype)
+        return layer.down(act, self.scratch, outputs and outputs.take(layer.down, rows))
 
     def _decode_body(self, tokens, slots, positions, lengths, attention: K.DecodeAttention,
                      outputs: "_Outputs | None" = None) -> torch.Tensor:

@@ -228,10 +228,12 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
                      N, K, K_SPLIT, stride_xm, stride_om,
                      M: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                      EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, X_VEC: tl.constexpr,
-                     PACKED: tl.constexpr, PREFETCH: tl.constexpr):
+                     PACKED: tl.constexpr, PREFETCH: tl.constexpr, SILU: tl.constexpr):
     """Decode-size products (M <= 4 rows). Weights are read as int32 words (8 nibbles) and
     decoded in registers; absmax applies per 64 weights; a program covers BLOCK_N outputs
-    over K_SPLIT inputs, and split programs add their sums atomically into an fp32 output."""
+    over K_SPLIT inputs, and split programs add their sums atomically into an fp32 output.
+    SILU (no split): W is [gate; up], a program takes BLOCK_N / 2 rows of each and stores
+    SiLU(gate) * up, in out's dtype, as the SiLU kernel computes it."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # the byte tables, read per lane from 32 copies: values ptxas cannot prove uniform stay in
@@ -247,8 +249,15 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
     t5 = tl.load(tables + 5)
     t6 = tl.load(tables + 6)
     t7 = tl.load(tables + 7)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    HALF: tl.constexpr = BLOCK_N // 2
+    if SILU:  # gate rows c.. and up rows N/2 + c..
+        i = tl.arange(0, BLOCK_N)
+        cols = pid_n * HALF + i % HALF
+        rows = cols + (i // HALF) * (N >> 1)
+        row_ok = cols < (N >> 1)
+    else:
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
     x_at = (tl.arange(0, GROUPS) * 64)[:, None] + (tl.arange(0, 8) * 8)[None, :]
     x32 = x_ptr.to(tl.pointer_type(tl.int32))
     k_begin = pid_k * K_SPLIT
@@ -302,7 +311,12 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
         if HAS_BIAS:
             if pid_k == 0:
                 y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        if ATOMIC:
+        if SILU:
+            gate, up = tl.split(tl.permute(tl.reshape(y, (2, HALF)), (1, 0)))
+            act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+            cols = pid_n * HALF + tl.arange(0, HALF)
+            tl.store(out_ptr + r * stride_om + cols, (act * up).to(out_ptr.dtype.element_ty), mask=cols < (N >> 1))
+        elif ATOMIC:
             tl.atomic_add(out_ptr + r * stride_om + rows, y, mask=row_ok, sem="relaxed")
         else:
             tl.store(out_ptr + r * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
@@ -404,10 +418,23 @@ def load_configs(text: str) -> None:
         NF4_CONFIGS[(path, *map(int, dims))] = tuple(value)
 
 
+def _gemv_split(split: int, k: int) -> int:
+    while split > 1 and k % (split * 64):  # each split covers whole 64-weight blocks
+        split -= 1
+    return split
+
+
+def nf4_gemv_split(w: NF4Weights, rows: int) -> int:
+    """How many split-K programs the GEMV runs for this many rows (1: no atomics, results stored)."""
+    return _gemv_split(_config("gemv", w.n, w.k, rows, GEMV_DEFAULT)[3], w.k)
+
+
 def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
-               config: tuple | None = None) -> torch.Tensor:
+               config: tuple | None = None, silu: bool = False) -> torch.Tensor:
     """x [M, K] @ dequant(W [N, K])^T (+ bias) -> [M, N]. Up to 4 rows (decoding), the result
-    is fp32 (the consumers are Triton kernels that read any float); more rows: x's dtype."""
+    is fp32 (the consumers are Triton kernels that read any float); more rows: x's dtype.
+    silu (1-4 rows, a setting without split-K): W is [gate; up] and the result is
+    SiLU(gate) * up [M, N / 2] in x's dtype, from the GEMV's epilogue."""
     m, n, k = x.shape[0], w.n, w.k
     dummy = w.absmax
     common = (w.packed, w.absmax, w.absmax2 if w.double else dummy, w.code2 if w.double else dummy,
@@ -417,17 +444,21 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
         prefetch = bool(more and more[0])
         packed = packed and x.dtype == torch.bfloat16 and x.stride(0) % 2 == 0
         x_vec = x_vec and x.data_ptr() % 16 == 0 and (m == 1 or x.stride(0) % 8 == 0)  # 16-byte loads of x
-        while split > 1 and k % (split * 64):  # each split covers whole 64-weight blocks
-            split -= 1
+        split = _gemv_split(split, k)
         block_k = _fit_block_k(block_k, k // split)
+        if silu and (split > 1 or n % 2):
+            raise ValueError("SiLU in the GEMV's epilogue needs a setting without split-K and [gate; up] rows")
         if out is None:
-            out = (torch.zeros if split > 1 else torch.empty)((m, n), dtype=torch.float32, device=x.device)
+            shape, dtype = ((m, n // 2), x.dtype) if silu else ((m, n), torch.float32)
+            out = (torch.zeros if split > 1 else torch.empty)(shape, dtype=dtype, device=x.device)
         _nf4_gemv_kernel[(triton.cdiv(n, block_n), split)](
             x, *common, out, w.offset if w.double else dummy, w.tables,
             n, k, k // split, x.stride(0), out.stride(0), M=m, DOUBLE=w.double, HAS_BIAS=w.bias is not None,
             ATOMIC=split > 1, EVEN_N=n % block_n == 0, BLOCK_N=block_n, GROUPS=block_k // 64, X_VEC=x_vec,
-            PACKED=packed, PREFETCH=prefetch, num_warps=warps)
+            PACKED=packed, PREFETCH=prefetch, SILU=silu, num_warps=warps)
         return out
+    if silu:
+        raise ValueError("SiLU in the GEMV's epilogue is for 1-4 rows")
     # more rows (batches, prefill): dequantize, then one GEMM on the tensor cores
     full = nf4_dequantize(w, torch.empty(n * k, dtype=x.dtype, device=x.device))
     result = torch.nn.functional.linear(x, full, None if w.bias is None else w.bias.to(x.dtype))
