@@ -72,14 +72,17 @@ class Linear:
             raise UnsupportedArchitecture("the fast path handles dense and NF4 layers (int8 / FP4 run eagerly)")
 
     def uses_gemv(self, rows: int) -> bool:
-        """Whether this many rows go through the NF4 GEMV (an fp32 result that split-K programs
-        add into)."""
+        """Whether this many rows go through the NF4 GEMV (an fp32 result)."""
         return self.nf4 is not None and rows <= 4 and (self.batch_weight is None or rows < BATCH_WEIGHT_ROWS)
+
+    def gemv_adds(self, rows: int) -> bool:
+        """Whether the GEMV runs split-K programs that add into a zeroed output."""
+        return self.uses_gemv(rows) and K.nf4_gemv_split(self.nf4, rows) > 1
 
     def fuses_silu(self, rows: int) -> bool:
         """Whether SiLU(gate) * up of this [gate; up] product comes from the GEMV's epilogue
         (the GEMV without split-K: its sums are final when stored)."""
-        return self.uses_gemv(rows) and K.nf4_gemv_split(self.nf4, rows) == 1
+        return self.uses_gemv(rows) and not self.gemv_adds(rows)
 
     def __call__(self, x: torch.Tensor, scratch: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,8 +107,8 @@ class Linear:
 
 
 class _Outputs:
-    """One zeroed fp32 buffer for a decode step's NF4 GEMV outputs (split-K programs add into
-    them): one memset per step instead of one per product."""
+    """One zeroed fp32 buffer for a decode step's split-K NF4 GEMV outputs (their programs add
+    into them): one memset per step instead of one per product; GEMVs without split-K store."""
 
     def __init__(self, rows: int, widths: int, device: torch.device) -> None:
         self.buffer = torch.zeros(rows * widths, dtype=torch.float32, device=device)
@@ -116,7 +119,7 @@ class _Outputs:
         self.used = 0
 
     def take(self, linear: Linear, rows: int) -> torch.Tensor | None:
-        if not linear.uses_gemv(rows):
+        if not linear.gemv_adds(rows):
             return None
         size = rows * linear.n
         view = self.buffer[self.used:self.used + size].view(rows, linear.n)
@@ -152,8 +155,9 @@ class _Graph:
         self.turn = 0
         self.attention = K.DecodeAttention(batch, owner.num_heads, owner.num_kv_heads, owner.head_dim,
                                            owner.max_ctx, dev, owner.dtype)
-        widths = sum(lin.n for layer in owner.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
-        self.outputs = _Outputs(batch, widths, dev) if batch <= 4 else None
+        widths = sum(lin.n for layer in owner.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
+                     if lin.gemv_adds(batch))
+        self.outputs = _Outputs(batch, widths, dev) if widths else None
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
 
