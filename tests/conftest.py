@@ -11,8 +11,14 @@ from typing import Iterator
 
 import pytest
 
+import torch  # noqa: E402
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+if not torch.cuda.is_available():
+    # Without a GPU, Triton (where installed) runs kernels in its interpreter: test_kernels_interpreted.
+    # It has to be set before anything imports triton (bitsandbytes and transformers may).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from daemon.config import Settings, parse_host  # noqa: E402
 from tinymodels import HERMES_TOOLS, THINKING, THINKING_SCRIPT, TOOL_SCRIPT, build_model  # noqa: E402

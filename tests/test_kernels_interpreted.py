@@ -1,0 +1,300 @@
+"""The Triton kernels on the CPU, in Triton's interpreter, against bitsandbytes' CPU dequantize
+and PyTorch references. The interpreter runs neither inline PTX nor libdevice calls: here the PTX
+is executed by a small vectorized emulator of the instructions the kernels use, and libdevice's
+two roundings by NumPy's, so the GEMV runs as written (its relabeled tables, its index math, split-K, the SiLU epilogue).
+
+Runs where Triton is installed and no GPU is (a GPU runs the real thing: test_cuda_kernels);
+skipped otherwise, CI included (Triton comes with CUDA builds of torch, not with the CPU one)."""
+
+import os
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+if torch.cuda.is_available():
+    pytest.skip("the GPU tests run these kernels for real", allow_module_level=True)
+triton = pytest.importorskip("triton", reason="needs Triton (its interpreter)")
+if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it before anything imports triton
+    pytest.skip("Triton's interpreter is off", allow_module_level=True)
+functional = pytest.importorskip("bitsandbytes.functional")
+
+from triton.runtime import interpreter  # noqa: E402
+
+from daemon.engine.cuda import kernels as K  # noqa: E402
+
+U32 = np.uint32
+
+
+def _prmt(a, b, selector):
+    source = (b.astype(np.uint64) << np.uint64(32)) | a.astype(np.uint64)
+    out = np.zeros_like(a, dtype=U32)
+    for i in range(4):
+        nibble = (selector >> U32(4 * i)) & U32(0xF)
+        byte = ((source >> (U32(8) * (nibble & U32(7))).astype(np.uint64)) & np.uint64(0xFF)).astype(U32)
+        sign = np.where(byte & U32(0x80), U32(0xFF), U32(0))
+        out |= np.where(nibble & U32(8), sign, byte) << U32(8 * i)
+    return out
+
+
+def _bf16_round(v: np.ndarray) -> np.ndarray:
+    """float64 -> the bits of the nearest bf16 (ties to even), as the low 16 bits of uint32."""
+    mantissa, exponent = np.frexp(v)
+    rounded = np.ldexp(np.rint(mantissa * 256.0), exponent - 8).astype(np.float32)
+    return rounded.view(U32) >> U32(16)
+
+
+def _bf16_halves(r):
+    lo = (r << U32(16)).view(np.float32).astype(np.float64)
+    hi = (r & U32(0xFFFF0000)).view(np.float32).astype(np.float64)
+    return lo, hi
+
+
+def _fma_bf16x2(a, b, c):
+    (al, ah), (bl, bh), (cl, ch) = _bf16_halves(a), _bf16_halves(b), _bf16_halves(c)
+    return _bf16_round(al * bl + cl) | (_bf16_round(ah * bh + ch) << U32(16))
+
+
+def _f32(r):
+    return r.view(np.float32)
+
+
+def _load(addresses, np_dtype):
+    flat = addresses.astype(np.uint64).reshape(-1)
+    out = interpreter._interpreter.load(flat, np.ones(flat.shape, dtype=bool), np.zeros(flat.shape, dtype=np_dtype),
+                                        np.dtype(np_dtype))
+    return out.reshape(addresses.shape)
+
+
+_ALU = {
+    "xor.b32": lambda a, b: a ^ b,
+    "and.b32": lambda a, b: a & b,
+    "shl.b32": lambda a, b: a << b,
+    "shr.u32": lambda a, b: a >> b,
+    "mul.hi.u32": lambda a, b: ((a.astype(np.uint64) * b.astype(np.uint64)) >> np.uint64(32)).astype(U32),
+    "mov.b32": lambda a: a,
+    "prmt.b32": _prmt,
+    "fma.rn.bf16x2": _fma_bf16x2,
+    "add.f32": lambda a, b: (_f32(a) + _f32(b)).view(U32),
+}
+
+
+def run_asm(text: str, outputs: int, inputs: list[np.ndarray], shape) -> list[np.ndarray]:
+    """Executes inline PTX elementwise over numpy arrays: $0.. outputs, then inputs (uint32
+    registers; 64-bit addresses stay uint64)."""
+    regs = {f"${outputs + i}": v for i, v in enumerate(inputs)}
+
+    def value(operand):
+        if re.fullmatch(r"0x[0-9A-Fa-f]+|\d+", operand):
+            return np.full(shape, int(operand, 0), dtype=U32)
+        return regs[operand]
+
+    for statement in text.replace("{\n", "\n").replace("\n}", "\n").split(";"):
+        statement = statement.strip().strip("{}").strip()
+        if not statement or statement.startswith(".reg"):
+            continue
+        op, args = statement.split(None, 1)
+        if op == "mov.u32" and "%laneid" in args:
+            regs[args.split(",")[0].strip()] = np.zeros(shape, dtype=U32)
+        elif op.startswith("ld.global.nc"):
+            dests, address = re.fullmatch(r"\{?([^}\[]*?)\}?,\s*\[(\$\d+)\]", args.strip()).groups()
+            dests = [d.strip() for d in dests.split(",")]
+            base = regs[address].astype(np.uint64)
+            kind = op.rsplit(".", 1)[1]
+            for i, dest in enumerate(dests):
+                if kind == "u8":
+                    regs[dest] = _load(base, np.uint8).astype(U32)
+                else:  # f32 / b32: 4 bytes each
+                    regs[dest] = _load(base + np.uint64(4 * i), np.uint32).astype(U32)
+        else:
+            dest, *sources = [a.strip() for a in args.split(",")]
+            regs[dest] = np.asarray(_ALU[op](*map(value, sources)), dtype=U32).reshape(shape)
+    return [regs[f"${i}"] for i in range(outputs)]
+
+
+class _Results:
+    def __init__(self, handles):
+        self.handles = handles
+
+    def get_result(self, i):
+        return self.handles[i]
+
+
+def _as_register(handle):
+    data = np.asarray(handle.data)
+    if data.dtype in (np.int64, np.uint64):
+        return data.astype(np.uint64)
+    return data.view(U32) if data.dtype.itemsize == 4 else data.astype(U32)
+
+
+def _create_inline_asm(self, asm, constraints, values, types, is_pure, pack):
+    registers = [_as_register(v) for v in values]
+    shape = np.broadcast_shapes(*[r.shape for r in registers])
+    registers = [np.broadcast_to(r, shape).copy() for r in registers]
+    outs = run_asm(asm, len(types), registers, shape)
+    handles = []
+    for ty, out in zip(types, outs):
+        scalar = getattr(ty, "element_ty", ty)
+        view = out.view(np.float32) if scalar == triton.language.float32 else out.view(np.int32)
+        handles.append(interpreter.TensorHandle(view, scalar))
+    return _Results(handles)
+
+
+_original_cast = interpreter.InterpreterBuilder.cast_impl
+
+
+def _cast(self, src, dst_type):
+    """fp32 -> bf16 rounded to nearest even, as the GPU converts (the interpreter truncates)."""
+    if src.dtype.scalar == triton.language.float32 and dst_type.scalar == triton.language.bfloat16:
+        rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+        return interpreter.TensorHandle(rounded.view(torch.uint16).numpy(), dst_type.scalar)
+    return _original_cast(self, src, dst_type)
+
+
+def _as_fp32(handle):
+    if handle.dtype.scalar == triton.language.bfloat16:  # kept as raw uint16 bits
+        return (handle.data.astype(U32) << U32(16)).view(np.float32)
+    return handle.data
+
+
+def _dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    """tl.dot with bf16 operands as their values (the interpreter multiplies their raw bits)."""
+    return interpreter.TensorHandle(np.matmul(_as_fp32(a), _as_fp32(b), dtype=d.data.dtype) + d.data, d.dtype.scalar)
+
+
+_original_patch_tensor = interpreter._patch_lang_tensor
+
+
+def _patch_lang_tensor(tensor, scope):
+    """The interpreter's own, with a loop bound's int() that NumPy 2.4 still allows (the scalars
+    the interpreter makes are 1-element arrays, and int() of those is gone)."""
+    _original_patch_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+
+@pytest.fixture(autouse=True)
+def emulated_ptx(monkeypatch):
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_inline_asm", _create_inline_asm)
+    # libdevice's roundings, as NumPy's float32 arithmetic rounds (to nearest, one op at a time)
+    monkeypatch.setattr(K, "libdevice", SimpleNamespace(mul_rn=lambda a, b: a * b, add_rn=lambda a, b: a + b))
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", _patch_lang_tensor)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", _cast)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", _dot)
+
+
+class _Param:
+    def __init__(self, data, state):
+        self.data, self.quant_state = data, state
+
+
+class _Module:
+    def __init__(self, n, k, double, gen):
+        w = (torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)
+        q, st = functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double)
+        self.weight, self.bias = _Param(q, st), None
+        self.ref = functional.dequantize_4bit(q, st)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# (BLOCK_N, BLOCK_K, warps, split-K, x as vectors, packed bf16, prefetch)
+CONFIGS = [(16, 256, 4, 1, True, True, True), (16, 128, 4, 2, True, True, False), (32, 128, 4, 1, False, True, True),
+           (16, 256, 4, 1, False, False, True)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["vector x", "split-K", "scalar x", "fp32 weights"])
+@pytest.mark.parametrize("rows, double", [(1, True), (3, False)])
+def test_nf4_gemv_matches_bitsandbytes(config, rows, double):
+    gen = torch.Generator().manual_seed(rows)
+    mods = [_Module(64, 512, double, gen), _Module(32, 512, double, gen)]
+    w = K.NF4Weights(mods)
+    x = torch.randn(rows, w.k, generator=gen).to(torch.bfloat16)
+    out = torch.zeros((rows, w.n))
+    got = K.nf4_matmul(x, w, out=out, config=config)
+    assert rel(got, x.float() @ torch.cat([m.ref for m in mods]).float().T) < 1e-2
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=["packed", "fp32 weights"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_nf4_gemv_silu_epilogue(config, rows):
+    gen = torch.Generator().manual_seed(7)
+    mods = [_Module(64, 256, True, gen), _Module(64, 256, True, gen)]  # [gate; up]
+    w = K.NF4Weights(mods)
+    x = torch.randn(rows, w.k, generator=gen).to(torch.bfloat16)
+    fused = K.nf4_matmul(x, w, config=config, silu=True)
+    assert torch.equal(fused, K.silu_mul(K.nf4_matmul(x, w, config=config), torch.bfloat16))
+    gate, up = (x.float() @ m.ref.float().T for m in mods)
+    assert rel(fused, torch.nn.functional.silu(gate) * up) < 2e-2
+
+
+def test_nf4_dequantize_is_bitsandbytes_bit_for_bit():
+    gen = torch.Generator().manual_seed(3)
+    mods = [_Module(64, 256, True, gen), _Module(32, 256, True, gen)]
+    w = K.NF4Weights(mods)
+    scratch = torch.full((w.n * w.k,), float("nan"), dtype=torch.bfloat16)
+    assert torch.equal(K.nf4_dequantize(w, scratch), torch.cat([m.ref for m in mods]))
+
+
+def test_decode_attention_skips_splits_past_each_length():
+    gen = torch.Generator().manual_seed(1)
+    H, KV, D, S, C = 8, 2, 64, 3, 512
+    kc = torch.randn(S, KV, C, D, generator=gen).to(torch.bfloat16)
+    vc = torch.randn(S, KV, C, D, generator=gen).to(torch.bfloat16)
+    q = torch.randn(4, H, D, generator=gen).to(torch.bfloat16)
+    slots = torch.tensor([1, 2, 0, 1], dtype=torch.int32)
+    lens = torch.tensor([500, 7, 129, 1], dtype=torch.int32)
+    attention = K.DecodeAttention(4, H, KV, D, C, torch.device("cpu"), torch.bfloat16, split_len=64)
+    attention.part_out.fill_(float("nan"))  # what an empty split would leave: the merge must not read it
+    o = attention(q, kc, vc, slots, lens, D ** -0.5)
+    for b in range(4):
+        n, s = int(lens[b]), int(slots[b])
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[b:b + 1, :, None].float(), kc[s:s + 1, :, :n].float(), vc[s:s + 1, :, :n].float(), enable_gqa=True)
+        assert rel(o[b], ref[0, :, 0]) < 1e-2
+
+
+def test_add_rmsnorm_and_silu_mul():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 256, generator=gen)  # an fp32 product, as the GEMV leaves it
+    residual = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    weight = torch.rand(256, generator=gen).to(torch.bfloat16)
+    normed, summed = K.add_rmsnorm(x, weight, 1e-5, residual=residual)
+    s = (x + residual.float()).to(torch.bfloat16)
+    ref = weight * (s.float() * torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    assert torch.equal(summed, s) and rel(normed, ref) < 1e-2
+    gate_up = torch.randn(2, 2 * 300, generator=gen)
+    act = K.silu_mul(gate_up, torch.bfloat16)
+    assert rel(act, torch.nn.functional.silu(gate_up[:, :300]) * gate_up[:, 300:]) < 1e-2
+
+
+def test_rope_kv_rotates_q_and_k_and_writes_the_caches():
+    gen = torch.Generator().manual_seed(4)
+    H, KV, D, S, C = 4, 2, 64, 3, 32
+    positions = torch.tensor([5, 0, 31], dtype=torch.int32)
+    slots = torch.tensor([2, 0, 1], dtype=torch.int32)
+    qkv = torch.randn(3, (H + 2 * KV) * D, generator=gen)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D)
+    angles = torch.arange(C).float()[:, None] * inv_freq[None]
+    cos = torch.cat([angles.cos()] * 2, dim=1).to(torch.bfloat16)
+    sin = torch.cat([angles.sin()] * 2, dim=1).to(torch.bfloat16)
+    k_cache = torch.zeros(S, KV, C, D, dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    q = K.rope_kv(qkv, cos, sin, positions, slots, k_cache, v_cache, H, KV, D)
+
+    def rotated(x, pos):  # HF's rotate_half form
+        half = torch.cat([-x[..., D // 2:], x[..., :D // 2]], dim=-1)
+        return x * cos[pos].float() + half * sin[pos].float()
+
+    heads = qkv.view(3, H + 2 * KV, D)
+    for t in range(3):
+        pos, slot = int(positions[t]), int(slots[t])
+        assert rel(q[t], rotated(heads[t, :H], pos)) < 1e-2
+        assert rel(k_cache[slot, :, pos], rotated(heads[t, H:H + KV], pos)) < 1e-2
+        assert torch.equal(v_cache[slot, :, pos], heads[t, H + KV:].to(torch.bfloat16))
+    written = torch.zeros(S, C, dtype=torch.bool)
+    written[slots.long(), positions.long()] = True
+    assert not k_cache.permute(0, 2, 1, 3)[~written].any()  # nothing else in the caches
