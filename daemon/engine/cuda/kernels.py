@@ -34,6 +34,9 @@ from daemon.engine.cuda import nf4_decode
 # Every such kernel waits before it finishes, so the order of completion, and what each
 # reads, is as without PDL. The NF4 GEMV is launched without it: launched early (its weight
 # loads issued, then waiting), it slowed the whole step on an H100 (258 against 287 tok/s).
+# It does let the kernel after it launch early (the trigger alone: that kernel, launched with
+# PDL, waits for the whole GEMV), so the small kernels that follow a product are resident by the
+# time its last programs finish, instead of launching after them.
 
 @triton.jit
 def _pdl_start(PDL: tl.constexpr):
@@ -228,12 +231,14 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
                      N, K, K_SPLIT, stride_xm, stride_om,
                      M: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                      EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, X_VEC: tl.constexpr,
-                     PACKED: tl.constexpr, PREFETCH: tl.constexpr, SILU: tl.constexpr):
+                     PACKED: tl.constexpr, PREFETCH: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr):
     """Decode-size products (M <= 4 rows). Weights are read as int32 words (8 nibbles) and
     decoded in registers; absmax applies per 64 weights; a program covers BLOCK_N outputs
     over K_SPLIT inputs, and split programs add their sums atomically into an fp32 output.
     SILU (no split): W is [gate; up], a program takes BLOCK_N / 2 rows of each and stores
     SiLU(gate) * up, in out's dtype, as the SiLU kernel computes it."""
+    if PDL:  # the next kernel may launch (it waits for this one's results)
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # the byte tables, read per lane from 32 copies: values ptxas cannot prove uniform stay in
@@ -455,7 +460,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
             x, *common, out, w.offset if w.double else dummy, w.tables,
             n, k, k // split, x.stride(0), out.stride(0), M=m, DOUBLE=w.double, HAS_BIAS=w.bias is not None,
             ATOMIC=split > 1, EVEN_N=n % block_n == 0, BLOCK_N=block_n, GROUPS=block_k // 64, X_VEC=x_vec,
-            PACKED=packed, PREFETCH=prefetch, SILU=silu, num_warps=warps)
+            PACKED=packed, PREFETCH=prefetch, SILU=silu, PDL=_pdl(x.device), num_warps=warps)
         return out
     if silu:
         raise ValueError("SiLU in the GEMV's epilogue is for 1-4 rows")
