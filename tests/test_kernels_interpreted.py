@@ -298,3 +298,26 @@ def test_rope_kv_rotates_q_and_k_and_writes_the_caches():
     written = torch.zeros(S, C, dtype=torch.bool)
     written[slots.long(), positions.long()] = True
     assert not k_cache.permute(0, 2, 1, 3)[~written].any()  # nothing else in the caches
+
+
+@pytest.mark.parametrize("config", [(16, 128, 4, 1, True, True, True), (32, 128, 4, 1, False, False, False)],
+                         ids=["16 rows", "32 rows, fp32 weights"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_nf4_gemv_rope_epilogue_equals_the_rope_kernel(config, rows):
+    gen = torch.Generator().manual_seed(5)
+    H, KV, D, S, C = 4, 2, 64, 4, 16
+    mods = [_Module(H * D, 128, True, gen), _Module(KV * D, 128, True, gen), _Module(KV * D, 128, True, gen)]
+    w = K.NF4Weights(mods)
+    x = torch.randn(rows, w.k, generator=gen).to(torch.bfloat16)
+    cos = torch.rand(C, D, generator=gen).to(torch.bfloat16)
+    sin = torch.rand(C, D, generator=gen).to(torch.bfloat16)
+    positions = torch.tensor([3, 0, 15][:rows], dtype=torch.int32)
+    slots = torch.tensor([1, 3, 0][:rows], dtype=torch.int32)
+    caches = [torch.zeros(S, KV, C, D, dtype=torch.bfloat16) for _ in range(4)]
+    fused = K.nf4_matmul(x, w, config=config, rope=K.Rotary(cos, sin, positions, slots, caches[0], caches[1], H, KV, D))
+    apart = K.rope_kv(K.nf4_matmul(x, w, config=config), cos, sin, positions, slots, caches[2], caches[3], H, KV, D)
+    assert fused.shape == (rows, H, D) and torch.equal(fused, apart)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3]) and caches[0].any()
+    with pytest.raises(ValueError, match="within one head"):
+        K.nf4_matmul(x, w, config=(128, 128, 4, 1, True, True, True),
+                     rope=K.Rotary(cos, sin, positions, slots, caches[0], caches[1], H, KV, D))

@@ -1,9 +1,9 @@
 """The GPU forward pass: Triton kernels, fused weights, a CUDA graph per decode batch size.
 
 Per layer and decode step: add+RMSNorm, the QKV product, RoPE + KV write, split-KV
-attention and its merge, the O product, add+RMSNorm, the gate/up product with SiLU*up in its
-epilogue (the NF4 GEMV without split-K; else a SiLU launch), the down product: nine launches,
-replayed from a captured graph, so Python does one replay per token.
+attention and its merge, the O product, add+RMSNorm, the gate/up product, SiLU*up, the down
+product: ten launches, eight where the NF4 GEMV runs without split-K (RoPE and SiLU in its
+epilogues), replayed from a captured graph, so Python does one replay per token.
 Products use cuBLAS for dense bf16/fp16 weights and the NF4 GEMV for bitsandbytes 4-bit
 weights (bitsandbytes' layout, the codes relabeled) at 1-4 rows. More rows (batched decode, prefill)
 multiply by a bf16 copy of each NF4 matrix where the load plan keeps one (`batch_weights`:
@@ -77,12 +77,17 @@ class Linear:
 
     def gemv_adds(self, rows: int) -> bool:
         """Whether the GEMV runs split-K programs that add into a zeroed output."""
-        return self.uses_gemv(rows) and K.nf4_gemv_split(self.nf4, rows) > 1
+        return self.uses_gemv(rows) and K.nf4_gemv_setting(self.nf4, rows)[1] > 1
 
     def fuses_silu(self, rows: int) -> bool:
         """Whether SiLU(gate) * up of this [gate; up] product comes from the GEMV's epilogue
         (the GEMV without split-K: its sums are final when stored)."""
         return self.uses_gemv(rows) and not self.gemv_adds(rows)
+
+    def fuses_rope(self, rows: int, head_dim: int) -> bool:
+        """Whether RoPE and the KV write of this [q; k; v] product come from the GEMV's epilogue
+        (no split-K, and programs that stay within one head)."""
+        return self.fuses_silu(rows) and head_dim % K.nf4_gemv_setting(self.nf4, rows)[0] == 0
 
     def __call__(self, x: torch.Tensor, scratch: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
@@ -253,9 +258,14 @@ class CudaLlamaForward:
         for i, layer in enumerate(self.layers):
             h, x = K.add_rmsnorm(out if out is not None else x, layer.input_norm, self.eps,
                                  residual=x if out is not None else None)
-            qkv = layer.qkv(h, self.scratch, outputs and outputs.take(layer.qkv, batch))
-            q = K.rope_kv(qkv, self.cos, self.sin, positions, slots, self.k_cache[i], self.v_cache[i],
-                          self.num_heads, self.num_kv_heads, self.head_dim)
+            if layer.qkv.fuses_rope(batch, self.head_dim):  # one launch fewer per layer
+                q = K.nf4_matmul(h, layer.qkv.nf4, rope=K.Rotary(self.cos, self.sin, positions, slots, self.k_cache[i],
+                                                                 self.v_cache[i], self.num_heads, self.num_kv_heads,
+                                                                 self.head_dim))
+            else:
+                qkv = layer.qkv(h, self.scratch, outputs and outputs.take(layer.qkv, batch))
+                q = K.rope_kv(qkv, self.cos, self.sin, positions, slots, self.k_cache[i], self.v_cache[i],
+                              self.num_heads, self.num_kv_heads, self.head_dim)
             o = attention(q, self.k_cache[i], self.v_cache[i], slots, lengths, self.scale)
             o = layer.o(o.reshape(batch, self.num_heads * self.head_dim), self.scratch,
                         outputs and outputs.take(layer.o, batch))  # fp32 from the NF4 GEMV

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -229,14 +230,21 @@ def _block_absmax(code2_ptr, raw, scale, shift, DOUBLE: tl.constexpr):
 @triton.jit
 def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr, out_ptr, offset_ptr, tables_ptr,
                      N, K, K_SPLIT, stride_xm, stride_om,
+                     cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX,
                      M: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                      EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, X_VEC: tl.constexpr,
-                     PACKED: tl.constexpr, PREFETCH: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr):
+                     PACKED: tl.constexpr, PREFETCH: tl.constexpr, SILU: tl.constexpr, ROPE: tl.constexpr,
+                     HEAD_D: tl.constexpr, PDL: tl.constexpr):
     """Decode-size products (M <= 4 rows). Weights are read as int32 words (8 nibbles) and
     decoded in registers; absmax applies per 64 weights; a program covers BLOCK_N outputs
     over K_SPLIT inputs, and split programs add their sums atomically into an fp32 output.
-    SILU (no split): W is [gate; up], a program takes BLOCK_N / 2 rows of each and stores
-    SiLU(gate) * up, in out's dtype, as the SiLU kernel computes it."""
+    Epilogues (no split: the sums are final in one program):
+    - SILU: W is [gate; up], a program takes BLOCK_N / 2 rows of each and stores
+      SiLU(gate) * up, in out's dtype, as the SiLU kernel computes it;
+    - ROPE: W is [q; k; v] (H, KV, KV heads of HEAD_D), a program takes BLOCK_N / 2 dims of
+      one head and the ones half a head further (RoPE's pairs), and does what the RoPE kernel
+      does: rotated q into out [M, H, HEAD_D], rotated k and v into the caches at each row's
+      slot and position."""
     if PDL:  # the next kernel may launch (it waits for this one's results)
         tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
@@ -255,11 +263,18 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
     t6 = tl.load(tables + 6)
     t7 = tl.load(tables + 7)
     HALF: tl.constexpr = BLOCK_N // 2
+    PER_HEAD: tl.constexpr = HEAD_D // BLOCK_N  # ROPE: programs per head
+    head = pid_n // PER_HEAD
+    first = (pid_n % PER_HEAD) * HALF  # ROPE: the program's first dim in its head
     if SILU:  # gate rows c.. and up rows N/2 + c..
         i = tl.arange(0, BLOCK_N)
         cols = pid_n * HALF + i % HALF
         rows = cols + (i // HALF) * (N >> 1)
         row_ok = cols < (N >> 1)
+    elif ROPE:  # dims first.. and HEAD_D / 2 + first.. of one head
+        i = tl.arange(0, BLOCK_N)
+        rows = head * HEAD_D + first + i % HALF + (i // HALF) * (HEAD_D // 2)
+        row_ok = rows < N
     else:
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -321,10 +336,23 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
             act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
             cols = pid_n * HALF + tl.arange(0, HALF)
             tl.store(out_ptr + r * stride_om + cols, (act * up).to(out_ptr.dtype.element_ty), mask=cols < (N >> 1))
+        elif ROPE:
+            _rope_epilogue(y, r, head, first, out_ptr + r * stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
+                           k_cache_ptr, v_cache_ptr, H, KV, CTX, HALF, HEAD_D)
         elif ATOMIC:
             tl.atomic_add(out_ptr + r * stride_om + rows, y, mask=row_ok, sem="relaxed")
         else:
             tl.store(out_ptr + r * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _rope_epilogue(y, r, head, first, q_row_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
+                   H, KV, CTX, HALF: tl.constexpr, HEAD_D: tl.constexpr):
+    """Row r's sums y of dims first.. and HEAD_D / 2 + first.. of one head, rotated and stored
+    as the RoPE kernel does it."""
+    x1, x2 = tl.split(tl.permute(tl.reshape(y, (2, HALF)), (1, 0)))
+    _rotate_and_store(x1, x2, first + tl.arange(0, HALF), head, tl.load(pos_ptr + r), slot_ptr + r,
+                      q_row_ptr + head * HEAD_D, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX, HEAD_D)
 
 
 # Launch settings per (path, N, K[, rows]), measured by bench/nf4_kernel.py on the card.
@@ -429,17 +457,35 @@ def _gemv_split(split: int, k: int) -> int:
     return split
 
 
-def nf4_gemv_split(w: NF4Weights, rows: int) -> int:
-    """How many split-K programs the GEMV runs for this many rows (1: no atomics, results stored)."""
-    return _gemv_split(_config("gemv", w.n, w.k, rows, GEMV_DEFAULT)[3], w.k)
+def nf4_gemv_setting(w: NF4Weights, rows: int) -> tuple[int, int]:
+    """(BLOCK_N, split-K) of the GEMV for this many rows. An epilogue needs split-K 1 (the sums
+    final in one program), RoPE's also a BLOCK_N that divides the head size."""
+    config = _config("gemv", w.n, w.k, rows, GEMV_DEFAULT)
+    return config[0], _gemv_split(config[3], w.k)
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """Where the QKV product's RoPE epilogue puts its results (rope_kv's arguments)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    heads: int
+    kv_heads: int
+    head_dim: int
 
 
 def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
-               config: tuple | None = None, silu: bool = False) -> torch.Tensor:
+               config: tuple | None = None, silu: bool = False, rope: Rotary | None = None) -> torch.Tensor:
     """x [M, K] @ dequant(W [N, K])^T (+ bias) -> [M, N]. Up to 4 rows (decoding), the result
     is fp32 (the consumers are Triton kernels that read any float); more rows: x's dtype.
-    silu (1-4 rows, a setting without split-K): W is [gate; up] and the result is
-    SiLU(gate) * up [M, N / 2] in x's dtype, from the GEMV's epilogue."""
+    Epilogues, for 1-4 rows and a setting without split-K: silu (W is [gate; up]): SiLU(gate)
+    * up [M, N / 2] in x's dtype; rope (W is [q; k; v]): what rope_kv does with the product,
+    returning rotated q [M, H, D] in the caches' dtype."""
     m, n, k = x.shape[0], w.n, w.k
     dummy = w.absmax
     common = (w.packed, w.absmax, w.absmax2 if w.double else dummy, w.code2 if w.double else dummy,
@@ -451,19 +497,29 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
         x_vec = x_vec and x.data_ptr() % 16 == 0 and (m == 1 or x.stride(0) % 8 == 0)  # 16-byte loads of x
         split = _gemv_split(split, k)
         block_k = _fit_block_k(block_k, k // split)
-        if silu and (split > 1 or n % 2):
-            raise ValueError("SiLU in the GEMV's epilogue needs a setting without split-K and [gate; up] rows")
+        if (silu or rope) and split > 1:
+            raise ValueError("an epilogue in the GEMV needs a setting without split-K")
+        if silu and n % 2:
+            raise ValueError("the SiLU epilogue needs [gate; up] rows")
+        if rope and (rope.head_dim % block_n or n != (rope.heads + 2 * rope.kv_heads) * rope.head_dim):
+            raise ValueError("the RoPE epilogue needs [q; k; v] rows and programs within one head")
         if out is None:
-            shape, dtype = ((m, n // 2), x.dtype) if silu else ((m, n), torch.float32)
+            if rope:
+                shape, dtype = (m, rope.heads, rope.head_dim), rope.k_cache.dtype
+            else:
+                shape, dtype = ((m, n // 2), x.dtype) if silu else ((m, n), torch.float32)
             out = (torch.zeros if split > 1 else torch.empty)(shape, dtype=dtype, device=x.device)
+        target = (rope.cos, rope.sin, rope.positions, rope.slots, rope.k_cache, rope.v_cache, rope.heads,
+                  rope.kv_heads, rope.k_cache.shape[2]) if rope else (dummy,) * 6 + (0, 0, 0)
         _nf4_gemv_kernel[(triton.cdiv(n, block_n), split)](
             x, *common, out, w.offset if w.double else dummy, w.tables,
-            n, k, k // split, x.stride(0), out.stride(0), M=m, DOUBLE=w.double, HAS_BIAS=w.bias is not None,
-            ATOMIC=split > 1, EVEN_N=n % block_n == 0, BLOCK_N=block_n, GROUPS=block_k // 64, X_VEC=x_vec,
-            PACKED=packed, PREFETCH=prefetch, SILU=silu, PDL=_pdl(x.device), num_warps=warps)
+            n, k, k // split, x.stride(0), out.stride(0), *target, M=m, DOUBLE=w.double,
+            HAS_BIAS=w.bias is not None, ATOMIC=split > 1, EVEN_N=n % block_n == 0, BLOCK_N=block_n,
+            GROUPS=block_k // 64, X_VEC=x_vec, PACKED=packed, PREFETCH=prefetch, SILU=silu, ROPE=rope is not None,
+            HEAD_D=rope.head_dim if rope else block_n, PDL=_pdl(x.device), num_warps=warps)
         return out
-    if silu:
-        raise ValueError("SiLU in the GEMV's epilogue is for 1-4 rows")
+    if silu or rope:
+        raise ValueError("the GEMV's epilogues are for 1-4 rows")
     # more rows (batches, prefill): dequantize, then one GEMM on the tensor cores
     full = nf4_dequantize(w, torch.empty(n * k, dtype=x.dtype, device=x.device))
     result = torch.nn.functional.linear(x, full, None if w.bias is None else w.bias.to(x.dtype))
@@ -530,41 +586,47 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
 
 
 @triton.jit
-def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
-                    stride_qkv, H, KV, CTX,
-                    D: tl.constexpr, PDL: tl.constexpr):
-    _pdl_start(PDL)
-    t = tl.program_id(0)
-    head = tl.program_id(1)  # 0..H-1 queries, H..H+KV-1 keys, H+KV.. values
-    HALF: tl.constexpr = D // 2
-    i = tl.arange(0, HALF)
-    pos = tl.load(pos_ptr + t)
-    base = qkv_ptr + t * stride_qkv + head * D
-    x1 = tl.load(base + i).to(tl.float32)
-    x2 = tl.load(base + HALF + i).to(tl.float32)
+def _rotate_and_store(x1, x2, d, head, pos, slot_at, q_head_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
+                      H, KV, CTX, D: tl.constexpr):
+    """Dims d and D/2 + d (x1, x2 in fp32) of head `head` (0..H-1 queries, then KV keys, then
+    KV values) at position pos: q and k rotated (HF's rotate_half form); q stored at
+    q_head_ptr, k and v into the caches [S, KV, CTX, D] at the slot read from slot_at."""
     if head < H + KV:
-        c1 = tl.load(cos_ptr + pos * D + i).to(tl.float32)
-        c2 = tl.load(cos_ptr + pos * D + HALF + i).to(tl.float32)
-        s1 = tl.load(sin_ptr + pos * D + i).to(tl.float32)
-        s2 = tl.load(sin_ptr + pos * D + HALF + i).to(tl.float32)
+        c1 = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+        c2 = tl.load(cos_ptr + pos * D + D // 2 + d).to(tl.float32)
+        s1 = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+        s2 = tl.load(sin_ptr + pos * D + D // 2 + d).to(tl.float32)
         y1 = x1 * c1 - x2 * s1
         y2 = x2 * c2 + x1 * s2
     else:
         y1 = x1
         y2 = x2
     if head < H:
-        dst = q_out_ptr + (t * H + head) * D
-        tl.store(dst + i, y1.to(q_out_ptr.dtype.element_ty))
-        tl.store(dst + HALF + i, y2.to(q_out_ptr.dtype.element_ty))
+        tl.store(q_head_ptr + d, y1.to(q_head_ptr.dtype.element_ty))
+        tl.store(q_head_ptr + D // 2 + d, y2.to(q_head_ptr.dtype.element_ty))
     else:
-        slot = tl.load(slot_ptr + t).to(tl.int64)
+        slot = tl.load(slot_at).to(tl.int64)
         at = ((slot * KV + (head - H) % KV) * CTX + pos) * D
         if head < H + KV:
-            tl.store(k_cache_ptr + at + i, y1.to(k_cache_ptr.dtype.element_ty))
-            tl.store(k_cache_ptr + at + HALF + i, y2.to(k_cache_ptr.dtype.element_ty))
+            tl.store(k_cache_ptr + at + d, y1.to(k_cache_ptr.dtype.element_ty))
+            tl.store(k_cache_ptr + at + D // 2 + d, y2.to(k_cache_ptr.dtype.element_ty))
         else:
-            tl.store(v_cache_ptr + at + i, y1.to(v_cache_ptr.dtype.element_ty))
-            tl.store(v_cache_ptr + at + HALF + i, y2.to(v_cache_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + at + d, y1.to(v_cache_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + at + D // 2 + d, y2.to(v_cache_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+                    stride_qkv, H, KV, CTX,
+                    D: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
+    t = tl.program_id(0)
+    head = tl.program_id(1)  # 0..H-1 queries, H..H+KV-1 keys, H+KV.. values
+    i = tl.arange(0, D // 2)
+    base = qkv_ptr + t * stride_qkv + head * D
+    _rotate_and_store(tl.load(base + i).to(tl.float32), tl.load(base + D // 2 + i).to(tl.float32), i, head,
+                      tl.load(pos_ptr + t), slot_ptr + t, q_out_ptr + (t * H + head) * D, cos_ptr, sin_ptr,
+                      k_cache_ptr, v_cache_ptr, H, KV, CTX, D)
 
 
 def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
