@@ -30,8 +30,27 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+# GEMV settings for the tiny model's NF4 products ((N, K): qkv, o, gate/up, down): without
+# split-K, RoPE and SiLU run in the products' epilogues; with it, in kernels of their own
+TINY_SHAPES = ((128, 64), (64, 64), (256, 64), (64, 128))
+GEMV_SETTINGS = {
+    "epilogues": {shape: (16, 64, 4, 1, True, True, True) for shape in TINY_SHAPES},
+    "split-K": {shape: (16, 64, 4, 2 if shape[1] == 128 else 1, True, True, True) for shape in TINY_SHAPES[1:]}
+    | {TINY_SHAPES[0]: (32, 64, 4, 1, True, True, True)},  # 32 rows span two heads of 16: RoPE apart
+}
+
+
+@pytest.fixture(params=sorted(GEMV_SETTINGS))
+def gemv_settings(request, monkeypatch):
+    from daemon.engine.cuda import kernels
+
+    for (n, k), setting in GEMV_SETTINGS[request.param].items():
+        monkeypatch.setitem(kernels.NF4_CONFIGS, ("gemv", n, k), setting)
+    return request.param
+
+
 @pytest.mark.parametrize("nf4,batch_weights", [(False, False), (True, False), (True, True)])
-def test_logits_match_the_eager_path(tiny_dirs, nf4, batch_weights):
+def test_logits_match_the_eager_path(tiny_dirs, nf4, batch_weights, gemv_settings):
     eager = LlamaForward(load(tiny_dirs["random"], nf4), num_slots=4, max_ctx=256)
     fast = CudaLlamaForward(load(tiny_dirs["random"], nf4), num_slots=4, max_ctx=256, batch_weights=batch_weights)
     torch.manual_seed(0)

@@ -70,6 +70,22 @@ def test_nf4_gemv_silu_epilogue_equals_the_silu_kernel(config, rows):
         K.nf4_matmul(x, w, config=(32, 256, 4, 4, True, True, True), silu=True)
 
 
+@pytest.mark.parametrize("config", [(16, 1024, 8, 1, True, True, True), (64, 128, 2, 1, False, False, False)])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_nf4_gemv_rope_epilogue_equals_the_rope_kernel(config, rows):
+    H, KV, D, S, C = 32, 8, 128, 5, 64
+    mods = [_Module(H * D, 4096, True), _Module(KV * D, 4096, True), _Module(KV * D, 4096, True)]
+    w = K.NF4Weights(mods)
+    x = torch.randn(rows, w.k, dtype=torch.bfloat16, device="cuda")
+    cos, sin = (torch.rand(C, D, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    positions = torch.tensor([3, 0, 63, 9][:rows], dtype=torch.int32, device="cuda")
+    slots = torch.tensor([1, 4, 0, 2][:rows], dtype=torch.int32, device="cuda")
+    caches = [torch.zeros(S, KV, C, D, dtype=torch.bfloat16, device="cuda") for _ in range(4)]
+    fused = K.nf4_matmul(x, w, config=config, rope=K.Rotary(cos, sin, positions, slots, caches[0], caches[1], H, KV, D))
+    apart = K.rope_kv(K.nf4_matmul(x, w, config=config), cos, sin, positions, slots, caches[2], caches[3], H, KV, D)
+    assert torch.equal(fused, apart) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
 @pytest.mark.parametrize("rows", [1, 4])
 def test_nf4_gemv_with_fp16_activations(rows):
     mods = [_Module(1024, 2048, False)]
