@@ -1,6 +1,6 @@
 """Decoding Llama-3-8B shapes on one GPU: hfollama's path against model.generate(), in one run.
 
-    python bench/gpu_decode.py --root /tmp/bench [--variants nf4-dq nf4 int8 bf16] [--tokens 256]
+    python bench/gpu_decode.py --root /tmp/bench [--variants nf4-dq nf4 fp4-dq int8 bf16] [--tokens 256]
 
 Per variant: first load (quantizing from bf16 safetensors on local disk, keeping the
 quantized weights), model.generate() on that model (greedy, forced to full length: no
@@ -39,6 +39,7 @@ from daemon.store.derived import DerivedCache  # noqa: E402
 VARIANTS = {
     "nf4-dq": "{mode: nf4, double_quant: true, compute_dtype: bfloat16}",
     "nf4": "{mode: nf4, double_quant: false, compute_dtype: bfloat16}",
+    "fp4-dq": "{mode: fp4, double_quant: true, compute_dtype: bfloat16}",
     "int8": "{mode: int8}",
     "bf16": "{mode: none, compute_dtype: bfloat16}",
 }

@@ -17,10 +17,11 @@ if torch.cuda.is_available():
     from daemon.engine.runner import Runner
 
 
-def load(path, nf4=False):
+def load(path, four_bit=None):
+    """four_bit: None (bf16), "nf4" or "fp4" (double-quantized)."""
     kw = {"dtype": torch.bfloat16, "device_map": {"": 0}}
-    if nf4:
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    if four_bit:
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=four_bit,
                                                        bnb_4bit_use_double_quant=True,
                                                        bnb_4bit_compute_dtype=torch.bfloat16)
     return AutoModelForCausalLM.from_pretrained(path, **kw).eval()
@@ -49,10 +50,11 @@ def gemv_settings(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("nf4,batch_weights", [(False, False), (True, False), (True, True)])
-def test_logits_match_the_eager_path(tiny_dirs, nf4, batch_weights, gemv_settings):
-    eager = LlamaForward(load(tiny_dirs["random"], nf4), num_slots=4, max_ctx=256)
-    fast = CudaLlamaForward(load(tiny_dirs["random"], nf4), num_slots=4, max_ctx=256, batch_weights=batch_weights)
+@pytest.mark.parametrize("four_bit,batch_weights", [(None, False), ("nf4", False), ("nf4", True), ("fp4", False)])
+def test_logits_match_the_eager_path(tiny_dirs, four_bit, batch_weights, gemv_settings):
+    eager = LlamaForward(load(tiny_dirs["random"], four_bit), num_slots=4, max_ctx=256)
+    fast = CudaLlamaForward(load(tiny_dirs["random"], four_bit), num_slots=4, max_ctx=256,
+                            batch_weights=batch_weights)
     torch.manual_seed(0)
     prompts = [torch.randint(0, 300, (n,)) for n in (9, 70, 3)]
     slots = [2, 0, 3]
@@ -72,8 +74,8 @@ def test_one_pass_of_decode_rows_and_prompt_chunks_equals_them_apart(tiny_dirs):
     of one prompt among them) gives each the logits, and the KV cache, that it gets alone."""
     torch.manual_seed(1)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (9, 70, 3, 12)]
-    apart = CudaLlamaForward(load(tiny_dirs["random"], True), num_slots=4, max_ctx=256, batch_weights=True)
-    mixed = CudaLlamaForward(load(tiny_dirs["random"], True), num_slots=4, max_ctx=256, batch_weights=True)
+    apart = CudaLlamaForward(load(tiny_dirs["random"], "nf4"), num_slots=4, max_ctx=256, batch_weights=True)
+    mixed = CudaLlamaForward(load(tiny_dirs["random"], "nf4"), num_slots=4, max_ctx=256, batch_weights=True)
     for forward in (apart, mixed):  # slot 1 is decoding already
         forward.forward(torch.tensor([prompts[3]]), [1], [0])
     decode_row = apart.forward(torch.tensor([[42]]), [1], [12])
@@ -106,8 +108,8 @@ def greedy(forward, tokenizer, prompt_ids, n=48):
 def test_graphs_equal_eager_kernels_token_for_token(tiny_dirs):
     tok = AutoTokenizer.from_pretrained(tiny_dirs["random"])
     ids = tok.encode("the quick brown fox", add_special_tokens=False)
-    with_graphs = greedy(CudaLlamaForward(load(tiny_dirs["random"], True), 2, 256, graphs=True), tok, ids)
-    without = greedy(CudaLlamaForward(load(tiny_dirs["random"], True), 2, 256, graphs=False), tok, ids)
+    with_graphs = greedy(CudaLlamaForward(load(tiny_dirs["random"], "nf4"), 2, 256, graphs=True), tok, ids)
+    without = greedy(CudaLlamaForward(load(tiny_dirs["random"], "nf4"), 2, 256, graphs=False), tok, ids)
     assert with_graphs == without and len(with_graphs) == 48
 
 

@@ -18,9 +18,9 @@ class _Param:
 
 
 class _Module:
-    def __init__(self, n, k, double, bias=False):
+    def __init__(self, n, k, double, bias=False, quant_type="nf4"):
         w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
-        q, st = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double)
+        q, st = BF.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double)
         self.weight = _Param(q, st)
         self.bias = torch.randn(n, dtype=torch.bfloat16, device="cuda") if bias else None
         self.ref = BF.dequantize_4bit(q, st)
@@ -30,12 +30,12 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("double", [True, False])
+@pytest.mark.parametrize("double, quant_type", [(True, "nf4"), (False, "nf4"), (True, "fp4")])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16, 32, 64])
 @pytest.mark.parametrize("shapes", [[(512, 256)], [(4096, 4096)], [(6144 // 3, 4096)] * 3, [(4096, 14336)],
                                     [(64, 64), (32, 64), (32, 64)], [(192, 576)]])
-def test_nf4_matmul_matches_bitsandbytes(double, rows, shapes):
-    mods = [_Module(n, k, double) for n, k in shapes]
+def test_nf4_matmul_matches_bitsandbytes(double, quant_type, rows, shapes):
+    mods = [_Module(n, k, double, quant_type=quant_type) for n, k in shapes]
     w = K.NF4Weights(mods)
     x = torch.randn(rows, w.k, dtype=torch.bfloat16, device="cuda")
     ref = x @ torch.cat([m.ref for m in mods]).T  # bitsandbytes' dequantize, then matmul
@@ -94,8 +94,10 @@ def test_nf4_gemv_with_fp16_activations(rows):
     assert rel(K.nf4_matmul(x, w), x.float() @ mods[0].ref.float().T) < 1e-2
 
 
-def test_nf4_bias_and_dequantize():
-    mods = [_Module(256, 512, True, bias=True), _Module(128, 512, True, bias=True)]
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_nf4_bias_and_dequantize(quant_type):
+    mods = [_Module(256, 512, True, bias=True, quant_type=quant_type),
+            _Module(128, 512, True, bias=True, quant_type=quant_type)]
     w = K.NF4Weights(mods)
     x = torch.randn(3, 512, dtype=torch.bfloat16, device="cuda")
     full = torch.cat([m.ref for m in mods])

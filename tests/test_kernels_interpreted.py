@@ -190,9 +190,9 @@ class _Param:
 
 
 class _Module:
-    def __init__(self, n, k, double, gen):
+    def __init__(self, n, k, double, gen, quant_type="nf4"):
         w = (torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)
-        q, st = functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double)
+        q, st = functional.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double)
         self.weight, self.bias = _Param(q, st), None
         self.ref = functional.dequantize_4bit(q, st)
 
@@ -207,10 +207,10 @@ CONFIGS = [(16, 256, 4, 1, True, True, True), (16, 128, 4, 2, True, True, False)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["vector x", "split-K", "scalar x", "fp32 weights"])
-@pytest.mark.parametrize("rows, double", [(1, True), (3, False)])
-def test_nf4_gemv_matches_bitsandbytes(config, rows, double):
+@pytest.mark.parametrize("rows, double, quant_type", [(1, True, "nf4"), (3, False, "nf4"), (2, True, "fp4")])
+def test_nf4_gemv_matches_bitsandbytes(config, rows, double, quant_type):
     gen = torch.Generator().manual_seed(rows)
-    mods = [_Module(64, 512, double, gen), _Module(32, 512, double, gen)]
+    mods = [_Module(64, 512, double, gen, quant_type), _Module(32, 512, double, gen, quant_type)]
     w = K.NF4Weights(mods)
     x = torch.randn(rows, w.k, generator=gen).to(torch.bfloat16)
     out = torch.zeros((rows, w.n))
@@ -231,9 +231,10 @@ def test_nf4_gemv_silu_epilogue(config, rows):
     assert rel(fused, torch.nn.functional.silu(gate) * up) < 2e-2
 
 
-def test_nf4_dequantize_is_bitsandbytes_bit_for_bit():
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_nf4_dequantize_is_bitsandbytes_bit_for_bit(quant_type):
     gen = torch.Generator().manual_seed(3)
-    mods = [_Module(64, 256, True, gen), _Module(32, 256, True, gen)]
+    mods = [_Module(64, 256, True, gen, quant_type), _Module(32, 256, True, gen, quant_type)]
     w = K.NF4Weights(mods)
     scratch = torch.full((w.n * w.k,), float("nan"), dtype=torch.bfloat16)
     assert torch.equal(K.nf4_dequantize(w, scratch), torch.cat([m.ref for m in mods]))

@@ -61,6 +61,10 @@ NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
        0.7229568362236023, 1.0]
+# bitsandbytes' FP4 (sign in bit 3, two zeros)
+FP4 = [0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
+       0.0, -0.0052083334885537624, -0.6666666865348816, -1.0, -0.3333333432674408, -0.5, -0.1666666716337204,
+       -0.25]
 
 
 def words_covering_every_code() -> list[int]:
@@ -87,10 +91,11 @@ def relabel_word(decoding: nf4_decode.NF4Decoding, word: int) -> int:
     return int.from_bytes(bytes(mapped.tolist()), "little")
 
 
+@pytest.mark.parametrize("code", [NF4, FP4], ids=["nf4", "fp4"])
 @pytest.mark.parametrize("fp32", [False, True], ids=["bf16 pairs", "fp32 weights"])
-def test_the_kernels_ptx_decodes_every_code_in_every_position(fp32):
-    decoding = nf4_decode.decoding_for(NF4)
-    expected_bits = bf16_bits(torch.tensor(NF4))
+def test_the_kernels_ptx_decodes_every_code_in_every_position(fp32, code):
+    decoding = nf4_decode.decoding_for(code)
+    expected_bits = bf16_bits(torch.tensor(code))
     for word in words_covering_every_code():
         inputs = [relabel_word(decoding, word), *decoding.tables]
         if fp32:
@@ -99,14 +104,16 @@ def test_the_kernels_ptx_decodes_every_code_in_every_position(fp32):
         else:
             got = [h for pair in run_ptx(nf4_decode.PAIRS_ASM, inputs, 4) for h in (pair & 0xFFFF, pair >> 16)]
         want = [expected_bits[q] for q in weights_of(word)]
-        # zero may come out as -0.0 (that is what makes the tables pair up); every other value exactly
-        assert [g & 0x7FFF if w == 0 else g for g, w in zip(got, want)] == want, hex(word)
+        # a zero may come out as -0.0 (that is what makes the tables pair up); every other value exactly
+        assert [g & 0x7FFF if w & 0x7FFF == 0 else g for g, w in zip(got, want)] == \
+            [w & 0x7FFF if w & 0x7FFF == 0 else w for w in want], hex(word)
 
 
-def test_relabeled_weights_dequantize_to_bitsandbytes_values():
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_relabeled_weights_dequantize_to_bitsandbytes_values(quant_type):
     functional = pytest.importorskip("bitsandbytes.functional")
     w = torch.randn(96, 256, dtype=torch.bfloat16)
-    packed, state = functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    packed, state = functional.quantize_4bit(w, blocksize=64, quant_type=quant_type)
     decoding = nf4_decode.decoding_for(state.code.float().tolist())
     relabeled = decoding.relabel(packed, chunk=1000)  # several chunks, the last one short
     assert relabeled.shape == (packed.numel(),) and relabeled.dtype == torch.uint8
@@ -122,6 +129,7 @@ def _fp32(bits: int) -> float:
 
 @pytest.mark.parametrize("code, pairs", [
     (NF4, True),
+    (FP4, True),
     ([_fp32(0x3F800000 + i * 0x10000) for i in range(16)], True),  # 1, 1.0078, ..., 1.117: all of one class
     ([0.0] + [float(i) for i in range(1, 16)], False),  # 1-15 split 5 + 10 by the low top bit: zero leaves one class odd either way
 ])

@@ -5,7 +5,7 @@ attention and its merge, the O product, add+RMSNorm, the gate/up product, SiLU*u
 product: ten launches, eight where the NF4 GEMV runs without split-K (RoPE and SiLU in its
 epilogues), replayed from a captured graph, so Python does one replay per token.
 Products use cuBLAS for dense bf16/fp16 weights and the NF4 GEMV for bitsandbytes 4-bit
-weights (bitsandbytes' layout, the codes relabeled) at 1-4 rows. More rows (batched decode, prefill)
+weights (NF4 or FP4; bitsandbytes' layout, the codes relabeled) at 1-4 rows. More rows (batched decode, prefill)
 multiply by a bf16 copy of each NF4 matrix where the load plan keeps one (`batch_weights`:
 the same numbers as bitsandbytes' dequantize-then-matmul, at cuBLAS speed), else dequantize
 each matrix into a scratch buffer per product and run one GEMM. Prefill attention is
@@ -34,9 +34,10 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 FAST_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
 
 
-def _is_nf4(module: torch.nn.Module) -> bool:
+def _is_4bit(module: torch.nn.Module) -> bool:
+    """A bitsandbytes 4-bit layer: NF4, or FP4 (the same layout with another code)."""
     state = getattr(getattr(module, "weight", None), "quant_state", None)
-    return state is not None and getattr(state, "quant_type", None) == "nf4"
+    return state is not None and getattr(state, "quant_type", None) in ("nf4", "fp4")
 
 
 def _dense(module: torch.nn.Module) -> bool:
@@ -55,7 +56,7 @@ class Linear:
     def __init__(self, modules: list[torch.nn.Module], dtype: torch.dtype, batch_weights: bool = False) -> None:
         self.nf4: K.NF4Weights | None = None
         self.batch_weight: torch.Tensor | None = None
-        if all(_is_nf4(m) for m in modules):
+        if all(_is_4bit(m) for m in modules):
             self.nf4 = K.NF4Weights(modules)
             self.n, self.k = self.nf4.n, self.nf4.k
             self.weight = self.bias = None
@@ -69,7 +70,7 @@ class Linear:
             self.bias = torch.cat([b.detach().to(dtype) for b in biases]) if all(b is not None for b in biases) else None
             self.n, self.k = self.weight.shape
         else:
-            raise UnsupportedArchitecture("the fast path handles dense and NF4 layers (int8 / FP4 run eagerly)")
+            raise UnsupportedArchitecture("the fast path handles dense and 4-bit layers (int8 runs eagerly)")
 
     def uses_gemv(self, rows: int) -> bool:
         """Whether this many rows go through the NF4 GEMV (an fp32 result)."""
@@ -186,8 +187,8 @@ class CudaLlamaForward:
         for layer in inner.layers:  # check everything before taking anything over
             linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-            if not (all(_is_nf4(m) for m in linears) or all(_dense(m) for m in linears)):
-                raise UnsupportedArchitecture("the fast path handles dense and NF4 layers (int8 / FP4 run eagerly)")
+            if not (all(_is_4bit(m) for m in linears) or all(_dense(m) for m in linears)):
+                raise UnsupportedArchitecture("the fast path handles dense and 4-bit layers (int8 runs eagerly)")
             if hasattr(layer.self_attn, "q_norm"):
                 raise UnsupportedArchitecture("q/k norms (qwen3) run eagerly")
         self.config = config

@@ -377,7 +377,8 @@ def _next_pow2(n: int) -> int:
 
 class NF4Weights:
     """One or more bitsandbytes Linear4bit layers fused along the output dimension, kept in
-    bitsandbytes' NF4 layout with the 16 codes relabeled (nf4_decode). Double-quantized absmax stays 8-bit; each 256-block group
+    bitsandbytes' 4-bit layout with the 16 codes relabeled (nf4_decode); NF4, or FP4, which is
+    the same layout with another code. Double-quantized absmax stays 8-bit; each 256-block group
     carries its module's offset, so fused modules decode exactly as bitsandbytes decodes
     them one by one."""
 
@@ -392,8 +393,8 @@ class NF4Weights:
         self.code = torch.tensor(decoding.code, dtype=torch.float32, device=device)
         # one copy of the byte tables per lane: see _nf4_gemv_kernel
         self.tables = torch.tensor([decoding.tables] * 32, dtype=torch.int32, device=device)
-        if any(st.blocksize != 64 or st.quant_type != "nf4" for st in states) or self.k % 64:
-            raise ValueError("the fused kernel reads NF4 with blocksize 64 and rows of whole blocks")
+        if any(st.blocksize != 64 or st.quant_type != states[0].quant_type for st in states) or self.k % 64:
+            raise ValueError("the fused kernel reads one 4-bit code with blocksize 64 and rows of whole blocks")
         self.packed = decoding.relabel(torch.cat([m.weight.data.reshape(-1) for m in modules]))
         double = [st.state2 is not None for st in states]
         aligned = all((st.shape[0] * st.shape[1] // 64) % 256 == 0 for st in states)

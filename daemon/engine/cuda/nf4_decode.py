@@ -9,7 +9,8 @@ entries 8-15 are looked up with bit 3 flipped (`xor 0x8888`), and each half's ga
 cancel by xor: L = prmt(T_lo, s) gives T_lo[j] for label j < 8 and the repeated top bit of
 T_lo[j] for label j + 8; H = prmt(T_hi ^ m, s ^ 8) gives the reverse. If entries j and j + 8 have
 the same top bit in each byte, then with m the repeated top bit, L ^ H is the value in both cases.
-The 16 NF4 codes can be paired that way (with zero written as -0.0), once they are relabeled;
+The 16 NF4 codes can be paired that way (with zero written as -0.0), and so can bitsandbytes'
+FP4 codes (its two zeros as +0 and -0), once they are relabeled;
 the relabeling is a byte map applied to the packed weights once at load (lossless: the code
 table is relabeled the same way). Per 8 weights: 12 `prmt` and 5 `xor` on the integer pipe,
 where the masked design it replaces needed 14 `prmt`, 4 `lop3`, 4 `and`/shifts and 3 shifts
@@ -18,6 +19,7 @@ where the masked design it replaces needed 14 `prmt`, 4 `lop3`, 4 `and`/shifts a
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass
 
@@ -68,12 +70,16 @@ class NF4Decoding:
 
 
 def decoding_for(code: list[float]) -> NF4Decoding:
-    """Pair the 16 codes by the top bits of their bf16 bytes (zero as +0 or -0, whichever makes
-    every class even), give pair p the labels p and p + 8, and build the tables."""
+    """Pair the 16 codes by the top bits of their bf16 bytes (each zero as +0 or -0, whichever
+    makes every class even: NF4 has one zero, FP4 two), give pair p the labels p and p + 8, and
+    build the tables."""
     if len(code) != 16:
         raise ValueError("a 4-bit code has 16 values")
-    for zero in (0x0000, 0x8000):
-        bits = [zero if v == 0 else _bf16_bits(v) for v in code]
+    zeros = [q for q, v in enumerate(code) if v == 0]
+    for signs in itertools.product((0x0000, 0x8000), repeat=len(zeros)):
+        bits = [_bf16_bits(v) for v in code]
+        for q, sign in zip(zeros, signs):
+            bits[q] = sign
         classes: dict[tuple[int, int], list[int]] = {}
         for q, b in enumerate(bits):
             classes.setdefault((b >> 15, (b >> 7) & 1), []).append(q)
