@@ -308,6 +308,8 @@ def test_nf4_gemv_rope_epilogue_equals_the_rope_kernel(config, rows):
     gen = torch.Generator().manual_seed(5)
     H, KV, D, S, C = 4, 2, 64, 4, 16
     mods = [_Module(H * D, 128, True, gen), _Module(KV * D, 128, True, gen), _Module(KV * D, 128, True, gen)]
+    for mod in mods:  # q/k/v biases, as qwen2 has them
+        mod.bias = torch.randn(mod.ref.shape[0], generator=gen).to(torch.bfloat16)
     w = K.NF4Weights(mods)
     x = torch.randn(rows, w.k, generator=gen).to(torch.bfloat16)
     cos = torch.rand(C, D, generator=gen).to(torch.bfloat16)
