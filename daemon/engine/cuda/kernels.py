@@ -262,22 +262,7 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
     t5 = tl.load(tables + 5)
     t6 = tl.load(tables + 6)
     t7 = tl.load(tables + 7)
-    HALF: tl.constexpr = BLOCK_N // 2
-    PER_HEAD: tl.constexpr = HEAD_D // BLOCK_N  # ROPE: programs per head
-    head = pid_n // PER_HEAD
-    first = (pid_n % PER_HEAD) * HALF  # ROPE: the program's first dim in its head
-    if SILU:  # gate rows c.. and up rows N/2 + c..
-        i = tl.arange(0, BLOCK_N)
-        cols = pid_n * HALF + i % HALF
-        rows = cols + (i // HALF) * (N >> 1)
-        row_ok = cols < (N >> 1)
-    elif ROPE:  # dims first.. and HEAD_D / 2 + first.. of one head
-        i = tl.arange(0, BLOCK_N)
-        rows = head * HEAD_D + first + i % HALF + (i // HALF) * (HEAD_D // 2)
-        row_ok = rows < N
-    else:
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
+    rows, row_ok, head, first = _gemv_rows(pid_n, N, BLOCK_N, SILU, ROPE, HEAD_D)
     x_at = (tl.arange(0, GROUPS) * 64)[:, None] + (tl.arange(0, 8) * 8)[None, :]
     x32 = x_ptr.to(tl.pointer_type(tl.int32))
     k_begin = pid_k * K_SPLIT
@@ -328,21 +313,58 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
             y = tl.sum(tl.sum(acc2, axis=2), axis=1)
         else:
             y = tl.sum(tl.sum(acc3, axis=2), axis=1)
-        if HAS_BIAS:
-            if pid_k == 0:
-                y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        if SILU:
-            gate, up = tl.split(tl.permute(tl.reshape(y, (2, HALF)), (1, 0)))
-            act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
-            cols = pid_n * HALF + tl.arange(0, HALF)
-            tl.store(out_ptr + r * stride_om + cols, (act * up).to(out_ptr.dtype.element_ty), mask=cols < (N >> 1))
-        elif ROPE:
-            _rope_epilogue(y, r, head, first, out_ptr + r * stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
-                           k_cache_ptr, v_cache_ptr, H, KV, CTX, HALF, HEAD_D)
-        elif ATOMIC:
-            tl.atomic_add(out_ptr + r * stride_om + rows, y, mask=row_ok, sem="relaxed")
-        else:
-            tl.store(out_ptr + r * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+        _gemv_epilogue(y, r, rows, row_ok, pid_n, pid_k, head, first, out_ptr, stride_om, bias_ptr, N, cos_ptr,
+                       sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX, HAS_BIAS, ATOMIC, SILU, ROPE,
+                       BLOCK_N, HEAD_D)
+
+
+@triton.jit
+def _gemv_rows(pid_n, N, BLOCK_N: tl.constexpr, SILU: tl.constexpr, ROPE: tl.constexpr, HEAD_D: tl.constexpr):
+    """The output rows of a GEMV program: BLOCK_N in a run; for SILU, BLOCK_N / 2 gate rows and
+    the up rows N / 2 further; for ROPE, BLOCK_N / 2 dims of one head (head, from dim `first`)
+    and the ones half a head further."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    PER_HEAD: tl.constexpr = HEAD_D // BLOCK_N  # ROPE: programs per head
+    head = pid_n // PER_HEAD
+    first = (pid_n % PER_HEAD) * HALF
+    if SILU:
+        i = tl.arange(0, BLOCK_N)
+        cols = pid_n * HALF + i % HALF
+        rows = cols + (i // HALF) * (N >> 1)
+        row_ok = cols < (N >> 1)
+    elif ROPE:
+        i = tl.arange(0, BLOCK_N)
+        rows = head * HEAD_D + first + i % HALF + (i // HALF) * (HEAD_D // 2)
+        row_ok = rows < N
+    else:
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+    return rows, row_ok, head, first
+
+
+@triton.jit
+def _gemv_epilogue(y, r, rows, row_ok, pid_n, pid_k, head, first, out_ptr, stride_om, bias_ptr, N, cos_ptr, sin_ptr,
+                   pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX, HAS_BIAS: tl.constexpr,
+                   ATOMIC: tl.constexpr, SILU: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_D: tl.constexpr):
+    """Row r's sums y [BLOCK_N] of a GEMV program (its rows from _gemv_rows): + bias, then stored,
+    added (split-K), or through the SiLU or RoPE epilogue."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    if HAS_BIAS:
+        if pid_k == 0:
+            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if SILU:
+        gate, up = tl.split(tl.permute(tl.reshape(y, (2, HALF)), (1, 0)))
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+        cols = pid_n * HALF + tl.arange(0, HALF)
+        tl.store(out_ptr + r * stride_om + cols, (act * up).to(out_ptr.dtype.element_ty), mask=cols < (N >> 1))
+    elif ROPE:
+        _rope_epilogue(y, r, head, first, out_ptr + r * stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
+                       k_cache_ptr, v_cache_ptr, H, KV, CTX, HALF, HEAD_D)
+    elif ATOMIC:
+        tl.atomic_add(out_ptr + r * stride_om + rows, y, mask=row_ok, sem="relaxed")
+    else:
+        tl.store(out_ptr + r * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
