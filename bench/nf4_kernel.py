@@ -1,7 +1,7 @@
 """The NF4 matrix product on Llama-3-8B shapes: hfollama's Triton kernels (launch settings
 swept) against bitsandbytes' own 4-bit product and cuBLAS on bf16, in one run.
 
-    python bench/nf4_kernel.py [--rows 1 2 4] [--out configs.json]
+    python bench/nf4_kernel.py [--rows 1 2 4] [--int8] [--out configs.json]
 
 Each timing is a CUDA graph over several distinct copies of the matrix (more bytes than the
 L2 cache holds, as in a decode step where every layer's weights are new), median of the
@@ -36,6 +36,9 @@ GEMV_SWEEP = [(bn, bk, w, sk, True, True, True)
               for bn, bk, w, sk in itertools.product((16, 32, 64), (512, 1024, 2048), (4, 8), (1, 2, 4, 8))
               if 32 <= bn * bk // (32 * w) <= 256 and bk * sk <= 4096]
 GEMV_SWEEP += [(64, 128, 2, 4, True, False, False), (32, 256, 8, 4, False, False, False)]  # the fp32 path
+# the int8 GEMV: (BLOCK_N, BLOCK_K, warps, split-K)
+INT8_SWEEP = [(bn, bk, w, sk) for bn, bk, w, sk in itertools.product((16, 32), (512, 1024), (4, 8), (1, 2))
+              if 16 <= bn * bk // (128 * w) <= 128]
 L2_BYTES = 50 << 20
 
 
@@ -60,24 +63,30 @@ def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def rank(label, x, ws, ref, candidates):
+    """(µs, setting, error) of each setting that matches the reference, fastest first."""
+    timings = []
+    for cfg in candidates:
+        try:
+            err = rel(ws[0].matmul(x, config=cfg), ref)
+            if not err < 1e-2:
+                print(f"  {label} {cfg}: error {err:.2e}, skipped", flush=True)
+                continue
+            t = graph_time(lambda: [w.matmul(x, config=cfg) for w in ws], len(ws))
+        except Exception as exc:  # a setting that does not compile or fit
+            print(f"  {label} {cfg}: {type(exc).__name__}", flush=True)
+            continue
+        timings.append((t, cfg, err))
+    timings.sort()
+    print(f"{label} best:", [(round(t, 1), c) for t, c, _ in timings[:4]], flush=True)
+    return timings
+
+
 def sweep(name, mods, ws, m, k, rows_out, best, candidates):
     n = ws[0].n
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     ref = x.float() @ BF.dequantize_4bit(mods[0].q, mods[0].st).float().T
-    timings = []
-    for cfg in candidates:
-        try:
-            err = rel(K.nf4_matmul(x, ws[0], config=cfg), ref)
-            if not err < 1e-2:
-                print(f"  {name} m={m} {cfg}: error {err:.2e}, skipped", flush=True)
-                continue
-            t = graph_time(lambda: [K.nf4_matmul(x, w, config=cfg) for w in ws], len(ws))
-        except Exception as exc:  # a setting that does not compile or fit
-            print(f"  {name} m={m} {cfg}: {type(exc).__name__}", flush=True)
-            continue
-        timings.append((t, cfg, err))
-    timings.sort()
-    print(f"{name} m={m} best:", [(round(t, 1), c) for t, c, _ in timings[:4]], flush=True)
+    timings = rank(f"{name} m={m}", x, ws, ref, candidates)
     if not timings:
         return []
     t, cfg, err = timings[0]
@@ -88,10 +97,47 @@ def sweep(name, mods, ws, m, k, rows_out, best, candidates):
     return [c for _, c, _ in timings]
 
 
+def sweep_int8(rows_out, best, rows: list[int]) -> None:
+    """The int8 GEMV's settings per matrix and row count, against bitsandbytes' own int8 product
+    (LLM.int8(), threshold 6) on the same weights."""
+    for name, (n, k) in SHAPES.items():
+        copies = max(2, -(-2 * L2_BYTES // (n * k)))
+        dense = [torch.randn(n, k, dtype=torch.float16, device="cuda") * 0.02 for _ in range(copies)]
+        mods = []
+        for w in dense:
+            cb, scb, _ = BF.int8_vectorwise_quant(w)
+            layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=6.0)
+            layer.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+            mods.append(layer.cuda())
+        ws = [K.Int8Weights([mod]) for mod in mods]
+        del dense
+        ranked = INT8_SWEEP
+        for m in rows:  # 2-4 rows: the six best settings for one row
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            ref = x.float() @ BF.int8_vectorwise_dequant(ws[0].packed.view(n, k), ws[0].scale * 127).T
+            timings = rank(f"int8 {name} m={m}", x, ws, ref, ranked if m == rows[0] else ranked[:6])
+            if not timings:
+                continue
+            if m == rows[0]:
+                ranked = [c for _, c, _ in timings]
+            t, cfg, err = timings[0]
+            best[f"int8,{n},{k}" + ("" if m == 1 else f",{m}")] = list(cfg)
+            half = x.half()
+            try:
+                t_bnb = graph_time(lambda: [mod(half) for mod in mods], len(mods))
+            except Exception as exc:  # the baseline only: the sweep stands without it
+                print(f"  int8 {name}: bitsandbytes' product not timed ({type(exc).__name__}: {exc})", flush=True)
+                t_bnb = float("nan")
+            rows_out.append((f"i8 {name}", m, t, ws[0].nbytes / t / 1e3, cfg, err, t_bnb, float("nan")))
+        del mods, ws
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 3, 4])
     parser.add_argument("--out", default="")
+    parser.add_argument("--int8", action="store_true", help="also sweep the int8 GEMV (against LLM.int8())")
     args = parser.parse_args()
     best: dict[str, list] = {}
     rows_out: list[tuple] = []
@@ -108,6 +154,8 @@ def main() -> None:
             ranked = found if m == 1 else ranked
         del mods, ws, base
         torch.cuda.empty_cache()
+    if args.int8:
+        sweep_int8(rows_out, best, args.rows)
     print(f"\n{torch.cuda.get_device_name()}; µs per matrix, GB/s of the NF4 bytes (packed + absmax)")
     print(f"{'matrix':<8}{'rows':>5}{'ours µs':>9}{'GB/s':>7}  {'setting':<36}{'err':>8}{'bnb µs':>9}{'bnb/ours':>9}"
           f"{'bf16 µs':>9}")
@@ -116,10 +164,14 @@ def main() -> None:
               f"{t_dense:>9.1f}")
     print("\n32 layers (qkv + o + gate_up + down), ms per decode step:")
     for m in args.rows:
-        ours = sum(r[2] for r in rows_out if r[1] == m) * 32 / 1000
-        bnb_ = sum(r[6] for r in rows_out if r[1] == m) * 32 / 1000
-        dense = sum(r[7] for r in rows_out if r[1] == m) * 32 / 1000
-        print(f"  rows {m:>2}: ours {ours:.2f} ms, bitsandbytes {bnb_:.2f} ms, bf16 cuBLAS {dense:.2f} ms")
+        for prefix, label in (("", "NF4"), ("i8 ", "int8")):
+            mine = [r for r in rows_out if r[1] == m and r[0].startswith("i8 ") == bool(prefix)]
+            if not mine:
+                continue
+            ours = sum(r[2] for r in mine) * 32 / 1000
+            bnb_ = sum(r[6] for r in mine) * 32 / 1000
+            dense = sum(r[7] for r in mine) * 32 / 1000
+            print(f"  {label} rows {m:>2}: ours {ours:.2f} ms, bitsandbytes {bnb_:.2f} ms, bf16 cuBLAS {dense:.2f} ms")
     if args.out:
         Path(args.out).write_text(json.dumps(best, indent=1))
 

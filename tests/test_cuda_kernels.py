@@ -86,6 +86,29 @@ def test_nf4_gemv_rope_epilogue_equals_the_rope_kernel(config, rows):
     assert torch.equal(fused, apart) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
 
 
+class _Int8Module:
+    """bitsandbytes' int8 inference weights, quantized by bitsandbytes."""
+
+    def __init__(self, n, k):
+        w = torch.randn(n, k, dtype=torch.float16, device="cuda") * 0.02
+        cb, scb, _ = BF.int8_vectorwise_quant(w)
+        self.weight = torch.nn.Parameter(cb, requires_grad=False)
+        self.weight.SCB = scb
+        self.bias = None
+        self.ref = BF.int8_vectorwise_dequant(cb, scb)  # fp32
+
+
+@pytest.mark.parametrize("config", [None, (16, 512, 4, 1), (32, 256, 4, 4), (64, 1024, 8, 2)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 16])
+def test_int8_matmul_matches_bitsandbytes_dequantize(config, rows):
+    mods = [_Int8Module(2048, 4096), _Int8Module(1024, 4096)]
+    w = K.Int8Weights(mods)
+    x = torch.randn(rows, w.k, dtype=torch.bfloat16, device="cuda")
+    out = torch.zeros((rows, w.n), device="cuda") if rows <= 4 else None
+    ref = x.float() @ torch.cat([m.ref for m in mods]).T
+    assert rel(K.int8_matmul(x, w, out=out, config=config if rows <= 4 else None), ref) < 1e-2
+
+
 @pytest.mark.parametrize("rows", [1, 4])
 def test_nf4_gemv_with_fp16_activations(rows):
     mods = [_Module(1024, 2048, False)]

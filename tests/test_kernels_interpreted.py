@@ -78,6 +78,7 @@ _ALU = {
     "prmt.b32": _prmt,
     "fma.rn.bf16x2": _fma_bf16x2,
     "add.f32": lambda a, b: (_f32(a) + _f32(b)).view(U32),
+    "sub.f32": lambda a, b: (_f32(a) - _f32(b)).view(U32),
 }
 
 
@@ -89,6 +90,8 @@ def run_asm(text: str, outputs: int, inputs: list[np.ndarray], shape) -> list[np
     def value(operand):
         if re.fullmatch(r"0x[0-9A-Fa-f]+|\d+", operand):
             return np.full(shape, int(operand, 0), dtype=U32)
+        if re.fullmatch(r"0f[0-9A-Fa-f]{8}", operand):  # a float's bits
+            return np.full(shape, int(operand[2:], 16), dtype=U32)
         return regs[operand]
 
     for statement in text.replace("{\n", "\n").replace("\n}", "\n").split(";"):
@@ -324,3 +327,62 @@ def test_nf4_gemv_rope_epilogue_equals_the_rope_kernel(config, rows):
     with pytest.raises(ValueError, match="within one head"):
         K.nf4_matmul(x, w, config=(128, 128, 4, 1, True, True, True),
                      rope=K.Rotary(cos, sin, positions, slots, caches[0], caches[1], H, KV, D))
+
+
+class _Int8Module:
+    """What bitsandbytes' Linear8bitLt holds for inference: int8 rows and their absmax (SCB)."""
+
+    def __init__(self, n, k, gen, bias=False):
+        w = torch.randn(n, k, generator=gen) * 0.02
+        scb = w.abs().amax(dim=1)
+        self.weight = torch.nn.Parameter(torch.round(w * 127 / scb[:, None]).to(torch.int8), requires_grad=False)
+        self.weight.SCB = scb
+        self.bias = torch.randn(n, generator=gen).to(torch.bfloat16) if bias else None
+        self.ref = self.weight.float() * (scb[:, None] * (1.0 / 127))
+
+
+INT8_CONFIGS = [(16, 128, 4, 1), (32, 64, 4, 2), (16, 256, 2, 1)]
+
+
+@pytest.mark.parametrize("config", INT8_CONFIGS, ids=["plain", "split-K", "long rows"])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_int8_gemv_matches_the_dequantized_product(config, rows):
+    gen = torch.Generator().manual_seed(11)
+    mods = [_Int8Module(48, 256, gen, bias=True), _Int8Module(16, 256, gen, bias=True)]
+    w = K.Int8Weights(mods)
+    x = torch.randn(rows, w.k, generator=gen).to(torch.bfloat16)
+    out = torch.zeros((rows, w.n))
+    ref = x.float() @ torch.cat([m.ref for m in mods]).T + torch.cat([m.bias for m in mods]).float()
+    assert rel(K.int8_matmul(x, w, out=out, config=config), ref) < 1e-4  # fp32 throughout
+
+
+def test_int8_epilogues_dequantize_and_batches():
+    gen = torch.Generator().manual_seed(12)
+    halves = [_Int8Module(64, 128, gen), _Int8Module(64, 128, gen)]
+    gate_up = K.Int8Weights(halves)
+    x = torch.randn(2, 128, generator=gen).to(torch.bfloat16)
+    setting = (16, 128, 4, 1)
+    assert torch.equal(K.int8_matmul(x, gate_up, config=setting, silu=True),
+                       K.silu_mul(K.int8_matmul(x, gate_up, config=setting), torch.bfloat16))
+    H, KV, D, C = 2, 1, 32, 8
+    qkv = K.Int8Weights([_Int8Module(H * D, 128, gen), _Int8Module(KV * D, 128, gen), _Int8Module(KV * D, 128, gen)])
+    cos, sin = torch.rand(C, D, generator=gen).to(torch.bfloat16), torch.rand(C, D, generator=gen).to(torch.bfloat16)
+    positions, slots = torch.tensor([2, 7], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
+    caches = [torch.zeros(2, KV, C, D, dtype=torch.bfloat16) for _ in range(4)]
+    fused = K.int8_matmul(x, qkv, config=setting,
+                          rope=K.Rotary(cos, sin, positions, slots, caches[0], caches[1], H, KV, D))
+    apart = K.rope_kv(K.int8_matmul(x, qkv, config=setting), cos, sin, positions, slots, caches[2], caches[3],
+                      H, KV, D)
+    assert torch.equal(fused, apart) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    ref = torch.cat([m.ref for m in halves])
+    full = gate_up.dequantize(torch.empty(gate_up.n * gate_up.k, dtype=torch.bfloat16))
+    assert torch.equal(full, ref.to(torch.bfloat16))
+    batch = torch.randn(6, 128, generator=gen).to(torch.bfloat16)  # more rows: dequantize, then one GEMM
+    assert rel(K.int8_matmul(batch, gate_up), batch.float() @ ref.T) < 1e-2
+
+
+def test_a_layer_without_int8_statistics_is_refused():
+    layer = _Int8Module(16, 64, torch.Generator().manual_seed(1))
+    layer.weight.SCB = None
+    with pytest.raises(ValueError, match="not an int8 inference layer"):
+        K.Int8Weights([layer])

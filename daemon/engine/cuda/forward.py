@@ -40,8 +40,18 @@ def _is_4bit(module: torch.nn.Module) -> bool:
     return state is not None and getattr(state, "quant_type", None) in ("nf4", "fp4")
 
 
+def _is_int8(module: torch.nn.Module) -> bool:
+    """A bitsandbytes Linear8bitLt with int8 inference weights."""
+    weight = getattr(module, "weight", None)
+    return getattr(weight, "dtype", None) == torch.int8 and hasattr(weight, "SCB")
+
+
 def _dense(module: torch.nn.Module) -> bool:
     return type(module) is torch.nn.Linear and module.weight.is_floating_point()
+
+
+def _kind(module: torch.nn.Module) -> str | None:
+    return "4bit" if _is_4bit(module) else "int8" if _is_int8(module) else "dense" if _dense(module) else None
 
 
 # Rows from which a 4-bit matrix with a bf16 batch copy multiplies by that copy (cuBLAS)
@@ -50,35 +60,37 @@ BATCH_WEIGHT_ROWS = 3
 
 
 class Linear:
-    """A fused matrix product: dense (cuBLAS) or NF4 (Triton), with an optional bf16 copy of
-    NF4 weights for batches (`batch_weights`)."""
+    """A fused matrix product: dense (cuBLAS), or quantized (bitsandbytes' 4-bit or int8 weights
+    through a Triton GEMV), with an optional bf16 copy of 4-bit weights for batches
+    (`batch_weights`)."""
 
     def __init__(self, modules: list[torch.nn.Module], dtype: torch.dtype, batch_weights: bool = False) -> None:
-        self.nf4: K.NF4Weights | None = None
+        self.quantized: K.NF4Weights | K.Int8Weights | None = None
         self.batch_weight: torch.Tensor | None = None
-        if all(_is_4bit(m) for m in modules):
-            self.nf4 = K.NF4Weights(modules)
-            self.n, self.k = self.nf4.n, self.nf4.k
+        kinds = {_kind(m) for m in modules}
+        if kinds == {"4bit"} or kinds == {"int8"}:
+            self.quantized = K.NF4Weights(modules) if kinds == {"4bit"} else K.Int8Weights(modules)
+            self.n, self.k = self.quantized.n, self.quantized.k
             self.weight = self.bias = None
-            if batch_weights:  # bitsandbytes' own dequantization, kept: the same numbers as dequantizing per call
-                self.batch_weight = K.nf4_dequantize(self.nf4, torch.empty(self.n * self.k, dtype=dtype,
-                                                                           device=self.nf4.packed.device))
-        elif all(_dense(m) for m in modules):
+            if batch_weights and kinds == {"4bit"}:  # bitsandbytes' own dequantization, kept
+                self.batch_weight = self.quantized.dequantize(torch.empty(self.n * self.k, dtype=dtype,
+                                                                          device=self.quantized.packed.device))
+        elif kinds == {"dense"}:
             self.weight = (modules[0].weight.detach().to(dtype) if len(modules) == 1 else
                            torch.cat([m.weight.detach().to(dtype) for m in modules])).contiguous()
             biases = [m.bias for m in modules]
             self.bias = torch.cat([b.detach().to(dtype) for b in biases]) if all(b is not None for b in biases) else None
             self.n, self.k = self.weight.shape
         else:
-            raise UnsupportedArchitecture("the fast path handles dense and 4-bit layers (int8 runs eagerly)")
+            raise UnsupportedArchitecture("the fast path handles dense, 4-bit and int8 layers, one kind per product")
 
     def uses_gemv(self, rows: int) -> bool:
-        """Whether this many rows go through the NF4 GEMV (an fp32 result)."""
-        return self.nf4 is not None and rows <= 4 and (self.batch_weight is None or rows < BATCH_WEIGHT_ROWS)
+        """Whether this many rows go through the GEMV (an fp32 result)."""
+        return self.quantized is not None and rows <= 4 and (self.batch_weight is None or rows < BATCH_WEIGHT_ROWS)
 
     def gemv_adds(self, rows: int) -> bool:
         """Whether the GEMV runs split-K programs that add into a zeroed output."""
-        return self.uses_gemv(rows) and K.nf4_gemv_setting(self.nf4, rows)[1] > 1
+        return self.uses_gemv(rows) and self.quantized.gemv_setting(rows)[1] > 1
 
     def fuses_silu(self, rows: int) -> bool:
         """Whether SiLU(gate) * up of this [gate; up] product comes from the GEMV's epilogue
@@ -88,27 +100,27 @@ class Linear:
     def fuses_rope(self, rows: int, head_dim: int) -> bool:
         """Whether RoPE and the KV write of this [q; k; v] product come from the GEMV's epilogue
         (no split-K, and programs that stay within one head)."""
-        return self.fuses_silu(rows) and head_dim % K.nf4_gemv_setting(self.nf4, rows)[0] == 0
+        return self.fuses_silu(rows) and head_dim % self.quantized.gemv_setting(rows)[0] == 0
 
     def __call__(self, x: torch.Tensor, scratch: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W^T. `out`: a zeroed fp32 buffer [rows, n] for the NF4 GEMV."""
-        if self.nf4 is None:
+        """x @ W^T. `out`: a zeroed fp32 buffer [rows, n] for a split-K GEMV."""
+        if self.quantized is None:
             return F.linear(x, self.weight, self.bias)
         if self.uses_gemv(x.shape[0]):
-            return K.nf4_matmul(x, self.nf4, out=out)
-        bias = None if self.nf4.bias is None else self.nf4.bias.to(x.dtype)
+            return self.quantized.matmul(x, out=out)
+        bias = None if self.quantized.bias is None else self.quantized.bias.to(x.dtype)
         if self.batch_weight is not None:
             return F.linear(x, self.batch_weight.view(self.n, self.k), bias)
         if scratch is not None:  # batches and prefill: dequantize into the scratch buffer, one GEMM
-            return F.linear(x, K.nf4_dequantize(self.nf4, scratch[:self.n * self.k]), bias)
-        return K.nf4_matmul(x, self.nf4)
+            return F.linear(x, self.quantized.dequantize(scratch[:self.n * self.k]), bias)
+        return self.quantized.matmul(x)
 
     @property
     def nbytes(self) -> int:
-        if self.nf4 is not None:
+        if self.quantized is not None:
             extra = 0 if self.batch_weight is None else self.batch_weight.numel() * self.batch_weight.element_size()
-            return self.nf4.nbytes + extra
+            return self.quantized.nbytes + extra
         return self.weight.numel() * self.weight.element_size()
 
 
@@ -187,8 +199,13 @@ class CudaLlamaForward:
         for layer in inner.layers:  # check everything before taking anything over
             linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-            if not (all(_is_4bit(m) for m in linears) or all(_dense(m) for m in linears)):
-                raise UnsupportedArchitecture("the fast path handles dense and 4-bit layers (int8 runs eagerly)")
+            if len({_kind(m) for m in linears}) != 1 or _kind(linears[0]) is None:
+                raise UnsupportedArchitecture("the fast path handles dense, 4-bit and int8 layers, one kind per model")
+            weights = {"4bit": K.NF4Weights, "int8": K.Int8Weights}.get(_kind(linears[0]))
+            for group in (linears[:3], linears[3:4], linears[4:6], linears[6:]):  # as the products fuse them
+                reason = weights and weights.unsupported(group)
+                if reason:
+                    raise UnsupportedArchitecture(reason)
             if hasattr(layer.self_attn, "q_norm"):
                 raise UnsupportedArchitecture("q/k norms (qwen3) run eagerly")
         self.config = config
@@ -211,9 +228,9 @@ class CudaLlamaForward:
         self.lm_head = Linear([model.lm_head], self.dtype)
         self.embed = inner.embed_tokens.weight.detach()
         self.final_norm = inner.norm.weight.detach().to(self.dtype)
-        nf4 = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
-               if lin.nf4 and lin.batch_weight is None]
-        largest = max((lin.n * lin.k for lin in nf4), default=0)
+        dequantized = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
+                       if lin.quantized and lin.batch_weight is None]
+        largest = max((lin.n * lin.k for lin in dequantized), default=0)
         self.scratch = torch.empty(largest, dtype=self.dtype, device=self.device) if largest else None
         # one extra slot: padded rows of a graph bucket write there, never into a sequence's cache
         shape = (num_slots + 1, self.num_kv_heads, max_ctx, self.head_dim)
@@ -244,7 +261,7 @@ class CudaLlamaForward:
     def _mlp(self, layer: _Layer, h: torch.Tensor, outputs: "_Outputs | None" = None) -> torch.Tensor:
         rows = h.shape[0]
         if layer.gate_up.fuses_silu(rows):  # one launch fewer per layer
-            act = K.nf4_matmul(h, layer.gate_up.nf4, silu=True)
+            act = layer.gate_up.quantized.matmul(h, silu=True)
         else:
             act = K.silu_mul(layer.gate_up(h, self.scratch, outputs and outputs.take(layer.gate_up, rows)), self.dtype)
         return layer.down(act, self.scratch, outputs and outputs.take(layer.down, rows))
@@ -260,9 +277,9 @@ class CudaLlamaForward:
             h, x = K.add_rmsnorm(out if out is not None else x, layer.input_norm, self.eps,
                                  residual=x if out is not None else None)
             if layer.qkv.fuses_rope(batch, self.head_dim):  # one launch fewer per layer
-                q = K.nf4_matmul(h, layer.qkv.nf4, rope=K.Rotary(self.cos, self.sin, positions, slots, self.k_cache[i],
-                                                                 self.v_cache[i], self.num_heads, self.num_kv_heads,
-                                                                 self.head_dim))
+                q = layer.qkv.quantized.matmul(h, rope=K.Rotary(self.cos, self.sin, positions, slots, self.k_cache[i],
+                                                                self.v_cache[i], self.num_heads, self.num_kv_heads,
+                                                                self.head_dim))
             else:
                 qkv = layer.qkv(h, self.scratch, outputs and outputs.take(layer.qkv, batch))
                 q = K.rope_kv(qkv, self.cos, self.sin, positions, slots, self.k_cache[i], self.v_cache[i],

@@ -404,7 +404,24 @@ class NF4Weights:
     carries its module's offset, so fused modules decode exactly as bitsandbytes decodes
     them one by one."""
 
+    @staticmethod
+    def unsupported(modules: list) -> str | None:
+        """Why these layers cannot be fused and read by the kernels (None: they can)."""
+        states = [m.weight.quant_state for m in modules]
+        k = int(states[0].shape[1])
+        if (any(st.blocksize != 64 or st.quant_type != states[0].quant_type or int(st.shape[1]) != k for st in states)
+                or k % 64):
+            return "the fused kernel reads one 4-bit code with blocksize 64 and rows of whole blocks"
+        try:
+            nf4_decode.decoding_for(states[0].code.float().tolist())
+        except ValueError as exc:
+            return str(exc)
+        return None
+
     def __init__(self, modules: list) -> None:
+        reason = self.unsupported(modules)
+        if reason:
+            raise ValueError(reason)
         states = [m.weight.quant_state for m in modules]
         self.k = int(states[0].shape[1])
         self.n = sum(int(st.shape[0]) for st in states)
@@ -415,8 +432,6 @@ class NF4Weights:
         self.code = torch.tensor(decoding.code, dtype=torch.float32, device=device)
         # one copy of the byte tables per lane: see _nf4_gemv_kernel
         self.tables = torch.tensor([decoding.tables] * 32, dtype=torch.int32, device=device)
-        if any(st.blocksize != 64 or st.quant_type != states[0].quant_type for st in states) or self.k % 64:
-            raise ValueError("the fused kernel reads one 4-bit code with blocksize 64 and rows of whole blocks")
         self.packed = decoding.relabel(torch.cat([m.weight.data.reshape(-1) for m in modules]))
         double = [st.state2 is not None for st in states]
         aligned = all((st.shape[0] * st.shape[1] // 64) % 256 == 0 for st in states)
@@ -435,6 +450,15 @@ class NF4Weights:
     @property
     def double(self) -> bool:
         return self.absmax2 is not None
+
+    def matmul(self, x: torch.Tensor, **kw) -> torch.Tensor:
+        return nf4_matmul(x, self, **kw)
+
+    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
+        return nf4_dequantize(self, out)
+
+    def gemv_setting(self, rows: int) -> tuple[int, int]:
+        return nf4_gemv_setting(self, rows)
 
     @property
     def nbytes(self) -> int:
@@ -520,20 +544,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
         x_vec = x_vec and x.data_ptr() % 16 == 0 and (m == 1 or x.stride(0) % 8 == 0)  # 16-byte loads of x
         split = _gemv_split(split, k)
         block_k = _fit_block_k(block_k, k // split)
-        if (silu or rope) and split > 1:
-            raise ValueError("an epilogue in the GEMV needs a setting without split-K")
-        if silu and n % 2:
-            raise ValueError("the SiLU epilogue needs [gate; up] rows")
-        if rope and (rope.head_dim % block_n or n != (rope.heads + 2 * rope.kv_heads) * rope.head_dim):
-            raise ValueError("the RoPE epilogue needs [q; k; v] rows and programs within one head")
-        if out is None:
-            if rope:
-                shape, dtype = (m, rope.heads, rope.head_dim), rope.k_cache.dtype
-            else:
-                shape, dtype = ((m, n // 2), x.dtype) if silu else ((m, n), torch.float32)
-            out = (torch.zeros if split > 1 else torch.empty)(shape, dtype=dtype, device=x.device)
-        target = (rope.cos, rope.sin, rope.positions, rope.slots, rope.k_cache, rope.v_cache, rope.heads,
-                  rope.kv_heads, rope.k_cache.shape[2]) if rope else (dummy,) * 6 + (0, 0, 0)
+        out, target = _gemv_output(x, n, split, block_n, out, silu, rope, dummy)
         _nf4_gemv_kernel[(triton.cdiv(n, block_n), split)](
             x, *common, out, w.offset if w.double else dummy, w.tables,
             n, k, k // split, x.stride(0), out.stride(0), *target, M=m, DOUBLE=w.double,
@@ -541,10 +552,36 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
             GROUPS=block_k // 64, X_VEC=x_vec, PACKED=packed, PREFETCH=prefetch, SILU=silu, ROPE=rope is not None,
             HEAD_D=rope.head_dim if rope else block_n, PDL=_pdl(x.device), num_warps=warps)
         return out
+    return _dequantized_matmul(x, w, out, silu, rope)
+
+
+def _gemv_output(x: torch.Tensor, n: int, split: int, block_n: int, out: torch.Tensor | None, silu: bool,
+                 rope: Rotary | None, dummy: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """A GEMV's output (fp32 [M, N], zeroed for split-K; or what its epilogue makes) and the
+    RoPE arguments (dummies without it), after checking that the epilogue can run."""
+    m = x.shape[0]
+    if (silu or rope) and split > 1:
+        raise ValueError("an epilogue in the GEMV needs a setting without split-K")
+    if silu and n % 2:
+        raise ValueError("the SiLU epilogue needs [gate; up] rows")
+    if rope and (rope.head_dim % block_n or n != (rope.heads + 2 * rope.kv_heads) * rope.head_dim):
+        raise ValueError("the RoPE epilogue needs [q; k; v] rows and programs within one head")
+    if out is None:
+        if rope:
+            shape, dtype = (m, rope.heads, rope.head_dim), rope.k_cache.dtype
+        else:
+            shape, dtype = ((m, n // 2), x.dtype) if silu else ((m, n), torch.float32)
+        out = (torch.zeros if split > 1 else torch.empty)(shape, dtype=dtype, device=x.device)
+    target = (rope.cos, rope.sin, rope.positions, rope.slots, rope.k_cache, rope.v_cache, rope.heads,
+              rope.kv_heads, rope.k_cache.shape[2]) if rope else (dummy,) * 6 + (0, 0, 0)
+    return out, target
+
+
+def _dequantized_matmul(x: torch.Tensor, w, out: torch.Tensor | None, silu: bool, rope: Rotary | None):
+    """More rows (batches, prefill): the matrix dequantized, then one GEMM on the tensor cores."""
     if silu or rope:
         raise ValueError("the GEMV's epilogues are for 1-4 rows")
-    # more rows (batches, prefill): dequantize, then one GEMM on the tensor cores
-    full = nf4_dequantize(w, torch.empty(n * k, dtype=x.dtype, device=x.device))
+    full = w.dequantize(torch.empty(w.n * w.k, dtype=x.dtype, device=x.device))
     result = torch.nn.functional.linear(x, full, None if w.bias is None else w.bias.to(x.dtype))
     return result if out is None else out.copy_(result)
 
@@ -570,6 +607,188 @@ def nf4_dequantize(w: NF4Weights, out: torch.Tensor) -> torch.Tensor:
         w.packed, w.absmax, w.absmax2 if w.double else dummy, w.code2 if w.double else dummy, w.code,
         w.offset if w.double else dummy, out, total, DOUBLE=w.double, BLOCK=1024, num_warps=4)
     return out.view(w.n, w.k)
+
+
+# ---- int8 ------------------------------------------------------------------------------------
+# bitsandbytes' LLM.int8() weights: int8 rows (CB) and an absmax per row (SCB), a weight being
+# CB * SCB / 127. The GEMV multiplies the activations by exactly that, in fp32: bitsandbytes'
+# dequantize-then-matmul, without LLM.int8()'s int8 activations and fp16 outlier columns (which
+# make its own product slow at one row: 7 tokens/s for an 8B model on an H100).
+# Four int8 weights (one word) to fp32 without the conversion unit (a quarter of the FMA
+# pipe's rate, which would bound the GEMV near the memory's): q + 128 as the low byte of the
+# mantissa of 2^23, then 2^23 + 128 subtracted, exactly.
+_INT8_ASM = tl.constexpr("""{
+.reg .b32 u, m;
+xor.b32 u, $4, 0x80808080;
+mov.b32 m, 0x4B000000;
+prmt.b32 $0, u, m, 0x7540;
+prmt.b32 $1, u, m, 0x7541;
+prmt.b32 $2, u, m, 0x7542;
+prmt.b32 $3, u, m, 0x7543;
+sub.f32 $0, $0, 0f4B000080;
+sub.f32 $1, $1, 0f4B000080;
+sub.f32 $2, $2, 0f4B000080;
+sub.f32 $3, $3, 0f4B000080;
+}""")
+
+
+@triton.jit
+def _int8_decode4(words):
+    """int32 words -> their 4 int8 weights as fp32, byte i (little-endian) as v_i."""
+    v0, v1, v2, v3 = tl.inline_asm_elementwise(_INT8_ASM, "=r,=r,=r,=r,r", [words],
+                                               dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    return (v0.to(tl.float32, bitcast=True), v1.to(tl.float32, bitcast=True), v2.to(tl.float32, bitcast=True),
+            v3.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, K_SPLIT, stride_xm, stride_om,
+                      cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX,
+                      M: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_N: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU: tl.constexpr, ROPE: tl.constexpr,
+                      HEAD_D: tl.constexpr, PDL: tl.constexpr):
+    """The int8 counterpart of _nf4_gemv_kernel (its rows, split-K and epilogues): rows of
+    BLOCK_K int8 weights read as words, summed against x in fp32, scaled by SCB / 127 per row."""
+    if PDL:  # the next kernel may launch (it waits for this one's results)
+        tl.extra.cuda.gdc_launch_dependents()
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows, row_ok, head, first = _gemv_rows(pid_n, N, BLOCK_N, SILU, ROPE, HEAD_D)
+    WORDS: tl.constexpr = BLOCK_K // 4
+    w32 = w_ptr.to(tl.pointer_type(tl.int32))
+    kw = K >> 2
+    acc0 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    k_begin = pid_k * K_SPLIT
+    for k0 in tl.range(k_begin, k_begin + K_SPLIT, BLOCK_K):
+        at = rows[:, None] * kw + ((k0 >> 2) + tl.arange(0, WORDS))[None, :]
+        if EVEN_N:
+            words = tl.load(w32 + at)
+        else:
+            words = tl.load(w32 + at, mask=row_ok[:, None], other=0)
+        v0, v1, v2, v3 = _int8_decode4(words)
+        for r in tl.static_range(M):
+            x = tl.load(x_ptr + r * stride_xm + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
+            x_even, x_odd = tl.split(tl.reshape(x, (WORDS, 2, 2)))  # x[4j + 2a], x[4j + 2a + 1]
+            x0, x2 = tl.split(x_even)
+            x1, x3 = tl.split(x_odd)
+            part = v0 * x0[None, :] + v1 * x1[None, :] + v2 * x2[None, :] + v3 * x3[None, :]
+            if r == 0:
+                acc0 += part
+            elif r == 1:
+                acc1 += part
+            elif r == 2:
+                acc2 += part
+            else:
+                acc3 += part
+    scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+    for r in tl.static_range(M):
+        if r == 0:
+            y = tl.sum(acc0, axis=1) * scale
+        elif r == 1:
+            y = tl.sum(acc1, axis=1) * scale
+        elif r == 2:
+            y = tl.sum(acc2, axis=1) * scale
+        else:
+            y = tl.sum(acc3, axis=1) * scale
+        _gemv_epilogue(y, r, rows, row_ok, pid_n, pid_k, head, first, out_ptr, stride_om, bias_ptr, N, cos_ptr,
+                       sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX, HAS_BIAS, ATOMIC, SILU, ROPE,
+                       BLOCK_N, HEAD_D)
+
+
+@triton.jit
+def _int8_dequant_kernel(w_ptr, scale_ptr, out_ptr, TOTAL, K, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < TOTAL
+    w = tl.load(w_ptr + i, mask=ok, other=0).to(tl.float32)
+    tl.store(out_ptr + i, (w * tl.load(scale_ptr + i // K, mask=ok, other=0.0)).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+class Int8Weights:
+    """One or more bitsandbytes Linear8bitLt layers (int8 inference weights) fused along the
+    output dimension: their int8 rows as they are, and SCB / 127 per row."""
+
+    @staticmethod
+    def _statistics(module) -> torch.Tensor | None:
+        scb = getattr(module.weight, "SCB", None)
+        if scb is None:  # after bitsandbytes' first forward, the statistics live in its state
+            scb = getattr(getattr(module, "state", None), "SCB", None)
+        return scb
+
+    @classmethod
+    def unsupported(cls, modules: list) -> str | None:
+        """Why these layers cannot be fused and read by the kernel (None: they can)."""
+        for m in modules:
+            if m.weight.dtype != torch.int8 or cls._statistics(m) is None or m.weight.dim() != 2:
+                return "not an int8 inference layer (int8 rows and their SCB)"
+        k = int(modules[0].weight.shape[1])
+        if any(int(m.weight.shape[1]) != k for m in modules) or k % 16:
+            return "the int8 GEMV reads rows of whole 16-byte runs"
+        return None
+
+    def __init__(self, modules: list) -> None:
+        reason = self.unsupported(modules)
+        if reason:
+            raise ValueError(reason)
+        rows = [m.weight.data for m in modules]
+        scales = [self._statistics(m).float().reshape(-1) * (1.0 / 127) for m in modules]
+        self.n = sum(int(r.shape[0]) for r in rows)
+        self.k = int(rows[0].shape[1])
+        self.packed = torch.cat([r.reshape(-1) for r in rows]).contiguous()
+        self.scale = torch.cat(scales).contiguous()
+        biases = [m.bias for m in modules]
+        self.bias = torch.cat([b.detach() for b in biases]).contiguous() if all(b is not None for b in biases) else None
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.packed, self.scale, self.bias]
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def matmul(self, x: torch.Tensor, **kw) -> torch.Tensor:
+        return int8_matmul(x, self, **kw)
+
+    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
+        """The full matrix [N, K] in out's dtype."""
+        total = self.packed.numel()
+        _int8_dequant_kernel[(triton.cdiv(total, 1024),)](self.packed, self.scale, out, total, self.k, BLOCK=1024,
+                                                          num_warps=4)
+        return out.view(self.n, self.k)
+
+    def gemv_setting(self, rows: int) -> tuple[int, int]:
+        """(BLOCK_N, split-K), as nf4_gemv_setting."""
+        config = _config("int8", self.n, self.k, rows, INT8_DEFAULT)
+        return config[0], _int8_split(config[3], self.k)
+
+
+def _int8_split(split: int, k: int) -> int:
+    while split > 1 and k % (split * 16):  # each split covers whole 16-byte runs
+        split -= 1
+    return split
+
+
+# BLOCK_N, BLOCK_K (weights per row and step), warps, split-K; not yet swept on a GPU
+INT8_DEFAULT = (16, 512, 4, 1)
+
+
+def int8_matmul(x: torch.Tensor, w: Int8Weights, out: torch.Tensor | None = None, config: tuple | None = None,
+                silu: bool = False, rope: Rotary | None = None) -> torch.Tensor:
+    """nf4_matmul's contract for int8 weights."""
+    m, n, k = x.shape[0], w.n, w.k
+    if m > 4:
+        return _dequantized_matmul(x, w, out, silu, rope)
+    block_n, block_k, warps, split = config or _config("int8", n, k, m, INT8_DEFAULT)
+    split = _int8_split(split, k)
+    while block_k > 16 and (k // split) % block_k:
+        block_k //= 2
+    out, target = _gemv_output(x, n, split, block_n, out, silu, rope, w.scale)
+    _int8_gemv_kernel[(triton.cdiv(n, block_n), split)](
+        x, w.packed, w.scale, w.bias if w.bias is not None else w.scale, out, n, k, k // split, x.stride(0),
+        out.stride(0), *target, M=m, HAS_BIAS=w.bias is not None, ATOMIC=split > 1, EVEN_N=n % block_n == 0,
+        BLOCK_N=block_n, BLOCK_K=block_k, SILU=silu, ROPE=rope is not None, HEAD_D=rope.head_dim if rope else block_n,
+        PDL=_pdl(x.device), num_warps=warps)
+    return out
 
 
 # ---- norms, RoPE, attention, activation ---------------------------------------------------
