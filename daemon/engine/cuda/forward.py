@@ -399,9 +399,14 @@ class CudaLlamaForward:
             torch.cuda.synchronize(self.device)
 
     def capture_all(self) -> None:
-        """Capture every bucket now (at load), so no request pays for it."""
+        """Capture every bucket now (at load), and compile the prompt path's kernel variants (1-4
+        token chunks through the GEMV, longer ones through the dequantized GEMM) by prefilling
+        the scratch slot, so no request pays for either: a Triton compile takes up to a second."""
         for b in self.buckets:
             self._graph_for(b)
+        for n in (1, 2, 3, 4, 5):
+            self.encode(torch.zeros(n, dtype=torch.long))
+        torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
