@@ -1,12 +1,14 @@
 """Triton kernels for decoding: few launches per layer, each one pass over its bytes.
 
-- nf4_matmul: y = x W^T with W in bitsandbytes' NF4 layout (the 16 codes relabeled once at
-  load, see nf4_decode): packed nibbles (high nibble first, row-major), one absmax per 64 weights, double-quantized absmax
-  (uint8 codes, a float per 256 blocks, an offset) decoded in the kernel. A GEMV for 1-4
-  rows: each warp reads long runs of one weight row in 16-byte loads (whole DRAM pages, not
-  32 bytes of many rows), the nibbles are decoded in registers by byte permutes (no lookup
-  in memory), bf16 pairs multiplied in packed bf16 and summed in fp32, split-K, the next
-  block's loads in flight while one is decoded. More rows dequantize, then one GEMM.
+- nf4_matmul: y = x W^T with W in bitsandbytes' 4-bit layout (NF4 or FP4; the 16 codes
+  relabeled once at load, see nf4_decode): packed nibbles (high nibble first, row-major), one
+  absmax per 64 weights, double-quantized absmax (uint8 codes, a float per 256 blocks, an
+  offset) decoded in the kernel. A GEMV for 1-4 rows: each warp reads long runs of one weight
+  row in 16-byte loads (whole DRAM pages, not 32 bytes of many rows), the nibbles are decoded
+  in registers by byte permutes (no lookup in memory), bf16 pairs multiplied in packed bf16
+  and summed in fp32, split-K, the next block's loads in flight while one is decoded; RoPE +
+  KV write, or SiLU * up, in its epilogue. More rows dequantize, then one GEMM.
+- int8_matmul: the same for bitsandbytes' int8 weights (int8 rows and an absmax per row).
 - add_rmsnorm: the residual add and HF's RMSNorm in one pass (the sum rounded to the
   activation dtype first, as HF adds in it).
 - rope_kv: RoPE on q and k, and the k/v writes into each row's KV slot, in one launch.
