@@ -71,13 +71,26 @@ def test_cpu_estimate_matches_the_engine(tiny_dirs):
         runtime.close()
 
 
+GATE_UP_BF16 = 2 * 14336 * 4096 * 2  # the largest matrix of a Llama-3-8B layer, dequantized
+
+
 def test_batch_weights_add_a_bf16_copy_of_4bit_matrices_only():
+    """The copy replaces the scratch buffer that prompts dequantize each matrix into."""
     nf4 = FakeModel(FakeMetadata(LLAMA3_8B), FakeModelfile(Quantization("nf4", True, "bfloat16")))
     dense = FakeModel(FakeMetadata(LLAMA3_8B), FakeModelfile(Quantization("none", False, "bfloat16")))
-    for model, extra in ((nf4, LLAMA3_8B.linear_params * 2), (dense, 0)):
+    for model, extra in ((nf4, LLAMA3_8B.linear_params * 2 - GATE_UP_BF16), (dense, 0)):
         plain = estimate(model, num_ctx=2048, slots=32, device_type="cuda")
         copied = estimate(model, num_ctx=2048, slots=32, device_type="cuda", batch_weights=True)
         assert copied.total - plain.total == extra
+
+
+@pytest.mark.parametrize("mode, scratch", [("nf4", GATE_UP_BF16), ("fp4", GATE_UP_BF16), ("int8", GATE_UP_BF16),
+                                           ("none", 0)])
+def test_quantized_models_count_the_dequantize_scratch_on_a_gpu(mode, scratch):
+    model = FakeModel(FakeMetadata(LLAMA3_8B), FakeModelfile(Quantization(mode, False, "bfloat16")))
+    on_gpu = estimate(model, num_ctx=2048, slots=1, device_type="cuda")
+    chunk = 512 * (4 * 4096 + 2 * 14336 + 128 * (32 + 16)) * 2
+    assert on_gpu.workspace == chunk + 128256 * 4 * 2 + (32 << 20) + scratch
 
 
 GIB = 1 << 30
