@@ -31,6 +31,8 @@ from daemon.engine.forward import SUPPORTED_ARCHITECTURES, UnsupportedArchitectu
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
+# Devices the fast path takes. Tests add "cpu" to run it in Triton's interpreter (graphs=False).
+RUNS_ON = frozenset({"cuda"})
 FAST_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
 
 
@@ -169,7 +171,9 @@ class _Graph:
         self.meta = torch.zeros((4, batch), dtype=torch.int32, device=dev)  # tokens, slots, positions, lengths
         # two pinned staging buffers, used in turn: with pipelined steps, the copy from one
         # may still be queued while the host fills the next step's
-        self.hosts = [torch.zeros((4, batch), dtype=torch.int32).pin_memory() for _ in range(2)]
+        self.hosts = [torch.zeros((4, batch), dtype=torch.int32) for _ in range(2)]
+        if dev.type == "cuda":
+            self.hosts = [host.pin_memory() for host in self.hosts]
         self.turn = 0
         self.attention = K.DecodeAttention(batch, owner.num_heads, owner.num_kv_heads, owner.head_dim,
                                            owner.max_ctx, dev, owner.dtype)
@@ -211,7 +215,7 @@ class CudaLlamaForward:
         self.config = config
         self.device = inner.embed_tokens.weight.device
         self.dtype = inner.embed_tokens.weight.dtype
-        if self.device.type != "cuda" or self.dtype not in (torch.bfloat16, torch.float16):
+        if self.device.type not in RUNS_ON or self.dtype not in (torch.bfloat16, torch.float16):
             raise UnsupportedArchitecture("the fast path needs a CUDA device and bf16/fp16 activations")
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -406,7 +410,8 @@ class CudaLlamaForward:
             self._graph_for(b)
         for n in (1, 2, 3, 4, 5):
             self.encode(torch.zeros(n, dtype=torch.long))
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""The GPU forward pass (its kernels without CUDA graphs) on the CPU, in Triton's interpreter
+(tests/triton_cpu.py), on the tiny Llama with its products quantized by bitsandbytes' CPU
+functions: the fast path's logits against PyTorch's own forward (LlamaForward) on the same model
+with the dequantized weights, through prompts, decode steps (GEMV epilogues or split-K), a pass
+that mixes both, and the load-time warm-up. On a GPU, test_cuda_forward runs the real thing."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from triton_cpu import interpreted  # skips this module where the interpreter cannot run the kernels
+
+from daemon.engine.cuda import forward as fast
+from daemon.engine.cuda import kernels as K
+from daemon.engine.forward import LlamaForward
+
+functional = pytest.importorskip("bitsandbytes.functional")
+
+PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+
+class _Param:
+    def __init__(self, data, **attrs):
+        self.data = data
+        self.dtype, self.shape = data.dtype, data.shape
+        self.__dict__.update(attrs)
+
+    def dim(self):
+        return self.data.dim()
+
+
+class _Quantized(torch.nn.Module):
+    """What bitsandbytes' Linear4bit / Linear8bitLt hold: the weight as the kernels read it."""
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+
+def quantize(linear: torch.nn.Linear, kind: str) -> tuple[_Quantized, torch.Tensor]:
+    """The layer as bitsandbytes stores it, and the weights it stands for (dequantized)."""
+    w = linear.weight.detach()
+    if kind == "int8":
+        scb = w.float().abs().amax(dim=1)
+        cb = torch.round(w.float() * 127 / scb[:, None]).to(torch.int8)
+        return _Quantized(_Param(cb, SCB=scb), linear.bias), (cb.float() * (scb[:, None] * (1 / 127))).to(w.dtype)
+    packed, state = functional.quantize_4bit(w, blocksize=64, quant_type=kind, compress_statistics=True)
+    return _Quantized(_Param(packed, quant_state=state), linear.bias), functional.dequantize_4bit(packed, state)
+
+
+def models(path, kind):
+    """(the model with quantized products, the same model with their dequantized weights)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    reference = copy.deepcopy(model)
+    for layer, ref_layer in zip(model.model.layers, reference.model.layers):
+        for part, names in PROJECTIONS:
+            for name in names:
+                quantized, weights = quantize(getattr(getattr(layer, part), name), kind)
+                setattr(getattr(layer, part), name, quantized)
+                getattr(getattr(ref_layer, part), name).weight.data.copy_(weights)
+    return model, reference
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# the tiny model's products ((N, K): qkv, o, gate/up, down), as in test_cuda_forward
+TINY_SHAPES = ((128, 64), (64, 64), (256, 64), (64, 128))
+SETTINGS = {
+    "epilogues": {shape: (16, 64, 4, 1) for shape in TINY_SHAPES},
+    "split-K": {shape: (16, 64, 4, 2 if shape[1] == 128 else 1) for shape in TINY_SHAPES[1:]}
+    | {TINY_SHAPES[0]: (32, 64, 4, 1)},  # 32 rows span two heads of 16: RoPE apart
+}
+
+
+@pytest.fixture
+def cpu_fast_path(monkeypatch):
+    interpreted(monkeypatch, K)
+    monkeypatch.setattr(fast, "RUNS_ON", frozenset({"cpu", "cuda"}))
+
+
+def run(forward) -> list[torch.Tensor]:
+    """Logits of two prompts, three decode steps of both (two rows: bucket 2), then a pass with
+    a decode row and a new prompt."""
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 300, (n,)) for n in (9, 3)]
+    logits = [forward.forward(prompt[None], [slot], [0]) for slot, prompt in zip((0, 2), prompts)]
+    for step in range(3):
+        logits.append(forward.forward(torch.tensor([[5 + step], [7 + step]]), [0, 2], [9 + step, 3 + step]))
+    chunk = torch.randint(0, 300, (6,)).tolist()
+    if isinstance(forward, fast.CudaLlamaForward):
+        logits.append(forward.forward_mixed(torch.tensor([[11]]), [0], [12], [(chunk, 1, 0)]))
+    else:
+        logits.append(torch.cat([forward.forward(torch.tensor([[11]]), [0], [12]),
+                                 forward.forward(torch.tensor([chunk]), [1], [0])]))
+    return logits
+
+
+@pytest.mark.parametrize("kind, setting", [("nf4", "epilogues"), ("nf4", "split-K"), ("fp4", "epilogues"),
+                                           ("int8", "epilogues"), ("int8", "split-K")])
+def test_fast_path_logits_match_pytorch_on_the_same_weights(tiny_dirs, cpu_fast_path, monkeypatch, kind, setting):
+    for (n, k), (block_n, block_k, warps, split) in SETTINGS[setting].items():
+        monkeypatch.setitem(K.NF4_CONFIGS, ("gemv", n, k), (block_n, block_k, warps, split, True, True, True))
+        monkeypatch.setitem(K.NF4_CONFIGS, ("int8", n, k), (block_n, block_k, warps, split))
+    model, reference = models(tiny_dirs["random"], kind)
+    ours = fast.CudaLlamaForward(model, num_slots=3, max_ctx=64, graphs=False)
+    assert all(lin.quantized is not None for lin in (ours.layers[0].qkv, ours.layers[1].down))
+    first = ours.layers[0]  # gate/up (K = 64) never splits: SiLU is fused in both settings
+    assert first.qkv.fuses_rope(2, 16) == (setting == "epilogues") and first.gate_up.fuses_silu(2)
+    assert first.down.gemv_adds(2) == (setting == "split-K")
+    ours.capture_all()  # as a load does (graphs off: the buckets' buffers, and the prompt path's kernels)
+    got, expected = run(ours), run(LlamaForward(reference, num_slots=3, max_ctx=64))
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    for g, e in zip(got, expected):
+        assert rel(g, e) < 3e-2
+    if setting == "epilogues":  # RoPE and SiLU in the GEMVs' epilogues compute what their own kernels do
+        monkeypatch.setattr(fast.Linear, "fuses_rope", lambda self, rows, head_dim: False)
+        monkeypatch.setattr(fast.Linear, "fuses_silu", lambda self, rows: False)
+        apart = fast.CudaLlamaForward(models(tiny_dirs["random"], kind)[0], num_slots=3, max_ctx=64, graphs=False)
+        assert all(torch.equal(g, a) for g, a in zip(got, run(apart)))
+        assert all(torch.equal(a, b) for a, b in zip(ours.k_cache + ours.v_cache, apart.k_cache + apart.v_cache))
