@@ -12,11 +12,13 @@
 # checkpoint writes the random Llama-3-8B checkpoint in the background (the benches share it)
 # tests   the GPU tests (kernels against bitsandbytes, fast path against eager, SmolLM2 greedy)
 # sweep   bench/nf4_kernel.py: NF4 GEMV settings on this card -> $OUT/configs.json
-# decode  bench/gpu_decode.py with those settings (NF4+DQ, NF4, int8, bf16), with a profile
+# decode  bench/gpu_decode.py with those settings (NF4+DQ, NF4, int8, bf16), with a profile and
+#         each fusion of the step turned off alone (--ablate)
 # serve   bench/gpu_serve.py: 1 / 8 / 32 concurrent streams over HTTP, and one slot
 # peer    bench/llama_cpp_peer.py with llama.cpp carried in .llama/ (bench/build_llama_cpp.sh)
 #
-# Knobs: VARIANTS (decode), REPEATS (serve), SWEEP_ROWS (sweep), TESTS_K (pytest -k), TAIL.
+# Knobs: VARIANTS and ABLATE (decode; ABLATE= for none), REPEATS (serve), SWEEP_ROWS (sweep),
+# TESTS_K (pytest -k), TAIL.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
@@ -64,7 +66,7 @@ for what in "$@"; do
         ;;
     decode)
         [ -n "${WRITER:-}" ] && wait "$WRITER"  # the checkpoint, whole, before it is read
-        args=(--root /tmp/bench --variants ${VARIANTS:-nf4-dq bf16 nf4 int8} --profile)
+        args=(--root /tmp/bench --variants ${VARIANTS:-nf4-dq bf16 nf4 int8} --profile --ablate ${ABLATE-no-rope-epilogue no-silu-epilogue no-gemv-trigger})
         [ -f "$CONFIGS" ] && args+=(--configs "$CONFIGS")
         TAIL=60 step decode python3 bench/gpu_decode.py "${args[@]}"
         ;;

@@ -1,13 +1,15 @@
 """Decoding Llama-3-8B shapes on one GPU: hfollama's path against model.generate(), in one run.
 
     python bench/gpu_decode.py --root /tmp/bench [--variants nf4-dq nf4 fp4-dq int8 bf16] [--tokens 256]
+        [--ablate no-rope-epilogue no-silu-epilogue no-gemv-trigger]
 
 Per variant: first load (quantizing from bf16 safetensors on local disk, keeping the
 quantized weights), model.generate() on that model (greedy, forced to full length: no
 EOS), then a second (quantize-once) load into hfollama's engine: decode tokens/s at batch 1
 as the daemon reports it (eval_count / eval_duration), time to first token for 128- and
 1,024-token prompts, peak GPU memory, and the share of the bandwidth limit (bytes read per
-token / measured copy bandwidth). One table at the end.
+token / measured copy bandwidth). One table at the end; with --ablate, the quantized variants'
+decode rate again with each of the step's fusions off alone.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -88,12 +91,18 @@ async def _one(runner: Runner, ids: list[int], n: int):
     return final
 
 
-def engine_numbers(runner: Runner, n: int) -> dict:
-    asyncio.run(_one(runner, prompt(128), 8))  # warm-up
+def decode_rate(runner: Runner, n: int) -> float:
+    """Median of 3 (after a warm-up) of eval_count / eval_duration, as the daemon reports it."""
+    asyncio.run(_one(runner, prompt(128), 8))
     rates = []
     for _ in range(3):
         final = asyncio.run(_one(runner, prompt(128), n))
         rates.append(final.eval_count / (final.eval_duration_ns / 1e9))
+    return statistics.median(rates)
+
+
+def engine_numbers(runner: Runner, n: int) -> dict:
+    rate = decode_rate(runner, n)
     ttft = {}
     for plen in (128, 1024):
         times = []
@@ -103,7 +112,36 @@ def engine_numbers(runner: Runner, n: int) -> dict:
             asyncio.run(_one(runner, prompt(plen), 1))
             times.append(time.perf_counter() - t)
         ttft[plen] = statistics.median(times) * 1000
-    return {"rate": statistics.median(rates), "ttft128": ttft[128], "ttft1024": ttft[1024]}
+    return {"rate": rate, "ttft128": ttft[128], "ttft1024": ttft[1024]}
+
+
+def ablations() -> dict:
+    """Each of the decode step's optional fusions turned off alone (bench/README: what each is worth)."""
+    from daemon.engine.cuda import forward as cuda_forward
+    from daemon.engine.cuda import kernels
+
+    return {
+        "no-rope-epilogue": lambda: mock.patch.object(cuda_forward.Linear, "fuses_rope", lambda self, rows, d: False),
+        "no-silu-epilogue": lambda: mock.patch.object(cuda_forward.Linear, "fuses_silu", lambda self, rows: False),
+        "no-gemv-trigger": lambda: mock.patch.object(kernels, "GEMV_TRIGGERS_NEXT", False),
+    }
+
+
+def ablated_rates(forward, tokenizer, names: list[str], n: int) -> list[tuple[str, float]]:
+    """The decode rate with each ablation, graphs captured again under it."""
+    rates = []
+    for name in names:
+        with ablations()[name]():
+            forward._graphs.clear()
+            forward.capture_all()
+            runner = Runner(forward, tokenizer, [])
+            try:
+                rates.append((name, decode_rate(runner, n)))
+            finally:
+                runner.close()
+        print(f"  {name}: {rates[-1][1]:.1f} tok/s", flush=True)
+    forward._graphs.clear()
+    return rates
 
 
 def profile_step(forward, steps: int = 20) -> str:
@@ -134,6 +172,8 @@ def main() -> None:
     parser.add_argument("--baseline-tokens", type=int, default=64)
     parser.add_argument("--configs", default="", help="NF4 launch settings from bench/nf4_kernel.py --out")
     parser.add_argument("--profile", action="store_true", help="print each variant's kernels per decode step")
+    parser.add_argument("--ablate", nargs="*", default=[], metavar="NAME",
+                        help="decode again with each fusion off: no-rope-epilogue no-silu-epilogue no-gemv-trigger")
     args = parser.parse_args()
     if args.configs:
         from daemon.engine.cuda import kernels
@@ -150,7 +190,7 @@ def main() -> None:
     settings = Settings.from_env({}, models_dir=root / "store", user_modelfiles_dir=mf, device="cuda")
     catalog = build_catalog(settings)
     derived = DerivedCache(root / "store" / "derived")
-    rows = []
+    rows, ablated = [], []
     for variant in args.variants:
         resolved = catalog.resolve(ModelName.parse(f"bench:{variant}"))
         t = time.perf_counter()
@@ -174,6 +214,10 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated() / (1 << 30)
         if args.profile:
             print(f"{variant}: kernels per decode step (batch 1)\n{profile_step(forward)}", flush=True)
+        if args.ablate and hasattr(forward, "capture_all") and forward.layers[0].qkv.quantized is not None:
+            print(f"{variant}: {numbers['rate']:.1f} tok/s with every fusion; each off alone:", flush=True)
+            ablated.append((variant, numbers["rate"], ablated_rates(forward, loaded.tokenizer, args.ablate,
+                                                                    args.tokens)))
         per_token = forward.weights_bytes - forward.embed.numel() * forward.embed.element_size()
         limit = bandwidth / per_token
         rows.append((variant, type(forward).__name__, numbers["rate"], base, numbers["ttft128"], numbers["ttft1024"],
@@ -189,6 +233,8 @@ def main() -> None:
     for v, path, rate, base, t128, t1024, peak, l1, l2, pct, limit in rows:
         print(f"{v:<8}{path:<18}{rate:>8.1f}{base:>11.1f}{rate / base:>6.1f}x{t128:>8.0f}ms{t1024:>8.0f}ms"
               f"{peak:>9.1f}{l1:>8.1f}s{l2:>8.1f}s{pct:>5.0f}%{limit:>7.0f}")
+    for v, full, rates in ablated:
+        print(f"{v}: {full:.1f} tok/s with every fusion; " + ", ".join(f"{name} {r:.1f}" for name, r in rates))
 
 
 if __name__ == "__main__":

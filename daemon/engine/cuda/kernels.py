@@ -39,7 +39,9 @@ from daemon.engine.cuda import nf4_decode
 # loads issued, then waiting), it slowed the whole step on an H100 (258 against 287 tok/s).
 # It does let the kernel after it launch early (the trigger alone: that kernel, launched with
 # PDL, waits for the whole GEMV), so the small kernels that follow a product are resident by the
-# time its last programs finish, instead of launching after them.
+# time its last programs finish, instead of launching after them (bench/gpu_decode.py --ablate
+# turns this off to measure it).
+GEMV_TRIGGERS_NEXT = True
 
 @triton.jit
 def _pdl_start(PDL: tl.constexpr):
@@ -552,7 +554,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
             n, k, k // split, x.stride(0), out.stride(0), *target, M=m, DOUBLE=w.double,
             HAS_BIAS=w.bias is not None, ATOMIC=split > 1, EVEN_N=n % block_n == 0, BLOCK_N=block_n,
             GROUPS=block_k // 64, X_VEC=x_vec, PACKED=packed, PREFETCH=prefetch, SILU=silu, ROPE=rope is not None,
-            HEAD_D=rope.head_dim if rope else block_n, PDL=_pdl(x.device), num_warps=warps)
+            HEAD_D=rope.head_dim if rope else block_n, PDL=_pdl(x.device) and GEMV_TRIGGERS_NEXT, num_warps=warps)
         return out
     return _dequantized_matmul(x, w, out, silu, rope)
 
@@ -789,7 +791,7 @@ def int8_matmul(x: torch.Tensor, w: Int8Weights, out: torch.Tensor | None = None
         x, w.packed, w.scale, w.bias if w.bias is not None else w.scale, out, n, k, k // split, x.stride(0),
         out.stride(0), *target, M=m, HAS_BIAS=w.bias is not None, ATOMIC=split > 1, EVEN_N=n % block_n == 0,
         BLOCK_N=block_n, BLOCK_K=block_k, SILU=silu, ROPE=rope is not None, HEAD_D=rope.head_dim if rope else block_n,
-        PDL=_pdl(x.device), num_warps=warps)
+        PDL=_pdl(x.device) and GEMV_TRIGGERS_NEXT, num_warps=warps)
     return out
 
 
