@@ -118,12 +118,12 @@ def engine_numbers(runner: Runner, n: int) -> dict:
 def ablations() -> dict:
     """Each of the decode step's optional fusions turned off alone (bench/README: what each is worth)."""
     from daemon.engine.cuda import forward as cuda_forward
-    from daemon.engine.cuda import kernels
+    from daemon.engine.cuda import gemv
 
     return {
         "no-rope-epilogue": lambda: mock.patch.object(cuda_forward.Linear, "fuses_rope", lambda self, rows, d: False),
         "no-silu-epilogue": lambda: mock.patch.object(cuda_forward.Linear, "fuses_silu", lambda self, rows: False),
-        "no-gemv-trigger": lambda: mock.patch.object(kernels, "GEMV_TRIGGERS_NEXT", False),
+        "no-gemv-trigger": lambda: mock.patch.object(gemv, "GEMV_TRIGGERS_NEXT", False),
     }
 
 
@@ -176,9 +176,9 @@ def main() -> None:
                         help="decode again with each fusion off: no-rope-epilogue no-silu-epilogue no-gemv-trigger")
     args = parser.parse_args()
     if args.configs:
-        from daemon.engine.cuda import kernels
+        from daemon.engine.cuda import gemv
 
-        kernels.load_configs(Path(args.configs).read_text())
+        gemv.load_configs(Path(args.configs).read_text())
     root = Path(args.root)
     checkpoint = write_checkpoint(root / "llama3-8b-random")
     bandwidth = copy_bandwidth()

@@ -104,9 +104,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="waves per concurrency level")
     args = parser.parse_args()
     if args.configs:
-        from daemon.engine.cuda import kernels
+        from daemon.engine.cuda import gemv
 
-        kernels.load_configs(Path(args.configs).read_text())
+        gemv.load_configs(Path(args.configs).read_text())
     root = Path(args.root)
     checkpoint = write_checkpoint(root / "llama3-8b-random")
     mf = root / "modelfiles-serve"

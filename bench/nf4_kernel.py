@@ -8,13 +8,12 @@ L2 cache holds, as in a decode step where every layer's weights are new), median
 replays, divided by the copies. Every setting is checked against bitsandbytes'
 dequantize-then-matmul before it is timed. Prints one table (per matrix and row count: µs,
 GB/s of the weight bytes, the best setting, the baselines) and the summed time of a 32-layer
-stack at each row count; writes the best settings as JSON (kernels.NF4_CONFIGS keys).
+stack at each row count; writes the best settings as JSON (gemv.NF4_CONFIGS keys).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import sys
@@ -27,7 +26,7 @@ import triton  # noqa: E402
 import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as BF  # noqa: E402
 
-from daemon.engine.cuda import kernels as K  # noqa: E402
+from daemon.engine.cuda import gemv as G  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 # (BLOCK_N, BLOCK_K, warps, split-K, x as vectors, packed bf16, prefetch): a warp reads BLOCK_K / 2
@@ -109,7 +108,7 @@ def sweep_int8(rows_out, best, rows: list[int]) -> None:
             layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=6.0)
             layer.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
             mods.append(layer.cuda())
-        ws = [K.Int8Weights([mod]) for mod in mods]
+        ws = [G.Int8Weights([mod]) for mod in mods]
         del dense
         ranked = INT8_SWEEP
         for m in rows:  # 2-4 rows: the six best settings for one row
@@ -129,7 +128,7 @@ def sweep_int8(rows_out, best, rows: list[int]) -> None:
                 print(f"  int8 {name}: bitsandbytes' product not timed ({type(exc).__name__}: {exc})", flush=True)
                 t_bnb = float("nan")
             rows_out.append((f"i8 {name}", m, t, ws[0].nbytes / t / 1e3, cfg, err, t_bnb, float("nan")))
-        del mods, ws
+        mods = ws = None  # this shape's copies go before the next one's
         torch.cuda.empty_cache()
 
 
@@ -145,7 +144,7 @@ def main() -> None:
         base = _M(n, k)
         copies = max(2, -(-2 * L2_BYTES // (n * k // 2)))
         mods = [base] + [_M(n, k) for _ in range(copies - 1)]
-        ws = [K.NF4Weights([mod]) for mod in mods]
+        ws = [G.NF4Weights([mod]) for mod in mods]
         for mod in mods[2:]:
             mod.dense = None  # two dense copies are enough to leave the L2 cache
         ranked = GEMV_SWEEP

@@ -45,21 +45,21 @@ GEMV_SETTINGS = {
 
 @pytest.fixture(params=sorted(GEMV_SETTINGS))
 def gemv_settings(request, monkeypatch):
-    from daemon.engine.cuda import kernels
+    from daemon.engine.cuda import gemv
 
     for (n, k), setting in GEMV_SETTINGS[request.param].items():
-        monkeypatch.setitem(kernels.NF4_CONFIGS, ("gemv", n, k), setting)
+        monkeypatch.setitem(gemv.NF4_CONFIGS, ("gemv", n, k), setting)
     return request.param
 
 
 @pytest.mark.parametrize("four_bit,batch_weights", [(None, False), ("nf4", False), ("nf4", True), ("fp4", False),
                                                    ("int8", False)])
 def test_logits_match_the_eager_path(tiny_dirs, four_bit, batch_weights, gemv_settings, monkeypatch):
-    from daemon.engine.cuda import kernels
+    from daemon.engine.cuda import gemv
 
-    for key, setting in list(kernels.NF4_CONFIGS.items()):  # the same settings for the int8 GEMV
+    for key, setting in list(gemv.NF4_CONFIGS.items()):  # the same settings for the int8 GEMV
         if key[0] == "gemv":
-            monkeypatch.setitem(kernels.NF4_CONFIGS, ("int8", *key[1:]), setting[:4])
+            monkeypatch.setitem(gemv.NF4_CONFIGS, ("int8", *key[1:]), setting[:4])
     eager = LlamaForward(load(tiny_dirs["random"], four_bit), num_slots=4, max_ctx=256)
     fast = CudaLlamaForward(load(tiny_dirs["random"], four_bit), num_slots=4, max_ctx=256,
                             batch_weights=batch_weights)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from triton_cpu import interpreted  # skips this module where the interpreter cannot run the kernels
 
 from daemon.engine.cuda import forward as fast
-from daemon.engine.cuda import kernels as K
+from daemon.engine.cuda import gemv as G
 from daemon.engine.forward import LlamaForward
 
 functional = pytest.importorskip("bitsandbytes.functional")
@@ -77,7 +77,7 @@ SETTINGS = {
 
 @pytest.fixture
 def cpu_fast_path(monkeypatch):
-    interpreted(monkeypatch, K)
+    interpreted(monkeypatch, G)
     monkeypatch.setattr(fast, "RUNS_ON", frozenset({"cpu", "cuda"}))
 
 
@@ -102,8 +102,8 @@ def run(forward) -> list[torch.Tensor]:
                                            ("int8", "epilogues"), ("int8", "split-K")])
 def test_fast_path_logits_match_pytorch_on_the_same_weights(tiny_dirs, cpu_fast_path, monkeypatch, kind, setting):
     for (n, k), (block_n, block_k, warps, split) in SETTINGS[setting].items():
-        monkeypatch.setitem(K.NF4_CONFIGS, ("gemv", n, k), (block_n, block_k, warps, split, True, True, True))
-        monkeypatch.setitem(K.NF4_CONFIGS, ("int8", n, k), (block_n, block_k, warps, split))
+        monkeypatch.setitem(G.NF4_CONFIGS, ("gemv", n, k), (block_n, block_k, warps, split, True, True, True))
+        monkeypatch.setitem(G.NF4_CONFIGS, ("int8", n, k), (block_n, block_k, warps, split))
     model, reference = models(tiny_dirs["random"], kind)
     ours = fast.CudaLlamaForward(model, num_slots=3, max_ctx=64, graphs=False)
     assert all(lin.quantized is not None for lin in (ours.layers[0].qkv, ours.layers[1].down))

@@ -1,7 +1,7 @@
 """Footprint estimates: exact arithmetic for Llama-3-8B shapes, and against what the CPU
 engine really holds for the tiny model."""
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 

@@ -7,7 +7,7 @@ from program ids under NumPy 2.4.
 
 Importing it skips the test module that imports it unless Triton is installed, no GPU is, and
 TRITON_INTERPRET=1 was set before Triton was first imported (conftest does that without a GPU);
-`interpreted(monkeypatch, kernels)` installs the patches for a test."""
+`interpreted(monkeypatch, gemv)` installs the patches for a test."""
 
 import os
 import re

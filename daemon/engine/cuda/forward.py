@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
 from daemon.engine.forward import SUPPORTED_ARCHITECTURES, UnsupportedArchitecture
 
@@ -67,11 +68,11 @@ class Linear:
     (`batch_weights`)."""
 
     def __init__(self, modules: list[torch.nn.Module], dtype: torch.dtype, batch_weights: bool = False) -> None:
-        self.quantized: K.NF4Weights | K.Int8Weights | None = None
+        self.quantized: G.NF4Weights | G.Int8Weights | None = None
         self.batch_weight: torch.Tensor | None = None
         kinds = {_kind(m) for m in modules}
         if kinds == {"4bit"} or kinds == {"int8"}:
-            self.quantized = K.NF4Weights(modules) if kinds == {"4bit"} else K.Int8Weights(modules)
+            self.quantized = G.NF4Weights(modules) if kinds == {"4bit"} else G.Int8Weights(modules)
             self.n, self.k = self.quantized.n, self.quantized.k
             self.weight = self.bias = None
             if batch_weights and kinds == {"4bit"}:  # bitsandbytes' own dequantization, kept
@@ -205,7 +206,7 @@ class CudaLlamaForward:
                        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
             if len({_kind(m) for m in linears}) != 1 or _kind(linears[0]) is None:
                 raise UnsupportedArchitecture("the fast path handles dense, 4-bit and int8 layers, one kind per model")
-            weights = {"4bit": K.NF4Weights, "int8": K.Int8Weights}.get(_kind(linears[0]))
+            weights = {"4bit": G.NF4Weights, "int8": G.Int8Weights}.get(_kind(linears[0]))
             for group in (linears[:3], linears[3:4], linears[4:6], linears[6:]):  # as the products fuse them
                 reason = weights and weights.unsupported(group)
                 if reason:
@@ -281,7 +282,7 @@ class CudaLlamaForward:
             h, x = K.add_rmsnorm(out if out is not None else x, layer.input_norm, self.eps,
                                  residual=x if out is not None else None)
             if layer.qkv.fuses_rope(batch, self.head_dim):  # one launch fewer per layer
-                q = layer.qkv.quantized.matmul(h, rope=K.Rotary(self.cos, self.sin, positions, slots, self.k_cache[i],
+                q = layer.qkv.quantized.matmul(h, rope=G.Rotary(self.cos, self.sin, positions, slots, self.k_cache[i],
                                                                 self.v_cache[i], self.num_heads, self.num_kv_heads,
                                                                 self.head_dim))
             else:
