@@ -57,7 +57,7 @@ for what in "$@"; do
         WRITER=$!
         ;;
     tests)
-        step tests python3 -m pytest -p no:cacheprovider -q -x -m gpu ${TESTS_K:+-k "$TESTS_K"} tests/test_cuda_kernels.py tests/test_cuda_forward.py
+        step tests python3 -m pytest -p no:cacheprovider -q -x -m gpu ${TESTS_K:+-k "$TESTS_K"} tests/test_cuda_kernels.py tests/test_cuda_gemv.py tests/test_cuda_forward.py
         ;;
     sweep)
         step sweep python3 bench/nf4_kernel.py --rows ${SWEEP_ROWS:-1 2 4} --int8 --out "$OUT/configs.json"

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 if not torch.cuda.is_available():
-    # Without a GPU, Triton (where installed) runs kernels in its interpreter: test_kernels_interpreted.
+    # Without a GPU, Triton (where installed) runs kernels in its interpreter (tests/*_interpreted.py).
     # It has to be set before anything imports triton (bitsandbytes and transformers may).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

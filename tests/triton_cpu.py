@@ -1,5 +1,5 @@
 """Triton's interpreter made to run hfollama's kernels on the CPU, for the tests that do
-(test_kernels_interpreted, test_cuda_forward_interpreted). The interpreter runs neither inline
+(test_gemv_interpreted, test_kernels_interpreted, test_cuda_forward_interpreted). The interpreter runs neither inline
 PTX nor libdevice calls: the PTX is executed by a small vectorized emulator of the instructions
 the kernels use, and libdevice's two roundings by NumPy's. Three of its own gaps are filled: bf16
 dot products (it multiplied raw bits), fp32 -> bf16 rounding (it truncated), and loop bounds
@@ -19,7 +19,8 @@ import torch
 
 # importing this skips the importing test module where the interpreter cannot run the kernels
 if torch.cuda.is_available():
-    pytest.skip("a GPU runs the kernels for real (test_cuda_kernels, test_cuda_forward)", allow_module_level=True)
+    pytest.skip("a GPU runs the kernels for real (test_cuda_gemv, test_cuda_kernels, test_cuda_forward)",
+                allow_module_level=True)
 triton = pytest.importorskip("triton", reason="needs Triton (its interpreter)")
 if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it before anything imports triton
     pytest.skip("Triton's interpreter is off", allow_module_level=True)
