@@ -17,7 +17,6 @@ from daemon.engine.forward import LlamaForward
 
 functional = pytest.importorskip("bitsandbytes.functional")
 
-PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
 
 
 class _Param:
@@ -54,7 +53,7 @@ def models(path, kind):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     reference = copy.deepcopy(model)
     for layer, ref_layer in zip(model.model.layers, reference.model.layers):
-        for part, names in PROJECTIONS:
+        for part, names in fast.PROJECTIONS:
             for name in names:
                 quantized, weights = quantize(getattr(getattr(layer, part), name), kind)
                 setattr(getattr(layer, part), name, quantized)

@@ -36,6 +36,11 @@ class ModelShape:
         return self.layers * (attention + 3 * self.hidden * self.intermediate)
 
     @property
+    def largest_product_params(self) -> int:
+        """Parameters of a layer's largest fused product: q/k/v or gate/up."""
+        return max(self.hidden * self.head_dim * (self.heads + 2 * self.kv_heads), 2 * self.hidden * self.intermediate)
+
+    @property
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
 

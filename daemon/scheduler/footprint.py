@@ -77,12 +77,5 @@ def estimate(model: ResolvedModel, num_ctx: int, slots: int, device_type: str, p
     workspace += slots * shape.vocab * 4 * 2 + (32 << 20)
     if on_gpu and mode != "none" and not (batch_weights and mode in ("nf4", "fp4")):
         # prompts and batches multiply quantized matrices dequantized into one scratch buffer
-        workspace += _largest_matrix(shape) * dense_bytes
+        workspace += shape.largest_product_params * dense_bytes
     return Footprint(weights=weights, kv_cache=kv, workspace=workspace)
-
-
-def _largest_matrix(shape: ModelShape) -> int:
-    """Weights of the largest fused product of a layer: q/k/v, o, gate/up or down."""
-    qkv = shape.head_dim * (shape.heads + 2 * shape.kv_heads) * shape.hidden
-    return max(qkv, shape.heads * shape.head_dim * shape.hidden, 2 * shape.intermediate * shape.hidden,
-               shape.intermediate * shape.hidden)

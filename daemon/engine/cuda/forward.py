@@ -57,6 +57,18 @@ def _kind(module: torch.nn.Module) -> str | None:
     return "4bit" if _is_4bit(module) else "int8" if _is_int8(module) else "dense" if _dense(module) else None
 
 
+# what each quantized kind of layer becomes for the kernels
+QUANTIZED_WEIGHTS = {"4bit": G.NF4Weights, "int8": G.Int8Weights}
+# a decoder layer's projections, by holder, and how the fast path fuses them into products
+PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+
+def _products(layer: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj],
+            "gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
+
+
 # Rows from which a 4-bit matrix with a bf16 batch copy multiplies by that copy (cuBLAS)
 # rather than by the NF4 GEMV: bench/nf4_kernel.py on an H100, Llama-3-8B shapes.
 BATCH_WEIGHT_ROWS = 3
@@ -71,14 +83,15 @@ class Linear:
         self.quantized: G.NF4Weights | G.Int8Weights | None = None
         self.batch_weight: torch.Tensor | None = None
         kinds = {_kind(m) for m in modules}
-        if kinds == {"4bit"} or kinds == {"int8"}:
-            self.quantized = G.NF4Weights(modules) if kinds == {"4bit"} else G.Int8Weights(modules)
+        kind = kinds.pop() if len(kinds) == 1 else None
+        if kind in QUANTIZED_WEIGHTS:
+            self.quantized = QUANTIZED_WEIGHTS[kind](modules)
             self.n, self.k = self.quantized.n, self.quantized.k
             self.weight = self.bias = None
-            if batch_weights and kinds == {"4bit"}:  # bitsandbytes' own dequantization, kept
+            if batch_weights and kind == "4bit":  # bitsandbytes' own dequantization, kept
                 self.batch_weight = self.quantized.dequantize(torch.empty(self.n * self.k, dtype=dtype,
                                                                           device=self.quantized.packed.device))
-        elif kinds == {"dense"}:
+        elif kind == "dense":
             self.weight = (modules[0].weight.detach().to(dtype) if len(modules) == 1 else
                            torch.cat([m.weight.detach().to(dtype) for m in modules])).contiguous()
             biases = [m.bias for m in modules]
@@ -150,17 +163,20 @@ class _Outputs:
 
 class _Layer:
     def __init__(self, layer: torch.nn.Module, dtype: torch.dtype, batch_weights: bool) -> None:
-        attn, mlp = layer.self_attn, layer.mlp
         self.input_norm = layer.input_layernorm.weight.detach().to(dtype)
         self.post_norm = layer.post_attention_layernorm.weight.detach().to(dtype)
-        self.qkv = Linear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, batch_weights)
-        self.o = Linear([attn.o_proj], dtype, batch_weights)
-        self.gate_up = Linear([mlp.gate_proj, mlp.up_proj], dtype, batch_weights)
-        self.down = Linear([mlp.down_proj], dtype, batch_weights)
-        for holder, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                              (mlp, ("gate_proj", "up_proj", "down_proj"))):
+        products = _products(layer)
+        self.qkv = Linear(products["qkv"], dtype, batch_weights)
+        self.o = Linear(products["o"], dtype, batch_weights)
+        self.gate_up = Linear(products["gate_up"], dtype, batch_weights)
+        self.down = Linear(products["down"], dtype, batch_weights)
+        for holder, names in PROJECTIONS:
             for name in names:  # the fused copies replace the originals
-                delattr(holder, name)
+                delattr(getattr(layer, holder), name)
+
+    @property
+    def products(self) -> tuple[Linear, ...]:
+        return self.qkv, self.o, self.gate_up, self.down
 
 
 class _Graph:
@@ -178,8 +194,7 @@ class _Graph:
         self.turn = 0
         self.attention = K.DecodeAttention(batch, owner.num_heads, owner.num_kv_heads, owner.head_dim,
                                            owner.max_ctx, dev, owner.dtype)
-        widths = sum(lin.n for layer in owner.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
-                     if lin.gemv_adds(batch))
+        widths = sum(lin.n for layer in owner.layers for lin in layer.products if lin.gemv_adds(batch))
         self.outputs = _Outputs(batch, widths, dev) if widths else None
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -202,12 +217,12 @@ class CudaLlamaForward:
             raise UnsupportedArchitecture(f"activation {config.hidden_act!r}")
         inner = model.model
         for layer in inner.layers:  # check everything before taking anything over
-            linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                       layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-            if len({_kind(m) for m in linears}) != 1 or _kind(linears[0]) is None:
+            products = _products(layer)
+            kinds = {_kind(m) for group in products.values() for m in group}
+            if len(kinds) != 1 or None in kinds:
                 raise UnsupportedArchitecture("the fast path handles dense, 4-bit and int8 layers, one kind per model")
-            weights = {"4bit": G.NF4Weights, "int8": G.Int8Weights}.get(_kind(linears[0]))
-            for group in (linears[:3], linears[3:4], linears[4:6], linears[6:]):  # as the products fuse them
+            weights = QUANTIZED_WEIGHTS.get(kinds.pop())
+            for group in products.values():
                 reason = weights and weights.unsupported(group)
                 if reason:
                     raise UnsupportedArchitecture(reason)
@@ -233,7 +248,7 @@ class CudaLlamaForward:
         self.lm_head = Linear([model.lm_head], self.dtype)
         self.embed = inner.embed_tokens.weight.detach()
         self.final_norm = inner.norm.weight.detach().to(self.dtype)
-        dequantized = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
+        dequantized = [lin for layer in self.layers for lin in layer.products
                        if lin.quantized and lin.batch_weight is None]
         largest = max((lin.n * lin.k for lin in dequantized), default=0)
         self.scratch = torch.empty(largest, dtype=self.dtype, device=self.device) if largest else None
@@ -258,7 +273,7 @@ class CudaLlamaForward:
 
     @property
     def weights_bytes(self) -> int:
-        dense = sum(lin.nbytes for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        dense = sum(lin.nbytes for layer in self.layers for lin in layer.products)
         return dense + self.lm_head.nbytes + self.embed.numel() * self.embed.element_size()
 
     # ---- one layer, any number of rows ----------------------------------------------------

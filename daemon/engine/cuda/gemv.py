@@ -354,7 +354,7 @@ def _rope_epilogue(y, r, head, first, q_row_ptr, cos_ptr, sin_ptr, pos_ptr, slot
     as the RoPE kernel does it."""
     x1, x2 = tl.split(tl.permute(tl.reshape(y, (2, HALF)), (1, 0)))
     rotate_and_store(x1, x2, first + tl.arange(0, HALF), head, tl.load(pos_ptr + r), slot_ptr + r,
-                      q_row_ptr + head * HEAD_D, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX, HEAD_D)
+                     q_row_ptr + head * HEAD_D, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX, HEAD_D)
 
 
 # Launch settings per (path, N, K[, rows]), measured by bench/nf4_kernel.py on the card.
@@ -371,10 +371,6 @@ NF4_CONFIGS: dict[tuple, tuple] = {
     ('gemv', 4096, 14336): (16, 2048, 8, 1, True, True, True),
     ('gemv', 4096, 14336, 2): (16, 1024, 8, 1, True, True, True),
 }
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 class NF4Weights:
@@ -438,7 +434,10 @@ class NF4Weights:
         return nf4_dequantize(self, out)
 
     def gemv_setting(self, rows: int) -> tuple[int, int]:
-        return nf4_gemv_setting(self, rows)
+        """(BLOCK_N, split-K) of the GEMV for this many rows. An epilogue needs split-K 1 (the
+        sums final in one program), RoPE's also a BLOCK_N that divides the head size."""
+        config = _config("gemv", self.n, self.k, rows, GEMV_DEFAULT)
+        return config[0], _gemv_split(config[3], self.k, 64)
 
     @property
     def nbytes(self) -> int:
@@ -454,9 +453,9 @@ def _plain_absmax(state) -> torch.Tensor:
     return s2.code.float()[state.absmax.long()] * scale + float(state.offset)
 
 
-def _fit_block_k(block_k: int, k: int) -> int:
-    """The largest of block_k, block_k/2, ... (>= 64) that divides K: the loop has no tail."""
-    while block_k > 64 and (k % block_k or block_k > k):
+def _fit_block_k(block_k: int, k: int, smallest: int) -> int:
+    """The largest of block_k, block_k/2, ... (>= smallest) that divides K: the loop has no tail."""
+    while block_k > smallest and (k % block_k or block_k > k):
         block_k //= 2
     return block_k
 
@@ -478,17 +477,12 @@ def load_configs(text: str) -> None:
         NF4_CONFIGS[(path, *map(int, dims))] = tuple(value)
 
 
-def _gemv_split(split: int, k: int) -> int:
-    while split > 1 and k % (split * 64):  # each split covers whole 64-weight blocks
+def _gemv_split(split: int, k: int, unit: int) -> int:
+    """The largest split-K up to `split` whose splits cover whole units of K (64-weight NF4
+    blocks, 16-byte int8 runs)."""
+    while split > 1 and k % (split * unit):
         split -= 1
     return split
-
-
-def nf4_gemv_setting(w: NF4Weights, rows: int) -> tuple[int, int]:
-    """(BLOCK_N, split-K) of the GEMV for this many rows. An epilogue needs split-K 1 (the sums
-    final in one program), RoPE's also a BLOCK_N that divides the head size."""
-    config = _config("gemv", w.n, w.k, rows, GEMV_DEFAULT)
-    return config[0], _gemv_split(config[3], w.k)
 
 
 @dataclass(frozen=True)
@@ -522,8 +516,8 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
         prefetch = bool(more and more[0])
         packed = packed and x.dtype == torch.bfloat16 and x.stride(0) % 2 == 0
         x_vec = x_vec and x.data_ptr() % 16 == 0 and (m == 1 or x.stride(0) % 8 == 0)  # 16-byte loads of x
-        split = _gemv_split(split, k)
-        block_k = _fit_block_k(block_k, k // split)
+        split = _gemv_split(split, k, 64)
+        block_k = _fit_block_k(block_k, k // split, 64)
         out, target = _gemv_output(x, n, split, block_n, out, silu, rope, dummy)
         _nf4_gemv_kernel[(triton.cdiv(n, block_n), split)](
             x, *common, out, w.offset if w.double else dummy, w.tables,
@@ -737,15 +731,9 @@ class Int8Weights:
         return out.view(self.n, self.k)
 
     def gemv_setting(self, rows: int) -> tuple[int, int]:
-        """(BLOCK_N, split-K), as nf4_gemv_setting."""
+        """(BLOCK_N, split-K), as NF4Weights.gemv_setting."""
         config = _config("int8", self.n, self.k, rows, INT8_DEFAULT)
-        return config[0], _int8_split(config[3], self.k)
-
-
-def _int8_split(split: int, k: int) -> int:
-    while split > 1 and k % (split * 16):  # each split covers whole 16-byte runs
-        split -= 1
-    return split
+        return config[0], _gemv_split(config[3], self.k, 16)
 
 
 # BLOCK_N, BLOCK_K (weights per row and step), warps, split-K; not yet swept on a GPU
@@ -759,9 +747,8 @@ def int8_matmul(x: torch.Tensor, w: Int8Weights, out: torch.Tensor | None = None
     if m > 4:
         return _dequantized_matmul(x, w, out, silu, rope)
     block_n, block_k, warps, split = config or _config("int8", n, k, m, INT8_DEFAULT)
-    split = _int8_split(split, k)
-    while block_k > 16 and (k // split) % block_k:
-        block_k //= 2
+    split = _gemv_split(split, k, 16)
+    block_k = _fit_block_k(block_k, k // split, 16)
     out, target = _gemv_output(x, n, split, block_n, out, silu, rope, w.scale)
     _int8_gemv_kernel[(triton.cdiv(n, block_n), split)](
         x, w.packed, w.scale, w.bias if w.bias is not None else w.scale, out, n, k, k // split, x.stride(0),

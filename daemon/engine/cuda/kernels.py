@@ -76,7 +76,7 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
 
 @triton.jit
 def rotate_and_store(x1, x2, d, head, pos, slot_at, q_head_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
-                      H, KV, CTX, D: tl.constexpr):
+                     H, KV, CTX, D: tl.constexpr):
     """Dims d and D/2 + d (x1, x2 in fp32) of head `head` (0..H-1 queries, then KV keys, then
     KV values) at position pos: q and k rotated (HF's rotate_half form); q stored at
     q_head_ptr, k and v into the caches [S, KV, CTX, D] at the slot read from slot_at."""
@@ -114,8 +114,8 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_c
     i = tl.arange(0, D // 2)
     base = qkv_ptr + t * stride_qkv + head * D
     rotate_and_store(tl.load(base + i).to(tl.float32), tl.load(base + D // 2 + i).to(tl.float32), i, head,
-                      tl.load(pos_ptr + t), slot_ptr + t, q_out_ptr + (t * H + head) * D, cos_ptr, sin_ptr,
-                      k_cache_ptr, v_cache_ptr, H, KV, CTX, D)
+                     tl.load(pos_ptr + t), slot_ptr + t, q_out_ptr + (t * H + head) * D, cos_ptr, sin_ptr,
+                     k_cache_ptr, v_cache_ptr, H, KV, CTX, D)
 
 
 def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

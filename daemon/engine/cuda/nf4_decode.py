@@ -120,10 +120,10 @@ def _pairs(word: str, first_table: int, outs: list[str]) -> str:
     """PTX: the 8 weights of {word} as 4 bf16 pairs into outs. The upper half moves down by a
     multiply-high, which runs on the FMA pipe, not the integer pipe the lookups fill."""
     half = {f"t{i}": first_table + i for i in range(8)}
-    return ("xor.b32 x, {word}, 0x88888888;\n"
-            + _PAIRS_HALF.format(src="{word}", xs="x", o0=outs[0], o1=outs[1], **half)
-            + "mul.hi.u32 w, {word}, 65536;\nmul.hi.u32 x, x, 65536;\n"
-            + _PAIRS_HALF.format(src="w", xs="x", o0=outs[2], o1=outs[3], **half)).replace("{word}", word)
+    return (f"xor.b32 x, {word}, 0x88888888;\n"
+            + _PAIRS_HALF.format(src=word, xs="x", o0=outs[0], o1=outs[1], **half)
+            + f"mul.hi.u32 w, {word}, 65536;\nmul.hi.u32 x, x, 65536;\n"
+            + _PAIRS_HALF.format(src="w", xs="x", o0=outs[2], o1=outs[3], **half))
 
 
 _REGS = ".reg .b32 a, b, lo, hi, w, x;\n"
