@@ -13,7 +13,7 @@
 # tests   the GPU tests (kernels against bitsandbytes, fast path against eager, SmolLM2 greedy)
 # sweep   bench/nf4_kernel.py: NF4 GEMV settings on this card -> $OUT/configs.json
 # decode  bench/gpu_decode.py with those settings (NF4+DQ, NF4, int8, bf16), with a profile and
-#         each fusion of the step turned off alone (--ablate)
+#         one setting of the step flipped at a time (--ablate)
 # serve   bench/gpu_serve.py: 1 / 8 / 32 concurrent streams over HTTP, and one slot
 # llama   unpacks llama.cpp carried in .llama/ (bench/build_llama_cpp.sh) into /root/llama
 # peer    bench/llama_cpp_peer.py with that llama.cpp
@@ -67,7 +67,7 @@ for what in "$@"; do
         ;;
     decode)
         [ -n "${WRITER:-}" ] && wait "$WRITER"  # the checkpoint, whole, before it is read
-        args=(--root /tmp/bench --variants ${VARIANTS:-nf4-dq bf16 nf4 int8} --profile --ablate ${ABLATE-no-rope-epilogue no-silu-epilogue no-gemv-trigger})
+        args=(--root /tmp/bench --variants ${VARIANTS:-nf4-dq bf16 nf4 int8} --profile --ablate ${ABLATE-no-rope-epilogue no-silu-epilogue gemv-trigger})
         [ -f "$CONFIGS" ] && args+=(--configs "$CONFIGS")
         TAIL=60 step decode python3 bench/gpu_decode.py "${args[@]}"
         ;;
@@ -95,4 +95,4 @@ for what in "$@"; do
     esac
 done
 # the checkpoint whole before the call returns, since the call's end kills what it left running
-[ -n "${WRITER:-}" ] && wait "$WRITER"
+if [ -n "${WRITER:-}" ]; then wait "$WRITER"; fi

@@ -1,7 +1,7 @@
 """Decoding Llama-3-8B shapes on one GPU: hfollama's path against model.generate(), in one run.
 
     python bench/gpu_decode.py --root /tmp/bench [--variants nf4-dq nf4 fp4-dq int8 bf16] [--tokens 256]
-        [--ablate no-rope-epilogue no-silu-epilogue no-gemv-trigger]
+        [--ablate no-rope-epilogue no-silu-epilogue gemv-trigger]
 
 Per variant: first load (quantizing from bf16 safetensors on local disk, keeping the
 quantized weights), model.generate() on that model (greedy, forced to full length: no
@@ -9,7 +9,7 @@ EOS), then a second (quantize-once) load into hfollama's engine: decode tokens/s
 as the daemon reports it (eval_count / eval_duration), time to first token for 128- and
 1,024-token prompts, peak GPU memory, and the share of the bandwidth limit (bytes read per
 token / measured copy bandwidth). One table at the end; with --ablate, the quantized variants'
-decode rate again with each of the step's fusions off alone.
+decode rate again with one of the step's settings flipped at a time (an epilogue off, the trigger on).
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def ablations() -> dict:
     return {
         "no-rope-epilogue": lambda: mock.patch.object(cuda_forward.Linear, "fuses_rope", lambda self, rows, d: False),
         "no-silu-epilogue": lambda: mock.patch.object(cuda_forward.Linear, "fuses_silu", lambda self, rows: False),
-        "no-gemv-trigger": lambda: mock.patch.object(gemv, "GEMV_TRIGGERS_NEXT", False),
+        "gemv-trigger": lambda: mock.patch.object(gemv, "GEMV_TRIGGERS_NEXT", True),
     }
 
 
@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--configs", default="", help="NF4 launch settings from bench/nf4_kernel.py --out")
     parser.add_argument("--profile", action="store_true", help="print each variant's kernels per decode step")
     parser.add_argument("--ablate", nargs="*", default=[], metavar="NAME",
-                        help="decode again with each fusion off: no-rope-epilogue no-silu-epilogue no-gemv-trigger")
+                        help="decode again with one setting flipped at a time: no-rope-epilogue no-silu-epilogue gemv-trigger")
     args = parser.parse_args()
     if args.configs:
         from daemon.engine.cuda import gemv

@@ -24,11 +24,11 @@ from daemon.engine.cuda import nf4_decode
 from daemon.engine.cuda.kernels import pdl_available, rotate_and_store
 
 # The NF4 GEMV is launched without PDL: launched early (its weight loads issued, then waiting),
-# it slowed the whole step on an H100 (258 against 287 tok/s). It does let the kernel after it
-# launch early (the trigger alone: that kernel, launched with PDL, waits for the whole GEMV), so
-# the small kernels that follow a product are resident by the time its last programs finish,
-# instead of launching after them (bench/gpu_decode.py --ablate turns this off to measure it).
-GEMV_TRIGGERS_NEXT = True
+# it slowed the whole step on an H100 (258 against 287 tok/s). Nor does it let the kernel after it
+# launch early (a trigger alone, that kernel waiting for the whole GEMV): on an H200 the trigger
+# cost NF4+DQ 352.9 -> 351.3, NF4 370.0 -> 367.6, int8 302.5 -> 301.6 tok/s
+# (bench/gpu_decode.py --ablate gemv-trigger turns it on to measure it again).
+GEMV_TRIGGERS_NEXT = False
 
 
 # ---- NF4 ---------------------------------------------------------------------------------

@@ -85,8 +85,10 @@ def rotate_and_store(x1, x2, d, head, pos, slot_at, q_head_ptr, cos_ptr, sin_ptr
         c2 = tl.load(cos_ptr + pos * D + D // 2 + d).to(tl.float32)
         s1 = tl.load(sin_ptr + pos * D + d).to(tl.float32)
         s2 = tl.load(sin_ptr + pos * D + D // 2 + d).to(tl.float32)
-        y1 = x1 * c1 - x2 * s1
-        y2 = x2 * c2 + x1 * s2
+        # fused multiply-adds written out: left to the compiler, the GEMV epilogue and the RoPE
+        # kernel contracted x2 * c2 + x1 * s2 around different products (1-ulp differences)
+        y1 = tl.fma(x1, c1, -(x2 * s1))
+        y2 = tl.fma(x2, c2, x1 * s2)
     else:
         y1 = x1
         y2 = x2
