@@ -48,7 +48,7 @@ def gemv_settings(request, monkeypatch):
     from daemon.engine.cuda import gemv
 
     for (n, k), setting in GEMV_SETTINGS[request.param].items():
-        monkeypatch.setitem(gemv.NF4_CONFIGS, ("gemv", n, k), setting)
+        monkeypatch.setitem(gemv.GEMV_CONFIGS, ("gemv", n, k), setting)
     return request.param
 
 
@@ -57,9 +57,9 @@ def gemv_settings(request, monkeypatch):
 def test_logits_match_the_eager_path(tiny_dirs, four_bit, batch_weights, gemv_settings, monkeypatch):
     from daemon.engine.cuda import gemv
 
-    for key, setting in list(gemv.NF4_CONFIGS.items()):  # the same settings for the int8 GEMV
+    for key, setting in list(gemv.GEMV_CONFIGS.items()):  # the same settings for the int8 GEMV
         if key[0] == "gemv":
-            monkeypatch.setitem(gemv.NF4_CONFIGS, ("int8", *key[1:]), setting[:4])
+            monkeypatch.setitem(gemv.GEMV_CONFIGS, ("int8", *key[1:]), setting[:4])
     eager = LlamaForward(load(tiny_dirs["random"], four_bit), num_slots=4, max_ctx=256)
     fast = CudaLlamaForward(load(tiny_dirs["random"], four_bit), num_slots=4, max_ctx=256,
                             batch_weights=batch_weights)

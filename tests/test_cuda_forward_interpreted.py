@@ -101,8 +101,8 @@ def run(forward) -> list[torch.Tensor]:
                                            ("int8", "epilogues"), ("int8", "split-K")])
 def test_fast_path_logits_match_pytorch_on_the_same_weights(tiny_dirs, cpu_fast_path, monkeypatch, kind, setting):
     for (n, k), (block_n, block_k, warps, split) in SETTINGS[setting].items():
-        monkeypatch.setitem(G.NF4_CONFIGS, ("gemv", n, k), (block_n, block_k, warps, split, True, True, True))
-        monkeypatch.setitem(G.NF4_CONFIGS, ("int8", n, k), (block_n, block_k, warps, split))
+        monkeypatch.setitem(G.GEMV_CONFIGS, ("gemv", n, k), (block_n, block_k, warps, split, True, True, True))
+        monkeypatch.setitem(G.GEMV_CONFIGS, ("int8", n, k), (block_n, block_k, warps, split))
     model, reference = models(tiny_dirs["random"], kind)
     ours = fast.CudaLlamaForward(model, num_slots=3, max_ctx=64, graphs=False)
     assert all(lin.quantized is not None for lin in (ours.layers[0].qkv, ours.layers[1].down))

@@ -156,3 +156,13 @@ def test_a_layer_without_int8_statistics_is_refused():
     layer.weight.SCB = None
     with pytest.raises(ValueError, match="not an int8 inference layer"):
         G.Int8Weights([layer])
+
+
+@pytest.mark.parametrize("rows,expected", [(1, "one"), (2, "two"), (3, "four"), (4, "four")])
+def test_settings_by_row_count(monkeypatch, rows, expected):
+    table = {("int8", 64, 128): "one", ("int8", 64, 128, 2): "two", ("int8", 64, 128, 4): "four"}
+    monkeypatch.setattr(G, "GEMV_CONFIGS", table)
+    assert G._config("int8", 64, 128, rows, "default") == expected
+    assert G._config("int8", 64, 256, rows, "default") == "default"
+    monkeypatch.setattr(G, "GEMV_CONFIGS", {("int8", 64, 128): "one"})
+    assert G._config("int8", 64, 128, rows, "default") == "one"

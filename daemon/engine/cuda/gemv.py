@@ -358,18 +358,37 @@ def _rope_epilogue(y, r, head, first, q_row_ptr, cos_ptr, sin_ptr, pos_ptr, slot
 
 
 # Launch settings per (path, N, K[, rows]), measured by bench/nf4_kernel.py on the card.
-NF4_CONFIGS: dict[tuple, tuple] = {
-    # bench/nf4_kernel.py on an H200 (2026-12-01), Llama-3-8B shapes: (BLOCK_N, BLOCK_K, warps,
-    # split-K, x as vectors, packed bf16, prefetch) per (path, N, K[, rows]);
-    # 3-4 rows take the one-row settings
+GEMV_CONFIGS: dict[tuple, tuple] = {
+    # bench/nf4_kernel.py --rows 1 2 4 --int8 on an H200 (2026-12-01), Llama-3-8B shapes, per
+    # (path, N, K[, rows]): NF4 ("gemv") (BLOCK_N, BLOCK_K, warps, split-K, x as vectors, packed
+    # bf16, prefetch), int8 (BLOCK_N, BLOCK_K, warps, split-K); 3 rows take the 4-row settings.
+    # On [q; k; v] and [gate; up] a split-K setting wins only by more than the RoPE / SiLU kernel
+    # it cannot fuse (qkv at 4 rows: 16.0 + 1.8 µs against 17.0; int8 gate_up at 2: 44.8 + 1.5
+    # against 44.9)
     ('gemv', 6144, 4096): (16, 1024, 8, 1, True, True, True),
     ('gemv', 6144, 4096, 2): (16, 1024, 4, 1, True, True, True),
-    ('gemv', 4096, 4096): (16, 1024, 8, 1, True, True, True),
+    ('gemv', 6144, 4096, 4): (16, 1024, 4, 1, True, True, True),
+    ('gemv', 4096, 4096): (16, 2048, 8, 1, True, True, True),
     ('gemv', 4096, 4096, 2): (16, 1024, 8, 1, True, True, True),
+    ('gemv', 4096, 4096, 4): (32, 1024, 8, 1, True, True, True),
     ('gemv', 28672, 4096): (16, 1024, 4, 1, True, True, True),
     ('gemv', 28672, 4096, 2): (32, 512, 4, 1, True, True, True),
+    ('gemv', 28672, 4096, 4): (32, 512, 4, 1, True, True, True),
     ('gemv', 4096, 14336): (16, 2048, 8, 1, True, True, True),
-    ('gemv', 4096, 14336, 2): (16, 1024, 8, 1, True, True, True),
+    ('gemv', 4096, 14336, 2): (16, 1024, 4, 2, True, True, True),
+    ('gemv', 4096, 14336, 4): (16, 2048, 8, 1, True, True, True),
+    ('int8', 6144, 4096): (16, 1024, 8, 1),
+    ('int8', 6144, 4096, 2): (16, 1024, 4, 1),
+    ('int8', 6144, 4096, 4): (16, 512, 4, 2),
+    ('int8', 4096, 4096): (16, 1024, 8, 1),
+    ('int8', 4096, 4096, 2): (16, 1024, 8, 1),
+    ('int8', 4096, 4096, 4): (16, 1024, 4, 1),
+    ('int8', 28672, 4096): (16, 512, 4, 1),
+    ('int8', 28672, 4096, 2): (16, 1024, 4, 1),
+    ('int8', 28672, 4096, 4): (16, 1024, 4, 1),
+    ('int8', 4096, 14336): (16, 1024, 4, 2),
+    ('int8', 4096, 14336, 2): (16, 512, 4, 2),
+    ('int8', 4096, 14336, 4): (16, 1024, 4, 2),
 }
 
 
@@ -465,16 +484,20 @@ GEMV_DEFAULT = (32, 256, 4, 4, True, True, True)
 
 
 def _config(path: str, n: int, k: int, m: int, default: tuple) -> tuple:
-    return NF4_CONFIGS.get((path, n, k, m)) or NF4_CONFIGS.get((path, n, k)) or default
+    """The setting for m rows: m's own, 4 rows' for 3, the one-row setting, or the default."""
+    for key in ((path, n, k, m), (path, n, k, 4) if m == 3 else None, (path, n, k)):
+        if key in GEMV_CONFIGS:
+            return GEMV_CONFIGS[key]
+    return default
 
 
 def load_configs(text: str) -> None:
-    """Settings written by bench/nf4_kernel.py ("gemv,N,K[,M]": [...]) into NF4_CONFIGS."""
+    """Settings written by bench/nf4_kernel.py ("gemv,N,K[,M]": [...]) into GEMV_CONFIGS."""
     import json
 
     for key, value in json.loads(text).items():
         path, *dims = key.split(",")
-        NF4_CONFIGS[(path, *map(int, dims))] = tuple(value)
+        GEMV_CONFIGS[(path, *map(int, dims))] = tuple(value)
 
 
 def _gemv_split(split: int, k: int, unit: int) -> int:
@@ -736,8 +759,10 @@ class Int8Weights:
         return config[0], _gemv_split(config[3], self.k, 16)
 
 
-# BLOCK_N, BLOCK_K (weights per row and step), warps, split-K; not yet swept on a GPU
-INT8_DEFAULT = (16, 512, 4, 1)
+# BLOCK_N, BLOCK_K (weights per row and step), warps, split-K, for shapes GEMV_CONFIGS lacks: on
+# the H200, the best or within 8% of it on Llama-3-8B's qkv, o and gate_up at 1 and 2 rows
+# (down, with K = 14336, prefers split-K)
+INT8_DEFAULT = (16, 1024, 4, 1)
 
 
 def int8_matmul(x: torch.Tensor, w: Int8Weights, out: torch.Tensor | None = None, config: tuple | None = None,
