@@ -439,8 +439,7 @@ class NF4Weights:
         else:  # plain absmax (or a layout that cannot be fused as is): decode it once, in fp32
             self.absmax = torch.cat([_plain_absmax(st) for st in states]).contiguous()
             self.absmax2 = self.code2 = self.offset = None
-        biases = [m.bias for m in modules]
-        self.bias = torch.cat([b.detach() for b in biases]).contiguous() if all(b is not None for b in biases) else None
+        self.bias = _fused_bias(modules)
 
     @property
     def double(self) -> bool:
@@ -464,6 +463,12 @@ class NF4Weights:
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
+def _fused_bias(modules: list) -> torch.Tensor | None:
+    """The fused layers' biases end to end (None unless every layer has one)."""
+    biases = [m.bias for m in modules]
+    return torch.cat([b.detach() for b in biases]).contiguous() if all(b is not None for b in biases) else None
+
+
 def _plain_absmax(state) -> torch.Tensor:
     if state.state2 is None:
         return state.absmax.float().reshape(-1)
@@ -485,7 +490,8 @@ GEMV_DEFAULT = (32, 256, 4, 4, True, True, True)
 
 def _config(path: str, n: int, k: int, m: int, default: tuple) -> tuple:
     """The setting for m rows: m's own, 4 rows' for 3, the one-row setting, or the default."""
-    for key in ((path, n, k, m), (path, n, k, 4) if m == 3 else None, (path, n, k)):
+    rows_keys = (m, 4) if m == 3 else (m,)
+    for key in [(path, n, k, rows) for rows in rows_keys] + [(path, n, k)]:
         if key in GEMV_CONFIGS:
             return GEMV_CONFIGS[key]
     return default
@@ -735,8 +741,7 @@ class Int8Weights:
         self.k = int(rows[0].shape[1])
         self.packed = torch.cat([r.reshape(-1) for r in rows]).contiguous()
         self.scale = torch.cat(scales).contiguous()
-        biases = [m.bias for m in modules]
-        self.bias = torch.cat([b.detach() for b in biases]).contiguous() if all(b is not None for b in biases) else None
+        self.bias = _fused_bias(modules)
 
     @property
     def nbytes(self) -> int:
