@@ -229,3 +229,40 @@ def test_a_failing_prefill_pass_fails_its_prompts_and_running_streams_go_on(tiny
         assert final.done and final.eval_count == 30
     finally:
         runner.close()
+
+
+def test_an_exception_in_sampling_fails_its_step_frees_the_slot_and_the_next_request_is_served(tiny_dirs, monkeypatch):
+    """Any exception in a step (here the sampler, as an overflowing top_k did) fails exactly
+    that step's requests: each gets the error, its slot comes back within the step, the loop
+    thread goes idle (no spinning) and the next request is served."""
+    import daemon.engine.runner as runner_module
+
+    runner = make_runner(tiny_dirs["random"], slots=2)
+    real_sample = runner_module.sample
+
+    def sample(logits, batch, steps, window=None):
+        if bool((batch.top_k == 12345).any()):
+            raise RuntimeError("Overflow when unpacking long")
+        return real_sample(logits, batch, steps, window)
+
+    monkeypatch.setattr(runner_module, "sample", sample)
+    try:
+        with pytest.raises(InternalError, match="Overflow"):
+            asyncio.run(collect(runner, req([1, 2, 3], n=5, top_k=12345, temperature=0.5)))
+        deadline = time.monotonic() + 2
+        while runner.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runner.busy == 0 and sorted(runner._free_slots) == [0, 1]
+        # a request arriving beside a failing one: both run in one step and both fail; the
+        # loop serves the next ones
+        async def both():
+            return await asyncio.gather(collect(runner, req([4, 5], n=30, top_k=12345, temperature=0.5)),
+                                        collect(runner, req([6, 7], n=4)), return_exceptions=True)
+        results = asyncio.run(both())
+        assert isinstance(results[0], InternalError)
+        for _ in range(3):
+            _, final = asyncio.run(collect(runner, req([1, 2], n=4)))
+            assert final.eval_count == 4
+        assert runner.busy == 0
+    finally:
+        runner.close()

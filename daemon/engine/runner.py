@@ -9,8 +9,9 @@ short prompts start together and a long one does not stall running streams for l
 
 A request that is cancelled (client gone) is dropped before the next step and its slot
 freed; an error in a prefill pass fails the requests whose prompts were in it (the running
-ones decode on); an error in a decode step fails the requests in that step, and the loop
-keeps serving.
+ones decode on); an error in a decode step fails the requests in that step; an error anywhere
+else in a step (sampling, detokenizing, a grammar) fails that step's requests. Each failed
+request gets the error and its slot back, and the loop keeps serving the others.
 
 Decoding is pipelined: a step's sampled tokens stay on the device and feed the next step,
 which is launched before the host reads them (then detokenizes, matches stops and emits
@@ -132,6 +133,8 @@ class Runner:
         self._closing = False
         self._masker = Masker()
         self._inflight: _InFlight | None = None
+        # the sequences of the phase being run: what an exception anywhere in a step fails
+        self._stepping: list[_Sequence] = []
         self._thread = threading.Thread(target=self._loop, name=f"runner:{name}", daemon=True)
         self._thread.start()
 
@@ -225,8 +228,11 @@ class Runner:
                     pass
             try:
                 self._step()
-            except Exception:  # a bug in the loop itself: fail the step's requests, keep serving
+            except Exception as exc:  # fail exactly this step's requests (slots freed), keep serving
                 log.exception("runner step failed")
+                self._inflight = None
+                self._fail([s for s in self._stepping if not s.finished], exc)
+            self._stepping = []
             self._flush()
 
     def _drop_cancelled(self) -> None:
@@ -280,6 +286,7 @@ class Runner:
             chunks.append((chunk, seq.slot, start))
             taken.append(seq)
             budget -= len(chunk)
+        self._stepping = taken + decoding
         try:
             tokens = torch.tensor([[s.generated[-1]] for s in decoding], dtype=torch.long).view(len(decoding), 1)
             logits = self.model.forward_mixed(tokens, [s.slot for s in decoding], [s.position() for s in decoding],
@@ -303,6 +310,7 @@ class Runner:
         if inflight is not None and not self._chains(inflight, seqs):
             self._land()  # the batch changed or a request needs the host: read, then decode afresh
             return
+        self._stepping = seqs
         try:
             if inflight is not None:  # the tokens still on the device, one position further
                 tokens, starts = inflight.tokens[:, None], [s.position() + 1 for s in seqs]
@@ -361,6 +369,7 @@ class Runner:
         inflight, self._inflight = self._inflight, None
         if inflight is None:
             return
+        self._stepping = inflight.seqs
         for seq, token in zip(inflight.seqs, inflight.read()):
             if not seq.finished and not seq.cancelled:
                 self._advance(seq, token, None)

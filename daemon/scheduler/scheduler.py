@@ -126,6 +126,7 @@ class Scheduler:
             resident = await self._wait_for_load(resolved, num_ctx, keep_alive_ns)  # reserved by the worker
         if keep_alive_ns is not None:
             resident.keep_alive_ns = keep_alive_ns
+        resident.resolved = resolved  # names of one model (a copy, an alias): /api/ps shows the last used
         try:
             yield resident.runtime
         finally:
@@ -247,10 +248,10 @@ class Scheduler:
                  human_bytes(runtime.size_bytes), human_bytes(need), human_bytes(self.used_bytes),
                  human_bytes(self.budget.capacity))
         self._reserve(resident)
+        await self._settle()  # room made before the request runs (the new model is reserved: kept)
         pending.future.set_result(resident)
         if pending.abandoned:  # loaded for a client that left meanwhile: idle now
             self._release(resident)
-        await self._settle()
         return True
 
     async def _settle(self) -> None:
@@ -288,6 +289,12 @@ class Scheduler:
         log.info("unloading %s", resident.resolved.name.display)
         await asyncio.to_thread(resident.runtime.close)
         self._kick()
+
+    def relabel(self, resolved: ResolvedModel) -> None:
+        """Show a loaded model under another of its names (the one it had was deleted)."""
+        resident = self._residents.get(resolved.digest)
+        if resident is not None:
+            resident.resolved = resolved
 
     async def unload(self, resolved: ResolvedModel) -> None:
         """Expire a model now (keep_alive 0 with an empty prompt; delete). In use: when the
