@@ -44,3 +44,29 @@ def test_errors_use_go_wording(raw, message):
 def test_known_fields_kept_unknown_dropped_nulls_absent():
     d = decode_body(b'{"model":"m","n":3,"f":1,"extra":1,"ok":null,"any":[1],"items":[{"name":"a","x":1}]}', SPEC)
     assert d == {"model": "m", "n": 3, "f": 1, "ok": None, "any": [1], "items": [{"name": "a"}]}
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b'{"n": 9223372036854775808}', "json: cannot unmarshal number 9223372036854775808 into Go struct field Req.n of type int"),
+    (b'{"ids": [1, -9223372036854775809]}',
+     "json: cannot unmarshal number -9223372036854775809 into Go struct field Req.ids of type int"),
+    (b'{"any": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "exceeded max depth"),
+    (b'{"opts": ' + b'{"a":' * 50_000 + b"1" + b"}" * 50_000 + b"}", "exceeded max depth"),
+])
+def test_numbers_go_cannot_hold_and_deep_nesting_are_bad_requests(raw, message):
+    with pytest.raises(BadRequest) as err:
+        decode_body(raw, SPEC)
+    assert err.value.message == message
+
+
+def test_an_array_past_its_bound_is_refused_before_its_items_are_checked():
+    import json
+    import time
+
+    spec = Struct("Req", {"items": ArrayOf(Struct("Item", {"name": "string"}), 1000, "items")})
+    assert len(decode_body(json.dumps({"items": [{"name": "x"}] * 1000}).encode(), spec)["items"]) == 1000
+    raw = json.dumps({"items": [{"name": "x"}] * 1_000_000}).encode()
+    started = time.perf_counter()
+    with pytest.raises(BadRequest, match=r"too many items: 1000000 \(at most 1000 are accepted\)"):
+        decode_body(raw, spec)
+    assert time.perf_counter() - started < 3  # json.loads of 17 MB; the million items are never checked

@@ -6,7 +6,7 @@ from daemon.errors import BadRequest
 
 def test_generate_defaults():
     r = GenerateRequest.from_body(b'{"model":"m"}')
-    assert r.stream is True and r.raw is False and r.truncate is True and r.shift is True
+    assert r.stream is True and r.raw is False and r.truncate is True
     assert r.prompt == "" and r.context is None and r.keep_alive_ns is None and r.think is None
     assert r.options == {} and r.top_logprobs == 0
 

@@ -30,3 +30,22 @@ def test_type_errors_are_500_with_go_text(key, value, message):
     assert err.value.message == message
     from daemon.errors import status_of
     assert status_of(err.value) == 500
+
+
+@pytest.mark.parametrize("key,value,go_type", [("top_k", 2**63, "int"), ("seed", -(2**63) - 1, "int"),
+                                               ("num_predict", 1e19, "int"), ("temperature", 1e39, "float32"),
+                                               ("top_p", -1e300, "float32")])
+def test_numbers_go_cannot_hold_are_bad_requests(key, value, go_type):
+    from daemon.api.options import OptionRangeError
+    from daemon.errors import status_of
+
+    with pytest.raises(OptionRangeError) as err:
+        Options.layered({key: value})
+    assert status_of(err.value) == 400
+    assert err.value.message == f"json: cannot unmarshal number {value} into Go struct field Options.{key} of type {go_type}"
+    assert Options.layered({"top_k": 2**63 - 1}).top_k == 2**63 - 1  # the largest int64 is fine
+
+
+@pytest.mark.parametrize("given,used", [(None, 0), (0, 0), (-1, 0), (-(2**40), 0), (1, 4), (3, 4), (4, 4), (2048, 2048)])
+def test_num_ctx_zero_or_negative_is_the_default_and_tiny_ones_are_raised(given, used):
+    assert Options.layered({"num_ctx": given}).num_ctx == used

@@ -24,6 +24,9 @@ class Struct:
 @dataclass(frozen=True)
 class ArrayOf:
     item: "Spec"
+    # hfollama: most items accepted (a bound on the work one request can cause); `what` names them
+    max_items: int | None = None
+    what: str = "items"
 
 
 Spec = Union[str, Struct, ArrayOf]
@@ -51,9 +54,15 @@ def _go_type(spec: Spec) -> str:
     return spec
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+# Go's decoder gives up past 10,000 levels of nesting; Python's recursion stops sooner.
+MAX_DEPTH = 10000
+
+
 def _mismatch(value: Any, path: str, spec: Spec) -> BadRequest:
     kind = _json_kind(value)
-    if kind == "number" and isinstance(value, float) and _go_type(spec) in ("int", "[]int"):
+    if kind == "number" and _go_type(spec) in ("int", "[]int") and (isinstance(value, float) or
+                                                                  not INT64_MIN <= value <= INT64_MAX):
         kind = f"number {json.dumps(value)}"
     return BadRequest(f"json: cannot unmarshal {kind} into Go struct field {path} of type {_go_type(spec)}")
 
@@ -69,13 +78,16 @@ def _check(value: Any, spec: Spec, path: str) -> Any:
     if isinstance(spec, ArrayOf):
         if not isinstance(value, list):
             raise _mismatch(value, path, spec)
+        if spec.max_items is not None and len(value) > spec.max_items:
+            raise BadRequest(f"too many {spec.what}: {len(value)} (at most {spec.max_items} are accepted)")
         return [_check(v, spec.item, path) for v in value]
     ok = {
         "string": lambda v: isinstance(v, str),
         "bool": lambda v: isinstance(v, bool),
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and INT64_MIN <= v <= INT64_MAX,
         "float32": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        "[]int": lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+        "[]int": lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                   and INT64_MIN <= i <= INT64_MAX for i in v),
         "[]string": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
         "map[string]interface {}": lambda v: isinstance(v, dict),
         "interface {}": lambda v: True,
@@ -156,6 +168,8 @@ def decode_body(raw: bytes, struct: Struct) -> dict[str, Any]:
         value = json.loads(text, parse_constant=_reject_constant)
     except _NonFiniteLiteral as exc:
         raise BadRequest(f"invalid character '{str(exc)[0]}' looking for beginning of value") from None
+    except RecursionError:  # nested deeper than Python parses: Go's text for its own limit
+        raise BadRequest("exceeded max depth") from None
     except json.JSONDecodeError as exc:
         raise BadRequest(_go_syntax_error(exc)) from None
     if not isinstance(value, dict):

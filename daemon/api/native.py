@@ -44,7 +44,7 @@ _COMMON_INFERENCE = {
     "keep_alive": "interface {}",
     "think": "interface {}",
     "truncate": "bool",
-    "shift": "bool",
+    "shift": "bool",  # type-checked as Go does; there is no context shift to turn off
     "logprobs": "bool",
     "top_logprobs": "int",
     "_debug_render_only": "bool",
@@ -59,9 +59,13 @@ GENERATE_SPEC = Struct("GenerateRequest", {
     "raw": "bool",
     "images": "[]string",
 })
+# A conversation no context holds (every message takes tokens): refused before the work of
+# checking each message, so a request of a million messages answers at once.
+MAX_MESSAGES = 65536
+
 CHAT_SPEC = Struct("ChatRequest", {
     **_COMMON_INFERENCE,
-    "messages": ArrayOf(_MESSAGE),
+    "messages": ArrayOf(_MESSAGE, MAX_MESSAGES, "messages"),
     "tools": ArrayOf("map[string]interface {}"),
     "tool_choice": "interface {}",
 })
@@ -157,7 +161,6 @@ class InferenceCommon:
     keep_alive_ns: int | None = None
     think: Think | None = None
     truncate: bool = True
-    shift: bool = True
     logprobs: bool = False
     top_logprobs: int = 0
     debug_render_only: bool = False
@@ -180,7 +183,6 @@ def _common(d: Mapping[str, Any]) -> dict[str, Any]:
         keep_alive_ns=parse_keep_alive(d.get("keep_alive")),
         think=Think.parse(d.get("think")),
         truncate=d.get("truncate") is not False,
-        shift=d.get("shift") is not False,
         logprobs=bool(d.get("logprobs")),
         top_logprobs=top_logprobs,
         debug_render_only=bool(d.get("_debug_render_only")),

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping
 
 from daemon.api.decode import ArrayOf, Struct, decode_body
 from daemon.api.native import (
-    ChatRequest, GenerateRequest, Message, Think, check_base64_image, checked_top_logprobs,
+    MAX_MESSAGES, ChatRequest, GenerateRequest, Message, Think, check_base64_image, checked_top_logprobs,
 )
 from daemon.durations import parse_keep_alive
 from daemon.errors import BadRequest
@@ -28,7 +28,7 @@ FINGERPRINT = "fp_ollama"
 
 _CHAT_SPEC = Struct("ChatCompletionRequest", {
     "model": "string",
-    "messages": ArrayOf("map[string]interface {}"),
+    "messages": ArrayOf("map[string]interface {}", MAX_MESSAGES, "messages"),
     "stream": "bool",
     "stream_options": "map[string]interface {}",
     "max_tokens": "int",
@@ -229,6 +229,8 @@ def _messages(raw: list[Mapping[str, Any]]) -> list[Message]:
                 out.append(Message(tool_calls=tuple(calls), **common))
         else:
             raise BadRequest(f"invalid message content type: {_go_kind(content)}")
+        if len(out) > MAX_MESSAGES:  # content parts count: each becomes a message
+            raise BadRequest(f"too many messages: more than {MAX_MESSAGES} with their content parts")
     return out
 
 

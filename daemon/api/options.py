@@ -3,7 +3,9 @@
 Precedence: built-in defaults < the model's parameters < the request's options. Unknown keys
 (including the removed ones clients still send: mirostat, tfs_z, numa, ...) are ignored.
 A value of the wrong type is a 500 with Go's text, `option "temperature" must be of type
-float32`, because that is what Ollama answers.
+float32`, because that is what Ollama answers. A number that Go's int64 or float32 cannot
+hold (`top_k: 2**63`) is a 400 with encoding/json's text: it is a client's mistake, and
+it must never reach the sampler.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
-from daemon.errors import InternalError
+from daemon.errors import BadRequest, InternalError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,11 @@ OPTION_TYPES: dict[str, str] = {
     "use_mmap": "bool",
     "num_thread": "int",
 }
-RUNNER_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread"})
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+FLOAT32_MAX = 3.4028234663852886e38
+# Ollama's runner raises a smaller num_ctx to 4: a context must hold a prompt token and an answer.
+MIN_NUM_CTX = 4
 
 
 class OptionTypeError(InternalError):
@@ -48,16 +54,27 @@ class OptionTypeError(InternalError):
         self.key = key
 
 
+class OptionRangeError(BadRequest):
+    def __init__(self, key: str, value: Any, go_type: str) -> None:
+        super().__init__(f"json: cannot unmarshal number {value} into Go struct field Options.{key} of type {go_type}")
+        self.key = key
+
+
 def coerce_option(key: str, value: Any) -> Any:
-    """One option value converted as Go's Options.FromMap does; raises OptionTypeError."""
+    """One option value converted as Go's Options.FromMap does; raises OptionTypeError for a
+    wrong type, OptionRangeError for a number the Go type cannot hold."""
     go_type = OPTION_TYPES[key]
     if go_type == "int":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise OptionTypeError(key, f'option "{key}" must be of type integer')
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise OptionRangeError(key, value, "int")
         return int(value)
     if go_type == "float32":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise OptionTypeError(key, f'option "{key}" must be of type float32')
+        if abs(value) > FLOAT32_MAX:
+            raise OptionRangeError(key, value, "float32")
         return float(value)
     if go_type == "bool":
         if not isinstance(value, bool):
@@ -114,6 +131,11 @@ class Options:
         merged: dict[str, Any] = {}
         for layer in layers:
             merged.update(parse_options(layer))
+        num_ctx = merged.get("num_ctx", 0)
+        if num_ctx <= 0:  # unset, zero or negative: the daemon's default, never a tiny context
+            merged["num_ctx"] = 0
+        else:
+            merged["num_ctx"] = max(MIN_NUM_CTX, num_ctx)
         return replace(cls(), **merged)
 
     def explicit(self) -> dict[str, Any]:

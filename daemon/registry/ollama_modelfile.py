@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from daemon.api.options import OPTION_TYPES, OptionTypeError, coerce_option
+from daemon.api.options import OPTION_TYPES, OptionRangeError, OptionTypeError, coerce_option
 
 COMMANDS = ("from", "parameter", "system", "template", "message", "license", "adapter", "requires")
 
@@ -116,5 +116,5 @@ def _add_parameter(parameters: dict[str, Any], key: str, raw: str, line: int) ->
         value: Any = {"int": lambda v: int(float(v)), "float32": float,
                       "bool": lambda v: {"true": True, "false": False}[v.lower()]}[kind](raw)
         parameters[key] = coerce_option(key, value)
-    except (ValueError, KeyError, OptionTypeError):
+    except (ValueError, KeyError, OverflowError, OptionTypeError, OptionRangeError):
         raise ModelfileSyntaxError(line, f"invalid value {raw!r} for parameter {key}") from None
