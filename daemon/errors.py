@@ -24,12 +24,13 @@ class NotFound(DaemonError):
     """The model (or blob) does not exist."""
 
 
-class Forbidden(DaemonError):
-    """CORS origin or Host header rejected."""
+class PayloadTooLarge(DaemonError):
+    """A request body over the daemon's limit (blobs stream and have none)."""
 
 
-class RequestCanceled(DaemonError):
-    """The client went away while its model was loading."""
+class ModelDamaged(DaemonError):
+    """The model exists but cannot be used: its manifest or files are damaged or missing.
+    Unlike NotFound, handlers keep its message: it says what to do (delete, pull again)."""
 
 
 class ServerBusy(DaemonError):
@@ -51,10 +52,10 @@ class ModelTooLarge(DaemonError):
 
 STATUS_BY_KIND: dict[type[DaemonError], int] = {
     BadRequest: 400,
-    Forbidden: 403,
     NotFound: 404,
-    RequestCanceled: 499,
+    PayloadTooLarge: 413,
     InternalError: 500,
+    ModelDamaged: 500,
     ModelTooLarge: 500,
     NotImplementedFeature: 501,
     ServerBusy: 503,

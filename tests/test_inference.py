@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 
@@ -236,6 +237,18 @@ MALFORMED = [
                   b'"tools":[{"type":"function","function":{"name":"f"}}]}', 400,
      "registry.ollama.ai/library/tiny:scripted does not support tools"),
     ("/api/chat", b'{"model":"tiny:scripted","messages":[{"role":"user","content":"x"}],"format":5}', 400, None),
+    ("/api/generate", b'{"model":"tiny:scripted","prompt":"hi","options":{"top_k":9223372036854775808}}', 400,
+     "json: cannot unmarshal number 9223372036854775808 into Go struct field Options.top_k of type int"),
+    ("/api/chat", b'{"model":"tiny:scripted","messages":[{"role":"user","content":"x"}],'
+                  b'"options":{"temperature":1e300}}', 400,
+     "json: cannot unmarshal number 1e+300 into Go struct field Options.temperature of type float32"),
+    ("/api/generate", b'{"model":"tiny:scripted","prompt":"hi","top_logprobs":9223372036854775808}', 400,
+     "json: cannot unmarshal number 9223372036854775808 into Go struct field GenerateRequest.top_logprobs of type int"),
+    ("/api/generate", b'{"model":"tiny:scripted","prompt":"hi","format":' + b"[" * 100000 + b"]" * 100000 + b"}",
+     400, "exceeded max depth"),
+    ("/api/generate", b'{"model":"tiny:scripted","prompt":"hi","template":"{% include \'x.j2\' %}"}', 400, None),
+    ("/api/generate", b'{"model":"tiny:scripted","prompt":"hi","template":"[INST] {{ .Prompt "}', 400,
+     "template: :1: unclosed action"),
     ("/api/show", b"{}", 400, "model is required"),
     ("/api/show", b'{"model":"nope"}', 404, "model 'nope:latest' not found"),
     ("/api/show", b'{"model":"a/b/c/d"}', 400, "invalid model name"),
@@ -263,3 +276,110 @@ def test_malformed_requests_get_documented_errors(daemon, path, body, status, er
 def test_unknown_paths_and_methods(daemon, method, path, status, text):
     r = httpx.request(method, daemon.url + path, timeout=10)
     assert r.status_code == status and r.text == text
+
+
+def test_a_top_k_past_int64_is_refused_and_the_slot_stays_free(daemon):
+    """The request that once wedged a slot forever: refused before it reaches the sampler, and
+    the largest top_k that fits is served."""
+    r = post(daemon, "/api/generate", {"model": RANDOM, "prompt": "hi", "options": {"top_k": 2**63}})
+    assert r.status_code == 400
+    r = post(daemon, "/api/generate", {"model": RANDOM, "prompt": "hi", "stream": False,
+                                       "options": {"top_k": 2**63 - 1, "num_predict": 3, "seed": 1}})
+    assert r.status_code == 200 and r.json()["eval_count"] == 3
+
+
+def test_num_ctx_minus_one_is_the_default_context(daemon):
+    """It used to cut the prompt to 5 tokens."""
+    def count(options):
+        r = post(daemon, "/api/generate", {"model": SCRIPTED, "prompt": "hello " * 50, "stream": False,
+                                           "options": options})
+        assert r.status_code == 200
+        return r.json()["prompt_eval_count"]
+
+    assert count({"num_ctx": -1}) == count({}) > 50
+
+
+def test_a_million_messages_are_answered_at_once_and_nothing_is_left_running(daemon):
+    body = json.dumps({"model": SCRIPTED, "stream": False,
+                       "messages": [{"role": "user", "content": "hi"}] * 1_000_000}).encode()
+    started = time.perf_counter()
+    r = post(daemon, "/api/chat", body)
+    assert time.perf_counter() - started < 2.0
+    assert r.status_code == 400 and "too many messages: 1000000" in r.json()["error"]
+    r = post(daemon, "/api/chat", {"model": SCRIPTED, "stream": False, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.json()["message"]["content"] == SCRIPT_TEXT
+
+
+def test_long_conversations_and_huge_prompts_cost_what_the_context_costs(daemon):
+    """50,000 turns, or a 50 MB prompt, in a context of 2,048: cut as Ollama cuts them, in
+    seconds, with the event loop free meanwhile (the body is parsed on a worker thread)."""
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "word " * 20}
+             for i in range(50_000)] + [{"role": "user", "content": "the last question"}]
+    for path, body in (("/api/chat", {"model": RANDOM, "messages": turns}),
+                       ("/api/generate", {"model": RANDOM, "prompt": "the quick brown fox " * 2_500_000})):
+        started = time.perf_counter()
+        with httpx.stream("POST", daemon.url + path, timeout=60,
+                          json={**body, "options": {"num_predict": 2, "temperature": 0}}) as r:
+            heartbeat = httpx.get(daemon.url + "/", timeout=5)  # answered while the big body is handled
+            lines = [json.loads(line) for line in r.iter_lines()]
+        assert heartbeat.status_code == 200 and r.status_code == 200
+        assert lines[-1]["done"] and 1000 < lines[-1]["prompt_eval_count"] < 2048
+        assert time.perf_counter() - started < 15
+
+
+def test_a_client_that_leaves_while_its_prompt_is_built_leaves_no_work_behind(daemon):
+    """Big bodies whose clients leave at once: the work they cause is bounded (parsing what was
+    sent), then nothing: no prompt, no decoding, no CPU."""
+    import resource
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # the daemon's threads are this process's
+        return usage.ru_utime + usage.ru_stime
+
+    assert post(daemon, "/api/generate", {"model": RANDOM, "keep_alive": "1h"}).status_code == 200  # loaded
+    turns = [{"role": "user", "content": f"turn {i} " + "word " * 30} for i in range(60_000)]
+    bodies = [json.dumps({"model": RANDOM, "messages": turns, "options": {"num_predict": 100000}}),
+              json.dumps({"model": RANDOM, "messages": [{"role": "user", "content": "hi"}] * 1_000_000})]
+    for body in bodies:
+        sock = socket.create_connection(("127.0.0.1", daemon.port))
+        sock.sendall((f"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+                      f"Content-Type: application/json\r\n\r\n{body}").encode())
+        sock.close()
+    deadline, quiet = time.monotonic() + 20, False
+    while time.monotonic() < deadline and not quiet:
+        before = cpu()
+        time.sleep(0.5)
+        quiet = cpu() - before < 0.1
+    assert quiet, "the daemon kept working after its clients left"
+    runner = {r.resolved.name.display: r for r in daemon.services.models.residents()}[RANDOM].runtime.runner
+    assert runner.busy == 0
+
+
+def test_a_body_over_the_limit_is_413_and_blobs_have_no_limit(tmp_path, tiny_dirs, monkeypatch):
+    import hashlib
+
+    import daemon.server.app as app_module
+    import daemon.server.wire as wire
+    from conftest import make_settings, run_daemon
+
+    monkeypatch.setattr(app_module, "MAX_JSON_BODY", 1 << 20)
+    monkeypatch.setattr(wire, "MAX_JSON_BODY", 1 << 20)
+    for handle in run_daemon(make_settings(tmp_path, tiny_dirs)):
+        for path in ("/api/generate", "/v1/chat/completions"):
+            r = post(handle, path, {"model": SCRIPTED, "prompt": "x" * (2 << 20),
+                                    "messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 413
+            message = r.json()["error"] if path.startswith("/api") else r.json()["error"]["message"]
+            assert message == "request body too large: the limit is 1 MiB"
+        data = os.urandom(3 << 20)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        assert httpx.post(f"{handle.url}/api/blobs/{digest}", content=data, timeout=60).status_code == 201
+        assert post(handle, "/api/generate", {"model": SCRIPTED, "prompt": "hi", "stream": False}).status_code == 200
+
+
+def test_aliases_are_listed_by_both_apis(daemon):
+    tags = {m["name"]: m["digest"] for m in httpx.get(daemon.url + "/api/tags").json()["models"]}
+    assert tags["tiny:latest"] == tags["tiny:scripted"] and tags["smollm2:latest"] == tags["smollm2:135m"]
+    assert "all-minilm:latest" in tags
+    ids = [m["id"] for m in httpx.get(daemon.url + "/v1/models").json()["data"]]
+    assert {"tiny:latest", "smollm2:latest", "all-minilm:latest"} <= set(ids)

@@ -64,3 +64,81 @@ def test_fim(tok):
     b = PromptBuilder(tok, CHATML, fim=Fim("<|im_start|>", "<|im_end|>", "<|endoftext|>"))
     ids = b.generate_ids("def f(", ContextBudget(num_ctx=100), suffix="):")
     assert tok.decode(ids) == "<|im_start|>def f(<|im_end|>):<|endoftext|>"
+
+
+def _ollama_cut(b, msgs, budget):
+    """Ollama's own loop (and this module's before it galloped): drop turns from the oldest
+    until the rest fits, re-rendering every candidate."""
+    def n(ms):
+        return len(b.tokenize(b.render(ms)))
+    start = len(msgs) - 1
+    for i in range(len(msgs) - 2, -1, -1):
+        if n([m for m in msgs[:i] if m["role"] == "system"] + msgs[i:]) > budget.truncated_limit:
+            break
+        start = i
+    kept = [m for m in msgs[:start] if m["role"] == "system"] + msgs[start:]
+    return fit_tokens(b.tokenize(b.render(kept)), budget)
+
+
+@pytest.mark.parametrize("turns,num_ctx", [(3, 300), (20, 300), (41, 1000), (60, 97), (7, 40)])
+def test_galloping_cut_keeps_what_ollamas_loop_keeps(tok, turns, num_ctx):
+    b = PromptBuilder(tok, CHATML)
+    msgs = [{"role": "system", "content": "SYS"}]
+    for i in range(turns):
+        msgs += [{"role": "user", "content": f"q{i} " + "fox " * (i % 7 * 5)},
+                 {"role": "assistant", "content": "ok " * (i % 3)}]
+    msgs.append({"role": "user", "content": "final"})
+    budget = ContextBudget(num_ctx=num_ctx)
+    assert b.chat_ids(msgs, budget) == _ollama_cut(b, msgs, budget)
+
+
+def test_a_huge_conversation_costs_what_its_context_costs(tok):
+    """200,000 turns in a context of 512: only the newest ever render, in well under a second."""
+    import time
+
+    b = PromptBuilder(tok, CHATML)
+    msgs = [{"role": "system", "content": "SYS"}] + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"} for i in range(200_000)]
+    started = time.perf_counter()
+    ids = b.chat_ids(msgs, ContextBudget(num_ctx=512))
+    assert time.perf_counter() - started < 1.5
+    text = tok.decode(ids)
+    assert len(ids) <= 512 * 3 // 4 and text.startswith("<|im_start|>system\nSYS") and "message 199999" in text
+    with pytest.raises(BadRequest, match="exceeds the context length"):
+        b.chat_ids(msgs, ContextBudget(num_ctx=512, truncate=False))
+
+
+def test_a_huge_prompt_tokenizes_only_what_the_cut_keeps(tok):
+    """A 50 MB raw prompt: the head and tail the cut keeps, the same ids as tokenizing it all
+    and cutting (checked on a text small enough to tokenize whole), in a fraction of the time."""
+    import time
+
+    b = PromptBuilder(tok, CHATML)
+    budget = ContextBudget(num_ctx=256, num_keep=5)
+    words = " ".join(f"w{i % 997}" for i in range(60_000))  # far beyond the bound, still quick to tokenize
+    assert len(words) > (budget.limit + 1) * b._chars_per_token
+    assert b.tokenize_fitted(words, budget) == fit_tokens(b.tokenize(words), budget)
+    huge = "the quick brown fox " * 2_500_000  # 50 MB
+    started = time.perf_counter()
+    ids = b.generate_ids(huge, budget, raw=True)
+    assert time.perf_counter() - started < 1.0 and len(ids) == budget.truncated_limit
+    with pytest.raises(BadRequest, match="exceeds the context length"):
+        b.generate_ids(huge, ContextBudget(num_ctx=256, truncate=False), raw=True)
+
+
+def test_prompt_work_stops_when_the_client_is_gone(tok):
+    from daemon.engine.prompt import Cancel, PromptCancelled
+
+    b = PromptBuilder(tok, CHATML)
+    cancel = Cancel()
+    cancel.set()
+    with pytest.raises(PromptCancelled):
+        b.chat_ids([{"role": "user", "content": "x"}] * 10, ContextBudget(num_ctx=100), cancel=cancel)
+
+
+@pytest.mark.parametrize("template", ["{% include 'other.jinja' %}", "{% import 'x' as y %}{{ y }}",
+                                      "{{ messages[0]['content'] | nosuchfilter }}", "{{ 1 / 0 }}"])
+def test_a_bad_template_is_a_bad_request(tok, template):
+    b = PromptBuilder(tok, CHATML)
+    with pytest.raises(BadRequest, match="template error"):
+        b.render([{"role": "user", "content": "x"}], template=template)

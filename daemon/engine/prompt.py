@@ -4,17 +4,43 @@ Chat: the model's MESSAGE history is prepended, its SYSTEM added when the conver
 none, the template rendered (a Jinja chat template through the tokenizer, or an Ollama Go
 template), then tokenized. When the prompt does not fit num_ctx, the oldest turns are
 dropped (system messages and the last message always stay), and if the last message alone
-is still too long its tokens are cut, keeping the first num_keep.
+is still too long its tokens are cut, keeping the first num_keep. However long the input,
+the work is bounded by num_ctx, and it stops when the client goes away (`cancel`).
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from daemon.errors import BadRequest
 from daemon.registry import gotemplate
 from daemon.registry.modelfile import Fim
+
+
+# Set when the client that asked for a prompt has gone: the work stops at the next render.
+Cancel = threading.Event
+
+
+class PromptCancelled(Exception):
+    """The prompt's client went away while it was being built."""
+
+
+def _check(cancel: Cancel | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise PromptCancelled
+
+
+def _newest(messages: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The messages a prompt of `limit` tokens can hold at most: the newest `limit` ones, and
+    the system messages before them (each message renders to at least one token)."""
+    if len(messages) <= limit:
+        return messages
+    cut = len(messages) - limit
+    systems = [m for m in messages[:cut] if m.get("role") == "system"][:limit]
+    return systems + messages[cut:]
 
 
 @dataclass(frozen=True)
@@ -64,10 +90,9 @@ class PromptBuilder:
                                                       add_generation_prompt=True, tokenize=False, **extra)
         except gotemplate.TemplateError as exc:
             raise BadRequest(str(exc)) from None
-        except Exception as exc:  # jinja2 errors, raise_exception() in templates
-            if type(exc).__module__.startswith("jinja2"):
-                raise BadRequest(f"template error: {exc}") from None
-            raise
+        except Exception as exc:  # jinja2's errors, raise_exception(), {% include %} (no loader), ...
+            # the template runs on what the client sent (its messages, or its own template)
+            raise BadRequest(f"template error: {exc or type(exc).__name__}") from None
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -75,9 +100,6 @@ class PromptBuilder:
         if add_special_tokens and bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
             ids = ids[1:]  # the text carried its own BOS
         return ids
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     # ---- prompts ------------------------------------------------------------------------
 
@@ -89,25 +111,79 @@ class PromptBuilder:
 
     def chat_ids(self, messages: list[dict[str, Any]], budget: ContextBudget, *, tools: list | None = None,
                  think: bool | None = None, think_level: str | None = None,
-                 template: str | None = None) -> list[int]:
-        def ids_for(msgs: list[dict[str, Any]]) -> list[int]:
-            return self.tokenize(self.render(msgs, template=template, tools=tools, think=think,
-                                             think_level=think_level))
+                 template: str | None = None, cancel: Cancel | None = None) -> list[int]:
+        """The conversation's prompt within `budget`. A conversation that does not fit loses
+        its oldest turns, as in Ollama (system messages and the last message stay). The work is
+        bounded by the context, not by the conversation: only the newest `limit` turns are ever
+        rendered (each takes at least a token), the cut is found by galloping from the newest
+        turn, and a text certainly longer than the context is never tokenized whole."""
 
-        ids = ids_for(messages)
-        if len(ids) <= budget.limit:
+        def text_for(msgs: list[dict[str, Any]]) -> str:
+            _check(cancel)
+            return self.render(msgs, template=template, tools=tools, think=think, think_level=think_level)
+
+        def kept(start: int) -> list[dict[str, Any]]:
+            return [m for m in messages[:start] if m.get("role") == "system"] + messages[start:]
+
+        messages = _newest(messages, budget.limit)
+        ids = self._count(text_for(messages), budget.limit)
+        if ids is not None:
             return ids
         if not budget.truncate:
-            raise BadRequest(f"the input length ({len(ids)} tokens) exceeds the context length "
-                             f"({budget.num_ctx} tokens)")
-        start = len(messages) - 1
-        for i in range(len(messages) - 2, -1, -1):
-            candidate = [m for m in messages[:i] if m.get("role") == "system"] + messages[i:]
-            if len(ids_for(candidate)) > budget.truncated_limit:
-                break
-            start = i
-        kept = [m for m in messages[:start] if m.get("role") == "system"] + messages[start:]
-        return fit_tokens(ids_for(kept), budget)
+            raise BadRequest(f"the input length exceeds the context length ({budget.num_ctx} tokens)")
+
+        def fits(start: int) -> bool:
+            return self._count(text_for(kept(start)), budget.truncated_limit) is not None
+
+        last = len(messages) - 1
+        good, step = last, 1  # kept(good) is what goes in if nothing earlier fits
+        while good - step >= 0 and fits(good - step):
+            good, step = good - step, step * 2
+        bad = max(-1, good - step)  # kept(bad) does not fit (or there is nothing before 0)
+        while good - bad > 1:
+            middle = (good + bad) // 2
+            if fits(middle):
+                good = middle
+            else:
+                bad = middle
+        return self.tokenize_fitted(text_for(kept(good)), budget)
+
+    # ---- bounded tokenizing -------------------------------------------------------------
+
+    @functools.cached_property
+    def _chars_per_token(self) -> int:
+        """An upper bound on the characters of text one token covers: twice the longest
+        vocabulary entry (a byte-level piece covers at most as many characters as it has)."""
+        try:
+            longest = max((len(piece) for piece in self.tokenizer.get_vocab()), default=0)
+        except Exception:  # a tokenizer without a vocabulary listing
+            longest = 0
+        return 2 * max(longest, 16)
+
+    def _count(self, text: str, limit: int) -> list[int] | None:
+        """The text's ids when they are at most `limit`, else None (without tokenizing a text
+        that certainly holds more)."""
+        if len(text) > (limit + 1) * self._chars_per_token:
+            return None
+        ids = self.tokenize(text)
+        return ids if len(ids) <= limit else None
+
+    def tokenize_fitted(self, text: str, budget: ContextBudget, add_special_tokens: bool = False) -> list[int]:
+        """`fit_tokens(tokenize(text))`, tokenizing only the head and tail that a cut keeps
+        when the text is certainly longer than the context (a 50 MB prompt costs what a
+        context of text costs)."""
+        span = self._chars_per_token
+        if len(text) <= (budget.limit + 1) * span:
+            return fit_tokens(self.tokenize(text, add_special_tokens), budget)
+        if not budget.truncate:
+            raise BadRequest(f"the input length exceeds the context length ({budget.num_ctx} tokens)")
+        target = budget.truncated_limit
+        keep = max(0, min(budget.num_keep, target // 2))
+        head = self.tokenize(text[:(keep + 1) * span], add_special_tokens)[:keep]
+        # at least twice the tokens needed: the tokens near the cut, which the cut may have
+        # split differently, are not among those kept
+        tail = self.tokenize(text[-(target - keep + 1) * span:])
+        return head + tail[len(tail) - (target - keep):]
 
     def generate_messages(self, prompt: str, system: str = "", include_history: bool = True) -> list[dict[str, Any]]:
         """/api/generate as a conversation: the request's system (else the model's), the
@@ -117,20 +193,22 @@ class PromptBuilder:
 
     def generate_ids(self, prompt: str, budget: ContextBudget, *, system: str = "", template: str | None = None,
                      context: Sequence[int] | None = None, raw: bool = False, suffix: str = "",
-                     think: bool | None = None, think_level: str | None = None) -> list[int]:
+                     think: bool | None = None, think_level: str | None = None,
+                     cancel: Cancel | None = None) -> list[int]:
         """The prompt of an /api/generate request, as Ollama builds it."""
         if raw:
-            return fit_tokens(self.tokenize(prompt, add_special_tokens=True), budget)
+            return self.tokenize_fitted(prompt, budget, add_special_tokens=True)
         if suffix:
             assert self.fim is not None
             fim = f"{self.fim.prefix}{prompt}{self.fim.suffix}{suffix}{self.fim.middle}"
-            return fit_tokens(self.tokenize(fim, add_special_tokens=True), budget)
+            return self.tokenize_fitted(fim, budget, add_special_tokens=True)
         head = list(context or ())  # the deprecated `context`: earlier ids, continued exactly
         messages = self.generate_messages(prompt, system, include_history=context is None)
-        if template:
-            return fit_tokens(head + self.tokenize(self.render(messages, template=template)), budget)
         room = ContextBudget(max(2, budget.num_ctx - len(head)), budget.num_keep, budget.num_predict, budget.truncate)
-        return fit_tokens(head + self.chat_ids(messages, room, think=think, think_level=think_level), budget)
+        if template:
+            return fit_tokens(head + self.tokenize_fitted(self.render(messages, template=template), room), budget)
+        return fit_tokens(head + self.chat_ids(messages, room, think=think, think_level=think_level, cancel=cancel),
+                          budget)
 
 
 def fit_tokens(ids: list[int], budget: ContextBudget) -> list[int]:

@@ -19,6 +19,7 @@ from daemon.scheduler.scheduler import Estimator, Loader, Scheduler
 from daemon.server.handlers import embed, inference, manage, meta, models, openai
 from daemon.server.middleware import OriginPolicy, cors_middleware, error_middleware, host_check_middleware
 from daemon.server.state import SERVICES, Services
+from daemon.server.wire import MAX_JSON_BODY
 from daemon.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None, loader: Lo
             cors_middleware(OriginPolicy(settings.origins)),
             host_check_middleware(settings.bind),
         ],
-        client_max_size=1 << 34,  # blobs and long prompts: no artificial body limit
+        client_max_size=MAX_JSON_BODY,  # JSON bodies; blobs stream past it
     )
     store = build_store(settings)
     catalog = catalog or build_catalog(settings, store)

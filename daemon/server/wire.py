@@ -1,12 +1,35 @@
-"""Small helpers for Ollama's wire formats: timestamps and JSON bodies."""
+"""Small helpers for Ollama's wire formats: request bodies, timestamps and JSON bodies."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from aiohttp import web
+
+from daemon.errors import PayloadTooLarge
+
+T = TypeVar("T")
+
+# The largest JSON request body (a long conversation with images fits many times over). It is
+# aiohttp's client_max_size: `request.read()` stops there. Blobs stream and have no limit.
+MAX_JSON_BODY = 256 << 20
+# Bodies larger than this are decoded on a worker thread, so that parsing a 50 MB prompt does
+# not hold up every other stream on the event loop.
+THREADED_PARSE_BYTES = 1 << 20
+
+
+async def read_request(request: web.Request, parse: Callable[[bytes], T]) -> T:
+    """The request's body decoded into its typed request (`parse` is a from_body)."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body too large: the limit is {MAX_JSON_BODY >> 20} MiB") from None
+    if len(raw) > THREADED_PARSE_BYTES:
+        return await asyncio.to_thread(parse, raw)
+    return parse(raw)
 
 
 def dumps(obj: Any) -> str:

@@ -16,7 +16,7 @@ from daemon.errors import BadRequest, NotFound
 from daemon.names import ModelName
 from daemon.registry.catalog import ResolvedModel
 from daemon.server.state import services
-from daemon.server.wire import json_response
+from daemon.server.wire import json_response, read_request
 
 
 def resolve_for_embedding(request: web.Request, requested: str, missing_is_bad_request: bool) -> ResolvedModel:
@@ -46,7 +46,7 @@ async def embed_texts(request: web.Request, model: ResolvedModel, texts: list[st
 
 async def embed(request: web.Request) -> web.Response:
     started = time.perf_counter_ns()
-    req = EmbedRequest.from_body(await request.read())
+    req = await read_request(request, EmbedRequest.from_body)
     model = resolve_for_embedding(request, req.model, missing_is_bad_request=False)
     load_start = time.perf_counter_ns()
     vectors, tokens = await embed_texts(request, model, list(req.inputs), req.truncate, req.options,
@@ -64,7 +64,7 @@ async def embed(request: web.Request) -> web.Response:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    req = EmbeddingsRequest.from_body(await request.read())
+    req = await read_request(request, EmbeddingsRequest.from_body)
     model = resolve_for_embedding(request, req.model, missing_is_bad_request=True)
     vectors, _ = await embed_texts(request, model, [req.prompt] if req.prompt else [], True, req.options,
                                    req.keep_alive_ns)

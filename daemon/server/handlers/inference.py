@@ -19,14 +19,14 @@ from daemon.api.options import Options
 from daemon.engine.grammar import Constraint, check_format, entry, json_answer, tool_call_answer
 from daemon.engine.output import OutputReader, Part, ThinkingSplitter, ToolCallParser
 from daemon.engine.params import GenerationRequest
-from daemon.engine.prompt import ContextBudget, PromptBuilder
+from daemon.engine.prompt import Cancel, ContextBudget, PromptBuilder
 from daemon.engine.runner import Chunk
 from daemon.errors import BadRequest, NotFound
 from daemon.names import ModelName
 from daemon.registry.catalog import ResolvedModel
 from daemon.server.state import Services, services
 from daemon.server.streaming import respond
-from daemon.server.wire import json_response, utc_now
+from daemon.server.wire import json_response, read_request, utc_now
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def _output_plan(req: InferenceCommon, model: ResolvedModel, prompt_tail: str, t
     return OutputPlan(thinking, keep, tools, tool_choice, _format_of(req))
 
 
-PromptFn = Callable[[PromptBuilder, ContextBudget], list[int]]
+PromptFn = Callable[[PromptBuilder, ContextBudget, Cancel], list[int]]
 # Turns the native wire lines into the HTTP answer: NDJSON here, OpenAI's shapes for /v1.
 Responder = Callable[[AsyncIterator[dict[str, Any]]], Awaitable[web.StreamResponse]]
 
@@ -227,7 +227,7 @@ async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name:
             return json_response(line)
         budget = ContextBudget(num_ctx=min(options.num_ctx or runtime.num_ctx, runtime.num_ctx),
                                num_keep=options.num_keep, num_predict=options.num_predict, truncate=req.truncate)
-        prompt_ids = await asyncio.to_thread(build_prompt, runtime.prompts, budget)
+        prompt_ids = await _build(build_prompt, runtime.prompts, budget)
         tail = runtime.loaded.tokenizer.decode(prompt_ids[-4:], skip_special_tokens=False)
         plan = _output_plan(req, model, tail, tools, tool_choice)
         constraint = await asyncio.to_thread(plan.constraint, model, runtime)
@@ -238,6 +238,17 @@ async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name:
         if responder is not None:
             return await responder(lines)
         return await respond(request, lines, stream=req.stream, reduce=shape.reduce)
+
+
+async def _build(build_prompt: PromptFn, prompts: PromptBuilder, budget: ContextBudget) -> list[int]:
+    """The prompt, built on a worker thread that stops when the client goes away (a thread
+    cannot be cancelled: it is told to stop, and does at its next render)."""
+    cancel = Cancel()
+    try:
+        return await asyncio.to_thread(build_prompt, prompts, budget, cancel)
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
 
 
 async def _single(line: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -259,7 +270,7 @@ def _unload_line(shape: Shape, requested: str) -> dict[str, Any]:
 
 async def generate(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter_ns()
-    return await run_generate(request, GenerateRequest.from_body(await request.read()), started)
+    return await run_generate(request, await read_request(request, GenerateRequest.from_body), started)
 
 
 async def run_generate(request: web.Request, req: GenerateRequest, started: int,
@@ -275,10 +286,10 @@ async def run_generate(request: web.Request, req: GenerateRequest, started: int,
     _check_capabilities(req, name, model, chat=False, needs_insert=bool(req.suffix), has_images=bool(req.images))
     options = Options.layered(model.modelfile.parameters, req.options)
 
-    def build(prompts: PromptBuilder, budget: ContextBudget) -> list[int]:
+    def build(prompts: PromptBuilder, budget: ContextBudget, cancel: Cancel) -> list[int]:
         return prompts.generate_ids(req.prompt, budget, system=req.system, template=req.template or None,
                                     context=req.context, raw=req.raw, suffix=req.suffix, think=_think(req),
-                                    think_level=_think_level(req))
+                                    think_level=_think_level(req), cancel=cancel)
 
     def render_only(prompts: PromptBuilder) -> str:
         if req.raw:
@@ -300,7 +311,7 @@ def _think_level(req: InferenceCommon) -> str | None:
 
 async def chat(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter_ns()
-    return await run_chat(request, ChatRequest.from_body(await request.read()), started)
+    return await run_chat(request, await read_request(request, ChatRequest.from_body), started)
 
 
 async def run_chat(request: web.Request, req: ChatRequest, started: int,
@@ -317,9 +328,9 @@ async def run_chat(request: web.Request, req: ChatRequest, started: int,
     messages = [m.to_template_dict() for m in req.messages]
     tools = [dict(t) for t in req.tools] or None
 
-    def build(prompts: PromptBuilder, budget: ContextBudget) -> list[int]:
+    def build(prompts: PromptBuilder, budget: ContextBudget, cancel: Cancel) -> list[int]:
         return prompts.chat_ids(prompts.conversation(messages), budget, tools=tools, think=_think(req),
-                                think_level=_think_level(req))
+                                think_level=_think_level(req), cancel=cancel)
 
     def render_only(prompts: PromptBuilder) -> str:
         return prompts.render(prompts.conversation(messages), tools=tools, think=_think(req))

@@ -9,11 +9,12 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 
 from daemon.api.native import CopyRequest, CreateRequest, DeleteRequest, PullRequest
-from daemon.errors import BadRequest, NotFound, NotImplementedFeature
+from daemon.errors import BadRequest, ModelDamaged, NotFound, NotImplementedFeature
 from daemon.names import ModelName
 from daemon.registry.catalog import ResolvedModel
 from daemon.registry.modelfile import (Modelfile, ModelfileError, Quantization, Source, parse_parameters,
                                        parse_quantization, parse_source)
+from daemon.server.wire import read_request
 from daemon.server.state import Services, services
 from daemon.server.streaming import respond
 from daemon.store.blobs import parse_digest
@@ -51,11 +52,11 @@ async def _local_pull(resolved: ResolvedModel) -> AsyncIterator[dict[str, Any]]:
 
 
 async def pull(request: web.Request) -> web.StreamResponse:
-    req = PullRequest.from_body(await request.read())
+    req = await read_request(request, PullRequest.from_body)
     name = _valid_name(req.model, "invalid model name")
     svc = services(request)
     modelfile = svc.catalog.registry.find(name)
-    if not is_pullable(svc, name) and svc.store.stored(name) is None:
+    if not is_pullable(svc, name) and not svc.store.has(name):
         try:
             resolved = svc.catalog.resolve(name)
         except NotFound:
@@ -67,7 +68,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
 
 
 async def push(request: web.Request) -> web.Response:
-    if not PullRequest.from_body(await request.read()).model:
+    if not (await read_request(request, PullRequest.from_body)).model:
         raise BadRequest("model is required")
     raise NotImplementedFeature("push is not supported: hfollama pulls from the Hugging Face Hub and has no registry "
                                 "to push to")
@@ -87,7 +88,7 @@ def manifest_of(svc: Services, resolved: ResolvedModel, parent: str = "") -> Man
 
 
 async def copy(request: web.Request) -> web.Response:
-    req = CopyRequest.from_body(await request.read())
+    req = await read_request(request, CopyRequest.from_body)
     src = ModelName.parse(req.source)
     if not req.source.strip() or not src.is_valid:
         raise BadRequest(f'source "{req.source}" is invalid')
@@ -106,7 +107,7 @@ async def copy(request: web.Request) -> web.Response:
 
 
 async def delete(request: web.Request) -> web.Response:
-    req = DeleteRequest.from_body(await request.read())
+    req = await read_request(request, DeleteRequest.from_body)
     if not req.model.strip():
         raise BadRequest("model is required")
     name = ModelName.parse(req.model)
@@ -115,16 +116,26 @@ async def delete(request: web.Request) -> web.Response:
     svc = services(request)
     try:
         resolved = svc.catalog.resolve(name)
-    except NotFound:
+    except (NotFound, ModelDamaged):  # a damaged model cannot be loaded, and can be deleted
         resolved = None
-    if svc.store.stored(name) is None:
+    if not svc.store.has(name):
         if resolved is not None:
             raise BadRequest(f"{name.display} is defined by a modelfile ({resolved.modelfile.origin}) and ships "
                              "with its files; remove it from your modelfiles instead")
         raise NotFound(f"model '{req.model}' not found")
+    removed = svc.store.delete(name)
+    listed = svc.catalog.list_local()
+    # what was made from the deleted files (a converted GGUF, quantized weights) goes too,
+    # unless another model has the same files (an upload of the embedded GGUF)
+    svc.store.derived.prune(removed - {d for m in listed for d in m.file_digests.values()})
+    # Ollama leaves a deleted model running; we unload it, unless another name (a copy, an
+    # alias) is the same model and still uses it
     if resolved is not None:
-        await svc.models.unload(resolved)  # Ollama leaves a deleted model running; we do not
-    svc.store.delete(name)
+        other = next((m for m in listed if m.digest == resolved.digest), None)
+        if other is None:
+            await svc.models.unload(resolved)
+        else:
+            svc.models.relabel(other)
     return web.Response(status=200)
 
 
@@ -158,7 +169,7 @@ def _settings(req: CreateRequest, base: Modelfile) -> Modelfile:
 
 
 async def create(request: web.Request) -> web.StreamResponse:
-    req = CreateRequest.from_body(await request.read())
+    req = await read_request(request, CreateRequest.from_body)
     name = _valid_name(req.model, "invalid model name")
     svc = services(request)
     if req.adapters:

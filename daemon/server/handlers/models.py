@@ -12,7 +12,7 @@ from daemon.errors import BadRequest, NotFound
 from daemon.names import ModelName
 from daemon.registry.catalog import ResolvedModel
 from daemon.server.state import services
-from daemon.server.wire import json_response, local_time
+from daemon.server.wire import json_response, local_time, read_request
 
 
 def _go_value(v: Any) -> str:
@@ -75,7 +75,7 @@ async def tags(request: web.Request) -> web.Response:
 
 
 async def show(request: web.Request) -> web.Response:
-    req = ShowRequest.from_body(await request.read())
+    req = await read_request(request, ShowRequest.from_body)
     name = ModelName.parse(req.model)
     if not name.is_valid:
         raise BadRequest("invalid model name")

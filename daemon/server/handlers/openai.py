@@ -21,7 +21,7 @@ from daemon.server.handlers.embed import embed_texts, resolve_for_embedding
 from daemon.server.handlers.inference import Responder, run_chat, run_generate
 from daemon.server.state import services
 from daemon.server.streaming import SSE, respond
-from daemon.server.wire import json_response
+from daemon.server.wire import json_response, read_request
 
 Lines = AsyncIterator[dict[str, Any]]
 
@@ -57,13 +57,13 @@ async def _generation(request: web.Request, req: ChatCompletionRequest | Complet
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter_ns()
-    req = ChatCompletionRequest.from_body(await request.read())
+    req = await read_request(request, ChatCompletionRequest.from_body)
     return await _generation(request, req, "chatcmpl", ChatChunks, chat_completion, run_chat, started)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter_ns()
-    req = CompletionRequest.from_body(await request.read())
+    req = await read_request(request, CompletionRequest.from_body)
     return await _generation(request, req, "cmpl", CompletionChunks, text_completion, run_generate, started)
 
 
@@ -86,7 +86,7 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    req = EmbeddingRequest.from_body(await request.read())
+    req = await read_request(request, EmbeddingRequest.from_body)
     model = resolve_for_embedding(request, req.model, missing_is_bad_request=True)
     vectors, tokens = await embed_texts(request, model, list(req.inputs), True, req.options, req.keep_alive_ns)
     normalized = [l2_normalize(v, req.dimensions) for v in vectors]
