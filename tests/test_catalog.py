@@ -39,7 +39,11 @@ def test_unavailable_names_are_not_found(catalog, name):
         catalog.resolve(ModelName.parse(name))
 
 
-def test_list_local_skips_aliases_and_missing(catalog):
-    names = [m.name.display for m in catalog.list_local()]
-    assert "t:a" in names and "smollm2:135m" in names
-    assert "t:b" not in names and "t:gone" not in names and "t:remote" not in names and "smollm2:latest" not in names
+def test_list_local_lists_every_name_that_resolves(catalog):
+    """As Ollama lists every name it holds: aliases too (Open WebUI keys models by that list),
+    with the digest of the model they name; what has no files here is not listed."""
+    listed = {m.name.display: m for m in catalog.list_local()}
+    assert {"t:a", "t:b", "smollm2:135m", "smollm2:latest", "all-minilm:latest"} <= set(listed)
+    assert listed["t:b"].digest == listed["t:a"].digest
+    assert listed["smollm2:latest"].digest == listed["smollm2:135m"].digest
+    assert "t:gone" not in listed and "t:remote" not in listed

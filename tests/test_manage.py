@@ -14,6 +14,7 @@ import httpx
 import ollama
 import pytest
 
+from daemon.names import ModelName
 from tinymodels import SCRIPT_TEXT
 
 DIGEST0 = "sha256:" + "0" * 64
@@ -90,11 +91,24 @@ def test_embedded_model_cannot_be_deleted_but_can_be_copied(client):
 
 
 def test_delete_unloads_a_loaded_model(client, daemon):
-    client.copy("tiny:random", "loaded-then-deleted")
+    client.create(model="loaded-then-deleted", from_="tiny:random", system="a model of its own")
     client.generate(model="loaded-then-deleted", prompt="", keep_alive=-1)
     assert "loaded-then-deleted:latest" in [m.model for m in client.ps().models]
     client.delete("loaded-then-deleted")
     assert "loaded-then-deleted:latest" not in [m.model for m in client.ps().models]
+
+
+def test_a_copy_has_its_originals_digest_and_deleting_it_keeps_the_original_loaded(client):
+    """As in Ollama, a copy is the same model (the same digest in the list), so the two share
+    one loaded runtime, and deleting the copy does not unload the original."""
+    for original in ("tiny:random", "smollm2:135m"):
+        client.copy(original, "the-copy")
+        digests = {m.model: m.digest for m in client.list().models}
+        assert digests["the-copy:latest"] == digests[original]
+        client.generate(model=original, prompt="", keep_alive=-1)
+        client.delete("the-copy")
+        assert digests[original] in [m.digest for m in client.ps().models]
+        client.generate(model=original, prompt="", keep_alive=0)
 
 
 def test_create_from_model_with_overrides(client, daemon):
@@ -264,3 +278,83 @@ def test_cli_reports_a_daemon_that_is_not_running(tmp_path):
     env = {**os.environ, "OLLAMA_HOST": "127.0.0.1:9"}
     r = subprocess.run([sys.executable, "-m", "daemon", "list"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 1 and "could not connect" in r.stderr
+
+
+def test_a_damaged_model_is_left_out_of_the_lists_says_why_when_used_and_can_be_deleted(client, daemon):
+    """One bad manifest must not break listing for everyone (it made /api/tags and /v1/models
+    500), and the bad model must be deletable through the API."""
+    bad = daemon.settings.models_dir / "manifests" / "registry.ollama.ai" / "library" / "damaged" / "latest"
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_text('{"schemaVersion": 1, "source": {"kind": "files", "id": 7}, "files": []}')
+    for path in ("/api/tags", "/v1/models"):
+        r = httpx.get(daemon.url + path, timeout=30)
+        assert r.status_code == 200 and "damaged:latest" not in r.text and "tiny:scripted" in r.text
+    r = post(daemon, "/api/generate", {"model": "damaged", "prompt": "hi"})
+    assert r.status_code == 500 and "its manifest is damaged" in r.json()["error"]
+    assert client.delete("damaged").status == "success" and not bad.exists()
+    assert post(daemon, "/api/generate", {"model": "damaged", "prompt": "hi"}).status_code == 404
+
+
+def test_a_model_whose_files_are_gone_says_pull_it_again(client, daemon):
+    client.copy("tiny:scripted", "soon-broken")
+    stored = daemon.services.store.stored(ModelName.parse("soon-broken"))
+    digest = hashlib.sha256(b"x").hexdigest()
+    broken = stored.manifest.__class__(source={"kind": "files", "id": "ab" * 16},
+                                       files=(stored.manifest.files[0].__class__("model.safetensors", 1, digest),),
+                                       settings=stored.manifest.settings)
+    daemon.services.store.write(ModelName.parse("soon-broken"), broken)
+    for path, body in (("/api/generate", {"model": "soon-broken", "prompt": "hi"}),
+                       ("/api/chat", {"model": "soon-broken", "messages": [{"role": "user", "content": "x"}]}),
+                       ("/api/show", {"model": "soon-broken"}),
+                       ("/api/embed", {"model": "soon-broken", "input": "x"})):
+        r = post(daemon, path, body)
+        assert r.status_code == 500 and r.json()["error"] == (
+            "model 'soon-broken:latest' cannot be used: its files are missing; pull it again"), path
+    assert "soon-broken:latest" not in names(client)
+    client.delete("soon-broken")
+
+
+def lfs_pointer() -> bytes:
+    return (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"a" * 64 + b"\nsize 269060552\n")
+
+
+@pytest.mark.parametrize("files,error", [
+    ({"model.safetensors": lfs_pointer(), "config.json": b"{}"}, "model.safetensors is a git-LFS pointer"),
+    ({"model.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}", "config.json": b"{}"},
+     "model.safetensors is not a safetensors file: its header is not JSON"),
+    ({"model.safetensors": b"\xff" * 64, "config.json": b"{}"}, "model.safetensors is not a safetensors file"),
+    ({"model.safetensors": b"\x40\x00\x00\x00\x00\x00\x00\x00"
+      + b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'.ljust(64) + b"\x00" * 8,
+      "config.json": b"{}"}, "model.safetensors is truncated"),
+    ({"model.gguf": b"GGML" + b"\x00" * 60}, "model.gguf is not a GGUF file"),
+    ({"model.gguf": lfs_pointer()}, "model.gguf is a git-LFS pointer"),
+    ({"model.safetensors": b"\x02\x00\x00\x00\x00\x00\x00\x00{}", "config.json": b"{oops"},
+     "config.json is not valid JSON"),
+])
+def test_create_verifies_the_files_it_is_given(daemon, files, error):
+    digests = {}
+    for name, data in files.items():
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        assert httpx.post(f"{daemon.url}/api/blobs/{digest}", content=data).status_code in (200, 201)
+        digests[name] = digest
+    r = post(daemon, "/api/create", {"model": "from-bad-files", "files": digests})
+    assert r.status_code == 400 and error in r.json()["error"]
+    assert post(daemon, "/api/show", {"model": "from-bad-files"}).status_code == 404
+    assert httpx.get(daemon.url + "/api/tags").status_code == 200
+
+
+def test_deleting_a_model_prunes_what_was_derived_from_its_files(client, daemon):
+    """A converted GGUF (or quantized weights) made from a model's files is removed with them,
+    unless another model has the same files."""
+    from daemon.store.derived import DerivedCache
+
+    derived = daemon.services.store.derived
+    data = b"GGUF" + os.urandom(60)
+    digest = hashlib.sha256(data).hexdigest()
+    assert httpx.post(f"{daemon.url}/api/blobs/sha256:{digest}", content=data).status_code == 201
+    assert client.create(model="to-prune", files={"m.gguf": f"sha256:{digest}"}).status == "success"
+    made = derived.get_or_build(f"gguf-{digest[:24]}", lambda out: out.mkdir(), sources=[digest])
+    kept = DerivedCache(derived.root).get_or_build("gguf-unrelated", lambda out: out.mkdir(), sources=["0" * 64])
+    client.delete("to-prune")
+    assert not made.exists() and kept.exists()
+    assert not (daemon.settings.models_dir / "blobs" / f"sha256-{digest}").exists()

@@ -7,7 +7,7 @@ from daemon.store.manifests import FileEntry, Manifest, ManifestStore, write_ato
 
 
 def manifest(**kw) -> Manifest:
-    return Manifest(source={"kind": "repo", "repo": "org/x", "revision": "main", "commit": "c0"},
+    return Manifest(source={"kind": "repo", "repo": "org/x", "revision": "main", "commit": "c0" * 20},
                     files=(FileEntry("model.safetensors", 10, "ab" * 32, "ab" * 32),), **kw)
 
 
@@ -53,3 +53,30 @@ def test_write_atomic_leaves_old_content_on_failure(tmp_path, monkeypatch):
 def test_unknown_schema_is_rejected():
     with pytest.raises(ValueError):
         Manifest.from_bytes(b'{"schemaVersion": 99}')
+
+
+@pytest.mark.parametrize("doc", [
+    b"{not json", b"[]", b'{"schemaVersion": 1}', b'{"schemaVersion": 1, "source": "x", "files": []}',
+    b'{"schemaVersion": 1, "source": {"kind": "repo", "repo": "org/x", "revision": "../../x", "commit": "' + b"0" * 40
+    + b'"}, "files": []}',
+    b'{"schemaVersion": 1, "source": {"kind": "files", "id": "../../.."}, "files": []}',
+    b'{"schemaVersion": 1, "source": {"kind": "path", "path": "/x"}, "files": [{"path": "../x", "size": 1, '
+    b'"sha256": "a"}]}',
+    b'{"schemaVersion": 1, "source": {"kind": "path", "path": "/x"}, "files": [{"path": "x", "size": "1", '
+    b'"sha256": "a"}]}',
+])
+def test_a_damaged_manifest_says_why_is_skipped_in_listing_and_deletable(tmp_path, doc, caplog):
+    from daemon.store.manifests import DamagedManifest
+
+    store = ManifestStore(tmp_path)
+    store.write(ModelName.parse("good"), manifest())
+    bad = store.path_of(ModelName.parse("bad"))
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(doc)
+    with pytest.raises(DamagedManifest):
+        store.read(ModelName.parse("bad"))
+    assert [s.name.display for s in store.all()] == ["good:latest"]
+    assert [s.name.display for s in store.all()] == ["good:latest"]
+    assert sum("damaged manifest" in r.message for r in caplog.records) == 1  # logged once
+    assert store.exists(ModelName.parse("bad")) and store.delete(ModelName.parse("bad"))
+    assert not bad.exists()

@@ -39,7 +39,11 @@ def test_defaults_merge_and_aliases():
 ERRORS = [
     ({"tags": {}}, "tags", "must be a non-empty mapping of tag names"),
     ({"tags": {"t": {}}}, "tags.t.source", "required"),
-    ({"tags": {"t": {"source": {"repo": "x"}}}}, "tags.t.source.repo", "'x' is not of the form org/name"),
+    ({"tags": {"t": {"source": {"repo": "x"}}}}, "tags.t.source.repo", "refusing repository 'x': not of the form org/name"),
+    ({"tags": {"t": {"source": {"repo": "o/n", "revision": "../../x"}}}}, "tags.t.source.revision",
+     "refusing revision '../../x': not a git ref name"),
+    ({"tags": {"t": {"source": {"repo": "o/n", "gguf": "/etc/x.gguf"}}}}, "tags.t.source.gguf",
+     "refusing file path '/etc/x.gguf': it is absolute"),
     ({"tags": {"t": {"source": {"repo": "a/b", "path": "/x"}}}}, "tags.t.source",
      "needs exactly one of repo, package or path"),
     ({"tags": {"t": {"source": {"package": "p"}}}}, "tags.t.source.file", "required with package"),

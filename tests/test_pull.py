@@ -24,6 +24,10 @@ def hub(tiny_dirs):
         "org/shared": hubserver.Repo.from_folder(tiny_dirs["random"]),
         "org/broken": hubserver.Repo.from_folder(tiny_dirs["random"]),
         "meta/gated": hubserver.Repo.from_folder(tiny_dirs["scripted"], gated=True, token="good-token"),
+        # a mirror that names files and commits outside the store
+        "evil/paths": hubserver.Repo({**hubserver.Repo.from_folder(tiny_dirs["random"]).files,
+                                      "../../../../escaped.safetensors": b"x" * 20_000}),
+        "evil/commit": hubserver.Repo.from_folder(tiny_dirs["random"], commit="../../../../escaped"),
     })
     yield from hubserver.start(server)
 
@@ -40,6 +44,8 @@ def daemon(tmp_path_factory, tiny_dirs, hub):
         "    parameters: {stop: [STOP], temperature: 0}\n"
         "  gone: {source: {repo: org/missing}}\n"
         "  oldrev: {source: {repo: org/tiny, revision: v9}}\n")
+    (settings.modelfiles_dir / "climbing.yaml").write_text(
+        "tags:\n  latest: {source: {repo: org/tiny, revision: ../../../../escaped}}\n")
     yield from run_daemon(settings)
 
 
@@ -204,3 +210,44 @@ def test_two_concurrent_pulls_share_one_download(daemon, hub):
         hub.throttle.clear()
     assert results == [{"status": "success"}] * 2
     assert hub.bytes_sent("model.safetensors") == len(weights)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("hf.co/evil/paths", "refusing file path '../../../../escaped.safetensors'"),
+    ("hf.co/evil/commit", "refusing commit '../../../../escaped'"),
+])
+def test_names_from_the_hub_that_leave_the_store_are_refused_before_any_file_is_written(daemon, hub, name, message):
+    root = daemon.settings.models_dir
+    before = {p for p in root.parent.rglob("*")}
+    hub.log.clear()
+    r = httpx.post(daemon.url + "/api/pull", json={"model": name, "stream": False}, timeout=60)
+    assert r.status_code == 500 and message in r.json()["error"]
+    assert hub.log == [] or all("/resolve/" not in path for _, path, _, _ in hub.log)  # nothing downloaded
+    assert {p for p in root.parent.rglob("*")} == before  # nothing written, inside the store or out
+    assert not list(root.parent.parent.rglob("escaped*"))
+
+
+def test_a_modelfile_revision_that_climbs_is_refused(daemon):
+    """`revision: ../../x` in a modelfile: the tag is refused when the modelfile is read (and
+    the log says why), so it can neither pull nor write a ref."""
+    registry = daemon.services.catalog.registry
+    registry.all()
+    assert any("refusing revision" in str(e) for e in registry.errors)
+    r = httpx.post(daemon.url + "/api/pull", json={"model": "climbing", "stream": False}, timeout=30)
+    assert r.status_code == 500 and "file does not exist" in r.json()["error"]
+    assert not list(daemon.settings.models_dir.parent.parent.rglob("escaped*"))
+
+
+def test_an_unreachable_hub_is_named_without_a_traceback(tmp_path, tiny_dirs, caplog):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for handle in run_daemon(make_settings(tmp_path, tiny_dirs, hf_endpoint=f"http://127.0.0.1:{port}")):
+        r = httpx.post(handle.url + "/api/pull", json={"model": "hf.co/org/tiny", "stream": False}, timeout=60)
+        assert r.status_code == 500
+        error = r.json()["error"]
+        assert f"could not reach the Hub at http://127.0.0.1:{port}" in error and "refused" in error.lower()
+        assert "Traceback" not in error
+    assert not [rec for rec in caplog.records if rec.exc_info]  # not logged as a crash either

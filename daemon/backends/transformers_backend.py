@@ -69,7 +69,7 @@ def converted_gguf_folder(gguf: Path, digest: str, cache: DerivedCache) -> Path:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             raise InternalError(f"could not convert {gguf.name}: " + " | ".join(tail))
 
-    return cache.get_or_build(f"gguf-{digest[:24]}", build)
+    return cache.get_or_build(f"gguf-{digest[:24]}", build, sources=[digest])
 
 
 def eos_ids(tokenizer: Any, model: torch.nn.Module) -> frozenset[int]:
@@ -130,7 +130,7 @@ def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: Deriv
             def save(out: Path) -> None:
                 model.save_pretrained(out)
                 tokenizer.save_pretrained(out)
-            derived.get_or_build(cache_key, save)
+            derived.get_or_build(cache_key, save, sources=resolved.file_digests.values())
             log.info("%s: kept the quantized weights for the next load", resolved.name.display)
         except Exception as exc:  # a full disk must not fail the load itself
             log.warning("%s: could not keep the quantized weights: %s", resolved.name.display, exc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from daemon.backends.metadata import ModelMetadata, read_metadata
-from daemon.errors import NotFound
+from daemon.errors import DaemonError, ModelDamaged, NotFound
 from daemon.names import ModelName
 from daemon.registry.modelfile import Modelfile, Source, source_from_json
 from daemon.registry.registry import Registry
+
+log = logging.getLogger(__name__)
 
 # A chat template for models that ship none (base models): the text as given.
 RAW_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
@@ -120,7 +123,7 @@ class ResolvedModel:
             return ["embedding"]
         caps = ["completion"]
         template = self.template
-        if "tools" in template or self.modelfile.tool_parser:
+        if "tools" in template or ".Tools" in template or self.modelfile.tool_parser:
             caps.append("tools")
         if self.modelfile.fim is not None or ".Suffix" in template:
             caps.append("insert")
@@ -134,6 +137,10 @@ class ResolvedModel:
     @property
     def context_length(self) -> int:
         return self.metadata.context_length
+
+
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__).splitlines()[0]
 
 
 FULL_HASH_LIMIT = 512 << 20  # bigger local files get a fingerprint, not a full sha256
@@ -171,6 +178,7 @@ class Catalog:
         self._lock = threading.Lock()
         self._file_digests: dict[tuple, str] = {}
         self._metadata: dict[tuple, ModelMetadata] = {}
+        self._reported: set[tuple] = set()  # unusable models already logged
 
     def locate(self, modelfile: Modelfile) -> ModelLocation | None:
         location = locate_local_source(modelfile.source)
@@ -179,14 +187,19 @@ class Catalog:
         return location
 
     def describe(self, modelfile: Modelfile, location: ModelLocation, stored: StoredModel | None = None) -> ResolvedModel:
-        files = location.files()
-        stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-        with self._lock:
-            if stamp not in self._metadata:
-                self._metadata[stamp] = read_metadata(location.path)
-            metadata = self._metadata[stamp]
-            weights = [f for f in files if f.suffix in (".gguf", ".safetensors")]
-            digests = {f.name: _file_sha256(f, self._file_digests) for f in weights}
+        """Everything the API says about a model; ModelDamaged when its files cannot be read."""
+        try:
+            files = location.files()
+            stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+            with self._lock:
+                if stamp not in self._metadata:
+                    self._metadata[stamp] = read_metadata(location.path)
+                metadata = self._metadata[stamp]
+                weights = [f for f in files if f.suffix in (".gguf", ".safetensors")]
+                digests = {f.name: _file_sha256(f, self._file_digests) for f in weights}
+        except Exception as exc:  # a truncated header, an LFS pointer, a file gone meanwhile, ...
+            raise ModelDamaged(f"model '{modelfile.name.display}' cannot be used: its files cannot be read "
+                               f"({_reason(exc)}); delete it, or pull or create it again") from None
         identity = {
             "source": modelfile.source.describe(),
             "files": digests,
@@ -200,10 +213,8 @@ class Catalog:
         if modelfile.origin and os.path.exists(modelfile.origin):
             modified = max(modified, os.stat(modelfile.origin).st_mtime)
         parent = ""
-        if stored is not None:  # a manifest: Ollama's digest is its own, and its time
-            manifest = stored.manifest
-            digest = manifest.digest if not manifest.modelfile else digest
-            modified, parent = stored.modified_at, manifest.parent
+        if stored is not None:  # a manifest: its file's time, and what it was made from
+            modified, parent = stored.modified_at, stored.manifest.parent
         return ResolvedModel(
             name=modelfile.name,
             modelfile=modelfile,
@@ -231,12 +242,17 @@ class Catalog:
         assert self.pulled is not None
         location = self.pulled.location_of_manifest(stored.manifest)
         if location is None:
-            raise NotFound(f"model '{stored.name.display}' not found: its files are missing; pull it again")
+            raise ModelDamaged(f"model '{stored.name.display}' cannot be used: its files are missing; pull it again")
         return self.describe(self.modelfile_of(stored), location, stored)
 
     def resolve(self, name: ModelName) -> ResolvedModel:
-        """The model for a valid name, or NotFound (the caller words the message)."""
-        stored = self.pulled.stored(name) if self.pulled is not None else None
+        """The model for a valid name; NotFound (the caller words the message), or
+        ModelDamaged (its message says what is wrong) for a model that cannot be used."""
+        try:
+            stored = self.pulled.stored(name) if self.pulled is not None else None
+        except ValueError as exc:  # the store's DamagedManifest
+            raise ModelDamaged(f"model '{name.display}' cannot be used: its manifest is damaged ({exc}); "
+                               "delete it, or pull or create it again") from None
         if stored is not None:
             return self._resolve_stored(stored)
         modelfile = self.registry.find(name)
@@ -248,19 +264,33 @@ class Catalog:
         return self.describe(modelfile, location)
 
     def list_local(self) -> list[ResolvedModel]:
+        """Every name that resolves here, as Ollama lists every name it holds: stored models,
+        then modelfile tags (aliases included) whose files are local or pulled. A model that
+        cannot be used is left out, and the log says why (once); using it says why too."""
         out: list[ResolvedModel] = []
         seen: set[tuple] = set()
         for stored in self.pulled.all() if self.pulled is not None else []:
+            seen.add(stored.name.key)
             try:
                 out.append(self._resolve_stored(stored))
-                seen.add(stored.name.key)
-            except (NotFound, ValueError, OSError):
-                continue  # files gone: not listed, and show/generate say why
+            except Exception as exc:
+                self._report(stored.name, exc)
         for modelfile in self.registry.all():
-            if modelfile.alias_of or modelfile.name.key in seen or modelfile.source.kind == "repo":
+            if modelfile.name.key in seen:
                 continue
-            location = locate_local_source(modelfile.source)
-            if location is not None:
-                out.append(self.describe(modelfile, location))
+            try:
+                location = self.locate(modelfile)
+                if location is not None:
+                    out.append(self.describe(modelfile, location))
+            except Exception as exc:
+                self._report(modelfile.name, exc)
         out.sort(key=lambda m: m.modified_at, reverse=True)
         return out
+
+    def _report(self, name: ModelName, exc: BaseException) -> None:
+        text = exc.message if isinstance(exc, DaemonError) else f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            if (name.key, text) in self._reported:
+                return
+            self._reported.add((name.key, text))
+        log.warning("not listing %s: %s", name.display, text)

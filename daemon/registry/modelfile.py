@@ -32,7 +32,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from daemon.api.options import OPTION_TYPES, OptionTypeError, coerce_option
+from daemon.api.options import OPTION_TYPES, OptionRangeError, OptionTypeError, coerce_option
+from daemon.store import pathnames
 from daemon.engine.output import DIALECTS as TOOL_PARSERS
 from daemon.names import ModelName
 QUANT_MODES = ("none", "nf4", "fp4", "int8")
@@ -163,8 +164,14 @@ def parse_source(file: str, key: str, raw: Any) -> Source:
         if not isinstance(v, str) or not v:
             raise _err(file, f"{key}.{k}", "must be a non-empty string")
     kind = kinds[0]
-    if kind == "repo" and raw["repo"].count("/") != 1:
-        raise _err(file, f"{key}.repo", f"{raw['repo']!r} is not of the form org/name")
+    # names that become paths in the store (hub cache folders, refs, snapshot files)
+    for name, check in (("repo", pathnames.repo_id), ("revision", pathnames.revision),
+                        ("gguf", pathnames.relative_path)):
+        if name in raw and kind == "repo":
+            try:
+                check(raw[name])
+            except pathnames.UnsafeName as exc:
+                raise _err(file, f"{key}.{name}", exc.message) from None
     if kind == "package" and "file" not in raw:
         raise _err(file, f"{key}.file", "required with package")
     return Source(kind=kind, repo=raw.get("repo"), revision=raw.get("revision", "main"), gguf=raw.get("gguf"),
@@ -210,7 +217,7 @@ def parse_parameters(file: str, key: str, raw: Any) -> dict[str, Any]:
             value = [value]
         try:
             out[name] = coerce_option(name, value)
-        except OptionTypeError as exc:
+        except (OptionTypeError, OptionRangeError) as exc:
             raise _err(file, f"{key}.{name}", exc.message) from None
     return out
 

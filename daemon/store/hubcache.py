@@ -5,6 +5,8 @@ files are one copy that both hfollama and huggingface_hub/transformers understan
     hub/models--org--name/blobs/<etag>.incomplete        a partial download, resumable
     hub/models--org--name/snapshots/<commit>/<path>      relative symlink to ../../blobs/<etag>
     hub/models--org--name/refs/<revision>                the commit a branch pointed at
+
+Every name joined into a path here (they come from the Hub) is checked first (pathnames.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from daemon.store import pathnames
 from daemon.store.manifests import write_atomic
 
 
@@ -20,22 +23,22 @@ class HubCache:
         self.root = root
 
     def repo_dir(self, repo: str) -> Path:
-        return self.root / ("models--" + repo.replace("/", "--"))
+        return self.root / ("models--" + pathnames.repo_id(repo).replace("/", "--"))
 
     def blob(self, repo: str, etag: str) -> Path:
-        return self.repo_dir(repo) / "blobs" / etag
+        return self.repo_dir(repo) / "blobs" / pathnames.blob_id(etag)
 
     def partial(self, repo: str, etag: str) -> Path:
-        return self.repo_dir(repo) / "blobs" / f"{etag}.incomplete"
+        return self.repo_dir(repo) / "blobs" / f"{pathnames.blob_id(etag)}.incomplete"
 
     def snapshot(self, repo: str, commit: str) -> Path:
-        return self.repo_dir(repo) / "snapshots" / commit
+        return self.repo_dir(repo) / "snapshots" / pathnames.commit(commit)
 
     def link(self, repo: str, commit: str, path: str, etag: str) -> Path:
         """Point snapshots/<commit>/<path> at the blob (atomically replacing any old link)."""
-        target = self.snapshot(repo, commit) / path
+        target, blob = self.snapshot(repo, commit) / pathnames.relative_path(path), self.blob(repo, etag)
         target.parent.mkdir(parents=True, exist_ok=True)
-        relative = os.path.relpath(self.blob(repo, etag), target.parent)
+        relative = os.path.relpath(blob, target.parent)
         tmp = target.with_name(f".{target.name}.link")
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
@@ -44,5 +47,5 @@ class HubCache:
         return target
 
     def set_ref(self, repo: str, revision: str, commit: str) -> None:
-        if revision != commit:
-            write_atomic(self.repo_dir(repo) / "refs" / revision, commit.encode())
+        if revision != pathnames.commit(commit):
+            write_atomic(self.repo_dir(repo) / "refs" / pathnames.revision(revision), commit.encode())

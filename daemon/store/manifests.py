@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -19,6 +20,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from daemon.names import ModelName
+from daemon.store import pathnames
+from daemon.store.pathnames import UnsafeName
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -68,16 +73,58 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "Manifest":
-        doc = json.loads(raw)
-        if doc.get("schemaVersion") != SCHEMA_VERSION:
-            raise ValueError(f"unsupported manifest schema {doc.get('schemaVersion')!r}")
-        return cls(
-            source=doc["source"],
-            files=tuple(FileEntry(f["path"], int(f["size"]), f["sha256"], f.get("blob", "")) for f in doc["files"]),
-            settings=doc.get("settings", {}),
-            modelfile=doc.get("modelfile"),
-            parent=doc.get("parent", ""),
-        )
+        """Parse and check a manifest; DamagedManifest says what is wrong with one."""
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+            if doc.get("schemaVersion") != SCHEMA_VERSION:
+                raise ValueError(f"unsupported manifest schema {doc.get('schemaVersion')!r}")
+            source, files, settings = doc.get("source"), doc.get("files"), doc.get("settings", {})
+            _check_source(source)
+            if not isinstance(files, list) or not isinstance(settings, dict):
+                raise ValueError("files must be a list and settings an object")
+            entries = tuple(_file_entry(f) for f in files)
+            modelfile, parent = doc.get("modelfile"), doc.get("parent", "")
+            if not isinstance(modelfile, (str, type(None))) or not isinstance(parent, str):
+                raise ValueError("modelfile and parent must be strings")
+        except (ValueError, TypeError, UnsafeName) as exc:  # JSON errors are ValueErrors
+            raise DamagedManifest(str(exc)) from None
+        return cls(source=source, files=entries, settings=settings, modelfile=modelfile, parent=parent)
+
+
+class DamagedManifest(ValueError):
+    """A manifest file that cannot be read: truncated, edited by hand, or of another tool."""
+
+
+SOURCE_KINDS = ("repo", "files", "package", "path")
+
+
+def _check_source(source: Any) -> None:
+    """The source's names become paths (the hub cache, files/<id>): check them here."""
+    if not isinstance(source, dict) or source.get("kind") not in SOURCE_KINDS:
+        raise ValueError(f"source must be an object with a kind of {', '.join(SOURCE_KINDS)}")
+    if any(not isinstance(v, str) for v in source.values()):
+        raise ValueError("source values must be strings")
+    if source["kind"] == "repo":
+        for key, check in (("repo", pathnames.repo_id), ("revision", pathnames.revision), ("commit", pathnames.commit)):
+            check(source.get(key))
+    elif source["kind"] == "files":
+        pathnames.folder_id(source.get("id"))
+    if source.get("gguf") is not None:
+        pathnames.relative_path(source["gguf"])
+
+
+def _file_entry(raw: Any) -> FileEntry:
+    if not isinstance(raw, dict):
+        raise ValueError("a file entry must be an object")
+    path, size, sha256, blob = raw.get("path"), raw.get("size"), raw.get("sha256"), raw.get("blob", "")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(sha256, str) \
+            or not isinstance(blob, str):
+        raise ValueError(f"file entry {path!r} needs a size and a sha256")
+    if blob:
+        pathnames.blob_id(blob)
+    return FileEntry(pathnames.relative_path(path), size, sha256, blob)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -109,18 +156,26 @@ class StoredManifest:
 class ManifestStore:
     def __init__(self, root: Path) -> None:
         self.root = root  # $OLLAMA_MODELS/manifests
+        self._reported: set[tuple[str, int]] = set()  # damaged files already logged
 
     def path_of(self, name: ModelName) -> Path:
         return self.root.joinpath(*name.path_parts())
 
     def read(self, name: ModelName) -> StoredManifest | None:
+        """The name's manifest, None if there is none; DamagedManifest if it cannot be read."""
         path = self.path_of(name)
         try:
             raw = path.read_bytes()
             stat = path.stat()
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as exc:  # a folder where the file should be, no permission, ...
+            raise DamagedManifest(exc.strerror or str(exc)) from None
         return StoredManifest(self._name_of(path), Manifest.from_bytes(raw), path, stat.st_mtime)
+
+    def exists(self, name: ModelName) -> bool:
+        """Whether the name has a manifest file, readable or not (a damaged one can be deleted)."""
+        return self.path_of(name).is_file()
 
     def write(self, name: ModelName, manifest: Manifest) -> None:
         write_atomic(self.path_of(name), manifest.to_bytes())
@@ -143,6 +198,8 @@ class ManifestStore:
         return ModelName(host, namespace, model, tag)
 
     def all(self) -> Iterator[StoredManifest]:
+        """Every readable manifest; a damaged one is skipped, and the log says which and why
+        (once per version of the file)."""
         if not self.root.is_dir():
             return
         for path in self.root.glob("*/*/*/*"):
@@ -150,5 +207,14 @@ class ManifestStore:
                 try:
                     yield StoredManifest(self._name_of(path), Manifest.from_bytes(path.read_bytes()), path,
                                          path.stat().st_mtime)
-                except (ValueError, KeyError, OSError):
-                    continue  # a foreign or corrupt file: not ours to list
+                except (ValueError, OSError) as exc:
+                    self._report(path, exc)
+
+    def _report(self, path: Path, exc: BaseException) -> None:
+        try:
+            key = (str(path), path.stat().st_mtime_ns)
+        except OSError:
+            key = (str(path), 0)
+        if key not in self._reported:
+            self._reported.add(key)
+            log.warning("skipping the damaged manifest %s (%s): delete the model or pull it again", path, exc)

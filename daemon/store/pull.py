@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator
 from daemon.errors import InternalError
 from daemon.names import ModelName
 from daemon.registry.modelfile import Modelfile, Quantization, Source
+from daemon.store import pathnames
 from daemon.store.download import RemoteFile, Transfer
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ def plan_pull(name: ModelName, modelfile: Modelfile | None, api: Any, endpoint: 
         repo, revision, gguf_file, from_modelfile = f"{name.namespace}/{name.model}", "main", None, False
     else:
         raise PullError("pull model manifest: file does not exist")
+    pathnames.repo_id(repo)
+    pathnames.revision(revision)
     try:
         info = api.model_info(repo, revision=revision, files_metadata=True)
     except GatedRepoError:
@@ -125,6 +128,8 @@ def plan_pull(name: ModelName, modelfile: Modelfile | None, api: Any, endpoint: 
     except RepositoryNotFoundError:
         raise file_missing(f"hf.co/{repo} was not found; if it is private, set HF_TOKEN to a token that can read "
                            "it") from None
+    except Exception as exc:  # the Hub (or the mirror) could not be reached, or answered nonsense
+        raise PullError(f"pull model manifest: could not reach the Hub at {endpoint}: {_reason(exc)}") from None
     siblings = {s.rfilename: s for s in info.siblings or ()}
     paths = list(siblings)
     if modelfile is None or modelfile.source.kind != "repo":
@@ -140,23 +145,39 @@ def plan_pull(name: ModelName, modelfile: Modelfile | None, api: Any, endpoint: 
         chosen = select_files(paths)
         if not any(p.endswith((".safetensors", ".bin")) for p in chosen):
             raise file_missing(f"hf.co/{repo} has no safetensors weights")
-    commit = info.sha or revision
+    if not info.sha:
+        raise PullError(f"pull model manifest: the Hub at {endpoint} did not say which commit {revision!r} is")
+    commit = pathnames.commit(info.sha)
     files = []
     for path in chosen:
+        pathnames.relative_path(path)  # names from the server: checked before any becomes a path
         s = siblings[path]
         lfs = getattr(s, "lfs", None)
         size = (lfs.size if lfs else None) or s.size
         if size is None:
             raise PullError(f"pull model manifest: the Hub did not report the size of {path}")
-        files.append(RemoteFile(repo=repo, commit=commit, path=path, size=int(size),
-                                url=hf_hub_url(repo, path, revision=commit, endpoint=endpoint),
-                                sha256=lfs.sha256 if lfs else None, git_oid=getattr(s, "blob_id", None)))
+        remote = RemoteFile(repo=repo, commit=commit, path=path, size=int(size),
+                            url=hf_hub_url(repo, path, revision=commit, endpoint=endpoint),
+                            sha256=lfs.sha256 if lfs else None, git_oid=getattr(s, "blob_id", None))
+        pathnames.blob_id(remote.etag)
+        files.append(remote)
     # small files first: they are fast, and config errors show before gigabytes move
     files.sort(key=lambda f: (f.sha256 is not None, f.path))
     card = getattr(info, "card_data", None) or {}
     license_text = str(card.get("license", "")) if hasattr(card, "get") else ""
     return PullPlan(name=name, modelfile=modelfile, repo=repo, revision=revision, commit=commit,
                     files=tuple(files), gguf=gguf_file, from_modelfile=from_modelfile, license=license_text)
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in a line: the innermost cause (Connection refused), not a traceback."""
+    for _ in range(16):  # chains are short; a cycle must not hang us
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return text.splitlines()[0]
 
 
 def gated_message(repo: str) -> str:

@@ -22,9 +22,11 @@ from daemon.names import ModelName
 from daemon.registry.catalog import ModelLocation, locate_local_source
 from daemon.registry.modelfile import Modelfile, source_from_json, source_to_json
 from daemon.store.blobs import BlobStore, parse_digest
+from daemon.store.derived import DerivedCache
+from daemon.store.filecheck import check_model_file
 from daemon.store.download import Downloader
 from daemon.store.hubcache import HubCache
-from daemon.store.manifests import FileEntry, Manifest, ManifestStore, StoredManifest
+from daemon.store.manifests import DamagedManifest, FileEntry, Manifest, ManifestStore, StoredManifest
 from daemon.store.pull import PullPlan, PullError, plan_pull, watch
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class Store:
         self.hub = HubCache(root / "hub")
         self.blobs = BlobStore(root / "blobs")
         self.files_root = root / "files"
+        self.derived = DerivedCache(root / "derived")
         self.hf_token = hf_token
         self.hf_endpoint = hf_endpoint
         self._downloader: Downloader | None = None
@@ -161,6 +164,7 @@ class Store:
             blob = self.blobs.path(hexd)
             if not blob.is_file():
                 raise BadRequest(f"blob {digest} not found: upload it with POST /api/blobs/{digest} first")
+            check_model_file(rel, blob)
             entries.append(FileEntry(rel, blob.stat().st_size, hexd))
         ident = hashlib.sha256(repr([(e.path, e.sha256) for e in entries]).encode()).hexdigest()[:32]
         folder = self.files_root / ident
@@ -180,21 +184,33 @@ class Store:
             raise BadRequest("files must hold a .gguf file, or an HF checkpoint with config.json")
         return source, tuple(entries)
 
-    def delete(self, name: ModelName) -> bool:
-        stored = self.manifests.read(name)
-        if stored is None:
-            return False
-        self.manifests.delete(name)
-        self._prune(stored.manifest)
-        return True
+    def has(self, name: ModelName) -> bool:
+        """Whether the store holds a manifest for the name, readable or damaged."""
+        return self.manifests.exists(name)
 
-    def _prune(self, removed: Manifest) -> None:
-        """Remove what only the deleted manifest used."""
+    def delete(self, name: ModelName) -> set[str]:
+        """Delete a name, and the files no other manifest uses; returns their sha256 (what was
+        derived from them can go too: `derived.prune`, once the caller knows what else is in use)."""
+        try:
+            stored = self.manifests.read(name)
+        except DamagedManifest as exc:  # what it used is unknown: the file goes, the files stay
+            log.warning("deleting %s, whose manifest is damaged (%s)", name.display, exc)
+            self.manifests.delete(name)
+            return set()
+        if stored is None:
+            return set()
+        self.manifests.delete(name)
+        return self._prune(stored.manifest)
+
+    def _prune(self, removed: Manifest) -> set[str]:
+        """Remove what only the deleted manifest used: its repo's or its blobs' files."""
         others = [s.manifest for s in self.manifests.all()]
         s = removed.source
+        gone: set[str] = set()
         if s["kind"] == "repo":
             if not any(o.source.get("repo") == s["repo"] for o in others):
                 shutil.rmtree(self.hub.repo_dir(s["repo"]), ignore_errors=True)
+                gone = {f.sha256 for f in removed.files}
         elif s["kind"] == "files":
             if not any(o.source.get("id") == s["id"] for o in others):
                 shutil.rmtree(self.files_root / s["id"], ignore_errors=True)
@@ -202,6 +218,8 @@ class Store:
                 for f in removed.files:
                     if f.sha256 not in used:
                         self.blobs.path(f.sha256).unlink(missing_ok=True)
+                        gone.add(f.sha256)
+        return gone
 
     def stored(self, name: ModelName) -> StoredManifest | None:
         return self.manifests.read(name)
