@@ -59,3 +59,41 @@ def test_errors():
                                      ("{{ bos_token }}{{ messages[0]['content'] }}", False)])
 def test_detection(text, go):
     assert is_go_template(text) is go
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                         "parameters": {"type": "object", "required": ["city"],
+                                                        "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.mark.parametrize("template,out", [
+    ("{{ range .Tools }}{{ . }}{{ end }}", '{"type":"function","function":{"name":"get_weather","description":'
+     '"Weather in a city","parameters":{"type":"object","required":["city"],"properties":{"city":{"type":"string"}}}}}'),
+    ("{{ range .Tools }}{{ .Function }}{{ end }}", '{"name":"get_weather","description":"Weather in a city",'
+     '"parameters":{"type":"object","required":["city"],"properties":{"city":{"type":"string"}}}}'),
+    ("{{ range .Tools }}{{ .Type }} {{ .Function.Name }}: {{ .Function.Description }}{{ end }}",
+     "function get_weather: Weather in a city"),
+    ("{{ range .Tools }}{{ .Function.Parameters }}|{{ .Function.Parameters.Required }}{{ end }}",
+     '{"type":"object","required":["city"],"properties":{"city":{"type":"string"}}}|[city]'),
+    ("{{ range .Tools }}{{ range $k, $v := .Function.Parameters.Properties }}{{ $k }}={{ $v.type }}{{ end }}{{ end }}",
+     "city=string"),
+    ("{{ json .Tools }}", '[' + '{"type":"function","function":{"name":"get_weather","description":"Weather in a city",'
+     '"parameters":{"type":"object","required":["city"],"properties":{"city":{"type":"string"}}}}}' + ']'),
+    ("{{ if .Tools }}{{ len .Tools }} tool{{ end }}", "1 tool"),
+    ("{{ range .Messages }}{{ range .ToolCalls }}{{ .Function.Name }}{{ .Function.Arguments }}{{ end }}{{ end }}",
+     'get_weather{"city":"Paris"}'),
+])
+def test_tools_are_ollamas_structs(template, out):
+    """Ollama's api.Tool / ToolFunction print as their JSON and expose their Go fields."""
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather",
+                                                                                   "arguments": {"city": "Paris"}}}]}]
+    rendered = render_messages(template, messages, tools=[TOOL])
+    assert rendered == out
+
+
+@pytest.mark.parametrize("template,line", [("{{ .Prompt ", 1), ("a\nb {{ if .System }}x{{ end }} {{ .Prompt", 2),
+                                           ("[INST] {{- .Prompt }} {{", 1)])
+def test_an_unclosed_action_is_an_error_not_text(template, line):
+    with pytest.raises(TemplateError, match=f"template: :{line}: unclosed action"):
+        render_messages(template, [{"role": "user", "content": "hi"}])

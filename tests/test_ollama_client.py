@@ -45,7 +45,7 @@ def test_chat_options_and_stop(client):
 def test_list_and_show(client):
     names = [m.model for m in client.list().models]
     assert "tiny:scripted" in names and "tiny:random" in names and "smollm2:135m" in names
-    assert "tiny:latest" not in names  # aliases resolve but are not listed
+    assert "tiny:latest" in names and "smollm2:latest" in names  # every name that resolves, as in Ollama
     info = client.show("tiny:scripted")
     assert info.modelinfo["general.architecture"] == "llama"
     assert info.modelinfo["llama.context_length"] == 2048

@@ -85,3 +85,16 @@ def test_dialect_for(template, configured, dialect):
 
 def test_call_ids_are_distinct():
     assert len({call_id() for _ in range(100)}) == 100
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("text", [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}',
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n',
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_',
+])
+def test_a_call_cut_off_after_its_json_closed_is_still_a_call(text, size):
+    """num_predict ends the output before the end tag: Ollama's parser returns the call as
+    soon as its JSON is whole, so this does too (not the markup as text)."""
+    reader = OutputReader(None, ToolCallParser("hermes", ["get_weather"]))
+    assert read(reader, text, size) == ("", "", [WEATHER])

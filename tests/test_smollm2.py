@@ -122,3 +122,48 @@ def test_32_concurrent_streams_complete(wide):
     with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(stream, range(32)))
     assert len(results) == 32 and all(done and text for text, done in results)
+
+
+def get_weather(city: str) -> str:
+    """Get the current weather in a city.
+
+    Args:
+        city: The name of the city
+    """
+    return f"20 degrees in {city}"
+
+
+def test_the_embedded_model_takes_tools(client, daemon):
+    """As Ollama's smollm2 does: `tools` in its capabilities, the Hermes tool block in its
+    prompt, and its <tool_call> output parsed into tool_calls (here forced with tool_choice, as
+    a random question may or may not get a call from a 135M model)."""
+    from openai import OpenAI
+
+    assert "tools" in client.show("smollm2:135m").capabilities
+    rendered = httpx.post(daemon.url + "/api/chat", timeout=60, json={
+        "model": "smollm2:135m", "stream": False, "_debug_render_only": True, "tools": [get_weather_tool()],
+        "messages": [{"role": "user", "content": "Weather in Paris?"}]}).json()["_debug_info"]["rendered_template"]
+    assert "<tools>" in rendered and '"name": "get_weather"' in rendered and "<tool_call>" in rendered
+    # the official client with a Python function as the tool: answered (text or a call), never a 400
+    r = client.chat(model="smollm2:135m", messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+                    tools=[get_weather], options={"temperature": 0, "num_predict": 64})
+    assert r.done and (r.message.content or r.message.tool_calls)
+    oa = OpenAI(base_url=daemon.url + "/v1", api_key="x")
+    reply = oa.chat.completions.create(model="smollm2:135m", tool_choice="required", tools=[get_weather_tool()],
+                                       messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+                                       temperature=0, max_tokens=64)
+    call = reply.choices[0].message.tool_calls[0]
+    assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    # the call and its result go back in, and the model answers from them
+    follow = client.chat(model="smollm2:135m", options={"temperature": 0, "num_predict": 32}, tools=[get_weather],
+                         messages=[{"role": "user", "content": "What is the weather in Paris?"},
+                                   {"role": "assistant", "content": "", "tool_calls": [
+                                       {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                                   {"role": "tool", "content": "20 degrees in Paris", "tool_name": "get_weather"}])
+    assert follow.done and follow.message.content
+
+
+def get_weather_tool() -> dict:
+    return {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}

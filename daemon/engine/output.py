@@ -228,10 +228,27 @@ class ToolCallParser:
         rest, self._buffer = self._buffer, ""
         if self._calling:
             self._calling = False
+            complete = self._complete_call(rest)
+            if complete is not None:  # cut off after its JSON (num_predict): a call, as in Ollama
+                return "", complete
             bare = self.dialect == "llama3" and rest.lstrip().startswith("{")  # no marker was consumed
             marker = "" if bare else _CALL_STARTS[self.dialect][0]
             return marker + rest, []
         return rest, []
+
+
+    def _complete_call(self, text: str) -> list[dict[str, Any]] | None:
+        """The calls of a buffer whose JSON is whole and followed by nothing but (part of)
+        the end tag."""
+        buf = text.lstrip()
+        try:
+            value, end = json.JSONDecoder().raw_decode(buf)
+        except json.JSONDecodeError:
+            return None
+        tail = buf[end:].strip()
+        if tail and not (self.dialect == "hermes" and "</tool_call>".startswith(tail)):
+            return None
+        return self._calls(value)
 
 
 class OutputReader:

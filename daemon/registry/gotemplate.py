@@ -114,6 +114,10 @@ def _split_pieces(source: str) -> list[tuple[str, str]]:
         text = text.lstrip()
     if text:
         pieces.append(("text", text))
+    for kind, text in pieces:
+        if kind == "text" and "{{" in text:  # Go: every {{ opens an action
+            line = source[:source.find(text)].count("\n") + text[:text.find("{{")].count("\n") + 1
+            raise TemplateError(f"template: :{line}: unclosed action")
     return pieces
 
 
@@ -239,7 +243,58 @@ def truthy(v: Any) -> bool:
     return True
 
 
+class GoStruct:
+    """A JSON object seen as one of Ollama's Go structs (api.Tool, api.ToolFunction, ...): its
+    fields by their Go names (`.Function.Name`), printed by `{{ . }}` as its JSON, as the
+    structs' String() methods do. `fields` maps a Go name to the JSON key and, for a nested
+    struct, its own fields."""
+
+    def __init__(self, value: dict[str, Any], fields: dict[str, tuple[str, dict | None]]) -> None:
+        self.value = value
+        self.fields = fields
+
+    def get(self, name: str) -> Any:
+        key, nested = self.fields.get(name, (None, None))
+        if key is None:
+            return None
+        item = self.value.get(key)
+        return GoStruct(item, nested) if nested is not None and isinstance(item, dict) else item
+
+    def __str__(self) -> str:
+        return json.dumps(self.value, separators=(",", ":"), ensure_ascii=False, default=_struct_json)
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+
+def _struct_json(value: Any) -> Any:
+    if isinstance(value, GoStruct):
+        return value.value
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _go_map(value: Any) -> Any:
+    """A JSON object that Go templates see as a map but print as JSON (tool-call arguments)."""
+    return GoStruct(value, {}) if isinstance(value, dict) else value
+
+
+_PARAMETERS = {"Type": ("type", None), "Defs": ("$defs", None), "Items": ("items", None),
+               "Required": ("required", None), "Properties": ("properties", None)}
+_TOOL_FUNCTION = {"Name": ("name", None), "Description": ("description", None), "Parameters": ("parameters",
+                                                                                             _PARAMETERS)}
+_TOOL = {"Type": ("type", None), "Items": ("items", None), "Function": ("function", _TOOL_FUNCTION)}
+
+
+def to_go_tool(tool: dict[str, Any]) -> GoStruct:
+    return GoStruct(tool, _TOOL)
+
+
 def _field(value: Any, name: str) -> Any:
+    if isinstance(value, GoStruct):
+        return value.get(name)
     if isinstance(value, dict):
         return value.get(name)
     return getattr(value, name, None)
@@ -248,6 +303,8 @@ def _field(value: Any, name: str) -> Any:
 def _go_str(v: Any) -> str:
     if v is None:
         return "<no value>"
+    if isinstance(v, GoStruct):
+        return str(v)
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (list, tuple)):
@@ -295,7 +352,7 @@ FUNCS: dict[str, Callable[..., Any]] = {
     "print": lambda *a: "".join(_go_str(x) for x in a),
     "println": lambda *a: " ".join(_go_str(x) for x in a) + "\n",
     "printf": _printf,
-    "json": lambda v: json.dumps(v, separators=(",", ":"), ensure_ascii=False),
+    "json": lambda v: json.dumps(v, separators=(",", ":"), ensure_ascii=False, default=_struct_json),
     "currentDate": lambda: datetime.date.today().isoformat(),
     "html": lambda v: _go_str(v),
 }
@@ -470,7 +527,7 @@ def uses_field(source: str, name: str) -> bool:
 def to_go_message(m: dict[str, Any]) -> dict[str, Any]:
     """A message as Ollama's templates see it (Go field names)."""
     calls = [{"Function": {"Name": (tc.get("function") or {}).get("name", ""),
-                           "Arguments": (tc.get("function") or {}).get("arguments", {}),
+                           "Arguments": _go_map((tc.get("function") or {}).get("arguments", {})),
                            "Index": (tc.get("function") or {}).get("index", 0)},
               "ID": tc.get("id", "")} for tc in m.get("tool_calls") or ()]
     return {"Role": m.get("role", ""), "Content": m.get("content", ""), "Thinking": m.get("thinking", ""),
@@ -483,7 +540,7 @@ def render_messages(source: str, messages: list[dict[str, Any]], *, tools: list 
     """Ollama's Template.Execute for a chat: one pass over .Messages when the template uses
     them; otherwise one execution per (system, prompt, response) turn, the last cut at its
     .Response."""
-    extra = {"Tools": tools or [], "Think": think, "ThinkLevel": think_level, "IsThinkSet": is_think_set}
+    extra = {"Tools": [to_go_tool(t) for t in tools or ()], "Think": think, "ThinkLevel": think_level, "IsThinkSet": is_think_set}
     system = "\n\n".join(m["content"] for m in messages if m.get("role") == "system")
     rest = [m for m in messages if m.get("role") != "system"]
     nodes = parse(source)
