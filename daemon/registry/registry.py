@@ -17,8 +17,11 @@ log = logging.getLogger(__name__)
 
 
 def shipped_modelfiles_dir() -> Path:
-    """`modelfiles/` beside the package (a source checkout or an editable install)."""
-    return Path(__file__).resolve().parents[2] / "modelfiles"
+    """The shipped modelfiles: `daemon/modelfiles` in an installed wheel, else `modelfiles/`
+    beside the package (a source checkout or an editable install)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "modelfiles"
+    return installed if installed.is_dir() else package.parent / "modelfiles"
 
 
 class Registry:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
-from daemon.engine.forward import SUPPORTED_ARCHITECTURES, UnsupportedArchitecture
+from daemon.engine.forward import UnsupportedArchitecture
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,6 @@ class CudaLlamaForward:
         config = model.config
         if config.model_type not in FAST_ARCHITECTURES:
             raise UnsupportedArchitecture(f"no fast GPU path for {config.model_type!r}")
-        if config.model_type not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedArchitecture(config.model_type)
         if getattr(config, "hidden_act", "silu") != "silu":
             raise UnsupportedArchitecture(f"activation {config.hidden_act!r}")
         inner = model.model
@@ -226,8 +224,6 @@ class CudaLlamaForward:
                 reason = weights and weights.unsupported(group)
                 if reason:
                     raise UnsupportedArchitecture(reason)
-            if hasattr(layer.self_attn, "q_norm"):
-                raise UnsupportedArchitecture("q/k norms (qwen3) run eagerly")
         self.config = config
         self.device = inner.embed_tokens.weight.device
         self.dtype = inner.embed_tokens.weight.dtype
