@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from daemon.engine.forward import LlamaForward, UnsupportedArchitecture
+from daemon.engine.forward import ReferenceForward
+from daemon.engine.spec import UnsupportedArchitecture
 
 
 def load(path):
@@ -24,7 +25,7 @@ def reference(tiny_dirs):
 @pytest.mark.parametrize("weight_dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2)])
 def test_prefill_and_batched_decode_match_hf(tiny_dirs, reference, weight_dtype, tol):
     prompts, full = reference
-    f = LlamaForward(load(tiny_dirs["random"]), num_slots=4, max_ctx=64, weight_dtype=weight_dtype)
+    f = ReferenceForward(load(tiny_dirs["random"]), num_slots=4, max_ctx=64, weight_dtype=weight_dtype)
     slots = [2, 0, 3]
     last = []
     for slot, p in zip(slots, prompts):
@@ -41,7 +42,7 @@ def test_prefill_and_batched_decode_match_hf(tiny_dirs, reference, weight_dtype,
 
 def test_single_sequence_decode_matches_batched(tiny_dirs, reference):
     prompts, full = reference
-    f = LlamaForward(load(tiny_dirs["random"]), num_slots=2, max_ctx=64, weight_dtype=torch.float32)
+    f = ReferenceForward(load(tiny_dirs["random"]), num_slots=2, max_ctx=64, weight_dtype=torch.float32)
     f.forward(prompts[0][None], [1], [0])
     logits = f.forward(torch.tensor([[7]]), [1], [len(prompts[0])])
     assert torch.allclose(logits[0], full[0][len(prompts[0])], atol=1e-4)
@@ -49,14 +50,32 @@ def test_single_sequence_decode_matches_batched(tiny_dirs, reference):
 
 def test_takes_over_the_layers_and_reports_sizes(tiny_dirs):
     model = load(tiny_dirs["random"])
-    f = LlamaForward(model, num_slots=2, max_ctx=32)
+    f = ReferenceForward(model, num_slots=2, max_ctx=32)
     assert not hasattr(model.model.layers[0].self_attn, "q_proj")  # fused copies replaced the originals
     assert f.weight_dtype == torch.float16 and f.dtype == torch.float32
     assert f.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4 and f.weights_bytes > 0
 
 
-def test_unsupported_architecture(tiny_dirs):
-    model = load(tiny_dirs["random"])
-    model.config.model_type = "gpt2"
-    with pytest.raises(UnsupportedArchitecture, match="'gpt2' is not supported"):
-        LlamaForward(model, num_slots=1, max_ctx=8)
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    import families
+
+    root = tmp_path_factory.mktemp("families")
+    return {f: families.build(root / f, f) for f in families.FAMILIES + families.GENERIC}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-mm", "phi3", "phi4-mini"])
+def test_each_family_decodes_greedy_as_transformers_generate(family_dirs, family):
+    """The reference path, driven by the family's spec, against transformers' own generate():
+    32 greedy tokens after a prompt longer than the sliding windows, decoded beside another
+    sequence."""
+    import families
+
+    expected = families.hf_greedy(family_dirs[family])
+    f = ReferenceForward(load(family_dirs[family]), num_slots=2, max_ctx=128, weight_dtype=torch.float32)
+    assert families.our_greedy(f) == expected
+
+
+def test_a_family_without_a_definition_is_named(family_dirs):
+    with pytest.raises(UnsupportedArchitecture, match="no model definition for 'gpt2'"):
+        ReferenceForward(load(family_dirs["gpt2"]), num_slots=1, max_ctx=8)

@@ -1,9 +1,12 @@
-"""The model's forward pass for the Llama family, over the HF model's own weights.
+"""The reference forward pass: every family of the model-definition layer (engine/spec.py),
+in PyTorch, over the HF model's own weights. It is the CPU path, the GPU path where the
+Triton kernels cannot run, and what the fast path is checked against.
 
-transformers loads the weights (safetensors, GGUF, bitsandbytes NF4/FP4/int8); `LlamaForward`
-takes them over, fuses q/k/v and gate/up into single matrix products, and runs them with a
-KV cache of `num_slots` independent sequences, so one decode step carries several requests
-at different positions (gpt-fast's prefill / decode split).
+transformers loads the weights (safetensors, GGUF, bitsandbytes NF4/FP4/int8);
+`ReferenceForward` takes them over (spec.take_layers), fuses q/k/v and gate/up into single
+matrix products, and runs them with a KV cache of `num_slots` independent sequences, so one
+decode step carries several requests at different positions (gpt-fast's prefill / decode
+split). The decoder layer is written once, in `_layers`, and reads the spec's fields.
 
 Dtypes: activations (residual stream, norms, attention, KV cache) run in the model's compute
 dtype; dense linear weights may be stored narrower. On the CPU they are kept in fp16 while
@@ -11,7 +14,8 @@ activations stay fp32: decoding reads every weight once per token, AVX2 CPUs mul
 weights at full memory bandwidth, and their fp16 elementwise arithmetic is slow. Quantized
 bitsandbytes layers are called as modules.
 
-Covered: llama, mistral, qwen2 (q/k/v biases), qwen3 (q/k norms).
+Covered: the families of spec.FAMILIES (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3,
+phi3); anything else runs through transformers' own forward (engine/generic.py).
 """
 
 from __future__ import annotations
@@ -22,11 +26,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+from daemon.engine.attention import attend
+from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
+from daemon.engine.spec import rotary_tables, softcap, take_layers
 
-
-class UnsupportedArchitecture(ValueError):
-    pass
 
 
 class DenseLinear:
@@ -79,14 +82,11 @@ def make_linear(modules: list[torch.nn.Module], weight_dtype: torch.dtype) -> De
 
 @dataclass
 class LayerWeights:
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
     qkv: DenseLinear | ModuleLinear
     o: DenseLinear | ModuleLinear
     gate_up: DenseLinear | ModuleLinear
     down: DenseLinear | ModuleLinear
-    q_norm: torch.nn.Module | None = None
-    k_norm: torch.nn.Module | None = None
+    norms: LayerParts  # the norm weights by role (the modules themselves released)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,9 +98,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def gemma_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's Gemma RMSNorm: normalize and scale by (1 + w), all in fp32, then cast."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.float())).to(x.dtype)
+
+
+NORMS = {"rms": rms_norm, "gemma": gemma_norm}
+ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotate_half RoPE on the first cos.shape[-1] dims of each head (partial rotary
+    leaves the rest as they are)."""
+    dim = cos.shape[-1]
+    if dim == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rotated, kept = x[..., :dim], x[..., dim:]
+    return torch.cat((rotated * cos + _rotate_half(rotated) * sin, kept), dim=-1)
 
 
 def default_weight_dtype(act_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -109,42 +131,38 @@ def default_weight_dtype(act_dtype: torch.dtype, device: torch.device) -> torch.
     return act_dtype
 
 
-class LlamaForward:
+class ReferenceForward:
+    path = "reference"
+
     def __init__(self, model: torch.nn.Module, num_slots: int, max_ctx: int,
                  weight_dtype: torch.dtype | None = None) -> None:
         """Takes ownership of `model`'s layers: their linear modules are fused here and
         removed from the HF model, which must not be used on its own afterwards."""
-        config = model.config
-        if config.model_type not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedArchitecture(
-                f"architecture {config.model_type!r} is not supported yet "
-                f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
-        window = getattr(config, "sliding_window", None)
-        if window and getattr(config, "use_sliding_window", True) and window < max_ctx:
-            raise UnsupportedArchitecture(f"sliding-window attention (window {window}) is not supported yet")
-        inner = model.model
-        self.config = config
+        spec = ModelSpec.of(model)
+        inner = decoder(model)
+        self.spec = spec
+        self.config = model.config
         self.device = inner.embed_tokens.weight.device
         # Quantized linears hold uint8 weights: the embedding keeps the compute dtype.
         self.dtype = inner.embed_tokens.weight.dtype
         self.weight_dtype = weight_dtype or default_weight_dtype(self.dtype, self.device)
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.heads, spec.kv_heads, spec.head_dim
+        self.eps = spec.eps
         self.num_slots = num_slots
         self.max_ctx = max_ctx
-        self.vocab_size = config.vocab_size
-        self.gqa = self.num_kv_heads != self.num_heads
-        self.act = F.silu if config.hidden_act == "silu" else _hf_activation(config.hidden_act)
+        self.vocab_size = spec.vocab
+        self.norm = NORMS[spec.norm]
+        self.act = ACTIVATION_FUNCTIONS[spec.activation]
+        self.tables = rotary_tables(model, spec, max_ctx, self.dtype, self.device)
 
         self.lm_head = make_linear([model.lm_head], self.weight_dtype)
         embed = inner.embed_tokens.weight.detach()
         tied = isinstance(self.lm_head, DenseLinear) and model.lm_head.weight.data_ptr() == embed.data_ptr()
         # Tied embeddings: look rows up in the (possibly narrower) head copy, keep one table.
         self.embed = self.lm_head.weight if tied else embed
+        self.embed_scale = embed_scale_tensor(spec, self.dtype, self.device)
         self.final_norm = inner.norm.weight.detach()
-        self.layers = [self._take_layer(layer) for layer in inner.layers]
+        self.layers = [self._take_layer(parts) for parts in take_layers(model, spec)]
 
         # one extra slot for encode() (embeddings), never given to a sequence
         shape = (num_slots + 1, self.num_kv_heads, max_ctx, self.head_dim)
@@ -154,34 +172,12 @@ class LlamaForward:
         # Positions of each slot holding finite values: a batched step reads every slot up to
         # the longest row, and masked-out garbage would still turn 0 * NaN into NaN.
         self._clean = [0] * (num_slots + 1)
-        positions = torch.arange(max_ctx, device=self.device)[None]
-        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-        with torch.no_grad():
-            cos, sin = inner.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_ctx, head_dim]
 
-    def _take_layer(self, layer: torch.nn.Module) -> LayerWeights:
-        attn, mlp = layer.self_attn, layer.mlp
-        weights = LayerWeights(
-            input_norm=layer.input_layernorm.weight.detach(),
-            post_norm=layer.post_attention_layernorm.weight.detach(),
-            qkv=make_linear([attn.q_proj, attn.k_proj, attn.v_proj], self.weight_dtype),
-            o=make_linear([attn.o_proj], self.weight_dtype),
-            gate_up=make_linear([mlp.gate_proj, mlp.up_proj], self.weight_dtype),
-            down=make_linear([mlp.down_proj], self.weight_dtype),
-            q_norm=getattr(attn, "q_norm", None),
-            k_norm=getattr(attn, "k_norm", None),
-        )
-        # The fused copies replace the originals: drop them so their memory can go.
-        if isinstance(weights.qkv, DenseLinear):
-            del attn.q_proj, attn.k_proj, attn.v_proj
-        if isinstance(weights.o, DenseLinear):
-            del attn.o_proj
-        if isinstance(weights.gate_up, DenseLinear):
-            del mlp.gate_proj, mlp.up_proj
-        if isinstance(weights.down, DenseLinear):
-            del mlp.down_proj
-        return weights
+    def _take_layer(self, parts: LayerParts) -> LayerWeights:
+        products = {role: make_linear(modules, self.weight_dtype) for role, modules in parts.products.items()}
+        if all(isinstance(p, DenseLinear) for p in products.values()):
+            parts.release()  # the fused copies replace the originals: their memory can go
+        return LayerWeights(norms=parts, **products)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -198,6 +194,8 @@ class LlamaForward:
         """Write k/v at each row's positions and attend over each row's cache."""
         steps = q.shape[2]
         kc, vc = self.k_cache[layer_index], self.v_cache[layer_index]
+        options = dict(scale=self.spec.attn_scale, window=self.spec.windows[layer_index],
+                       softcap=self.spec.attn_softcap)
         if len(slots) == 1:  # one sequence: plain slices, no gather
             slot, start = slots[0], starts[0]
             end = start + steps
@@ -205,15 +203,8 @@ class LlamaForward:
                 self._clean[slot] = max(self._clean[slot], end)
             kc[slot, :, start:end] = k[0]
             vc[slot, :, start:end] = v[0]
-            keys, values = kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end]
-            mask, causal = None, False
-            if steps > 1 and start == 0:
-                causal = True
-            elif steps > 1:
-                q_pos = start + torch.arange(steps, device=q.device)
-                mask = torch.arange(end, device=q.device)[None, :] <= q_pos[:, None]
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                                  enable_gqa=self.gqa)
+            positions = start + torch.arange(steps, device=q.device)[None]
+            return attend(q, kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end], positions, **options)
         # decode across slots (steps == 1): scatter the new entries, gather the caches
         if layer_index == 0:
             self._zero_unwritten(slots, max(starts) + 1)
@@ -222,9 +213,7 @@ class LlamaForward:
         kc[slot_t, :, start_t] = k[:, :, 0]
         vc[slot_t, :, start_t] = v[:, :, 0]
         end = max(starts) + 1
-        keys, values = kc[slot_t, :, :end], vc[slot_t, :, :end]
-        mask = (torch.arange(end, device=q.device)[None, :] <= start_t[:, None])[:, None, None, :]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.gqa)
+        return attend(q, kc[slot_t, :, :end], vc[slot_t, :, :end], start_t[:, None], **options)
 
     def _zero_unwritten(self, slots: list[int], end: int) -> None:
         for slot in slots:
@@ -233,13 +222,14 @@ class LlamaForward:
                     cache[slot, :, self._clean[slot]:end].zero_()
                 self._clean[slot] = end
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return softcap(self.lm_head(self.norm(x, self.final_norm, self.eps)).float(), self.spec.final_softcap)
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
         """tokens [B, T] at positions starts[b] .. starts[b]+T-1 of slots[b]; returns the
         logits of each row's last position, [B, vocab], float32. B > 1 needs T == 1."""
-        x = self._layers(tokens, slots, starts)
-        x = rms_norm(x[:, -1], self.final_norm, self.eps)
-        return self.lm_head(x).float()
+        return self._logits(self._layers(tokens, slots, starts)[:, -1])
 
     def forward_mixed(self, tokens: torch.Tensor, slots: list[int], starts: list[int],
                       chunks: list[tuple[list[int], int, int]]) -> torch.Tensor:
@@ -250,42 +240,50 @@ class LlamaForward:
         parts += [self.forward(torch.tensor([ids]), [slot], [start]) for ids, slot, start in chunks]
         return torch.cat(parts)
 
+    def release(self) -> None:
+        """Drop the KV caches (the model is unloading)."""
+        self.k_cache.clear()
+        self.v_cache.clear()
+
     @torch.inference_mode()
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """The final hidden states [T, hidden] of one sequence (for embeddings), computed in
         the scratch slot."""
         x = self._layers(tokens[None], [self.num_slots], [0])
-        return rms_norm(x[0], self.final_norm, self.eps).float()
+        return self.norm(x[0], self.final_norm, self.eps).float()
+
+    def _rope(self, layer_index: int, batch: int, steps: int, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.tables[self.spec.layer_types[layer_index]]
+        if batch == 1:
+            return cos[starts[0]:starts[0] + steps][None, :, None], sin[starts[0]:starts[0] + steps][None, :, None]
+        index = torch.tensor(starts, device=self.device)
+        return cos[index][:, None, None], sin[index][:, None, None]
 
     def _layers(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
+        """The decoder, layer by layer: the one place to read how a layer runs on this path."""
         batch, steps = tokens.shape
         tokens = tokens.to(self.device)
+        spec, norm, eps = self.spec, self.norm, self.eps
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        if batch == 1:
-            cos = self.cos[starts[0]:starts[0] + steps][None, :, None]
-            sin = self.sin[starts[0]:starts[0] + steps][None, :, None]
-        else:
-            index = torch.tensor(starts, device=self.device)
-            cos, sin = self.cos[index][:, None, None], self.sin[index][:, None, None]
         x = F.embedding(tokens, self.embed).to(self.dtype)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         for i, w in enumerate(self.layers):
-            h = rms_norm(x, w.input_norm, self.eps)
+            n = w.norms
+            h = norm(x, n.attn_in_norm, eps)
             qkv = w.qkv(h).to(self.dtype).view(batch, steps, heads + 2 * kv_heads, dim)
-            qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
-            if w.q_norm is not None:
-                qk = torch.cat((w.q_norm(qk[:, :, :heads]), w.k_norm(qk[:, :, heads:])), dim=2)
-            qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k in one pass
-            q = qk[:, :, :heads].transpose(1, 2)
-            k = qk[:, :, heads:].transpose(1, 2)
-            o = self._attention(i, q, k, v.transpose(1, 2), slots, starts)
-            x = x + w.o(o.transpose(1, 2).reshape(batch, steps, heads * dim)).to(self.dtype)
-            h = rms_norm(x, w.post_norm, self.eps)
+            q, k, v = qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], qkv[:, :, heads + kv_heads:]
+            if spec.qk_norm:
+                q, k = norm(q, n.q_norm, eps), norm(k, n.k_norm, eps)
+            cos, sin = self._rope(i, batch, steps, starts)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            o = self._attention(i, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), slots, starts)
+            o = w.o(o.transpose(1, 2).reshape(batch, steps, heads * dim)).to(self.dtype)
+            x = x + (norm(o, n.attn_out_norm, eps) if spec.sandwich else o)
+            h = norm(x, n.mlp_in_norm, eps)
             gate, up = w.gate_up(h).to(self.dtype).chunk(2, dim=-1)
-            x = x + w.down(self.act(gate) * up).to(self.dtype)
+            m = w.down(self.act(gate) * up).to(self.dtype)
+            x = x + (norm(m, n.mlp_out_norm, eps) if spec.sandwich else m)
         return x
 
 
-def _hf_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    from transformers.activations import ACT2FN
-
-    return ACT2FN[name]

@@ -1,0 +1,40 @@
+"""Attention over a slot's cache for a run of query positions, in PyTorch: the reference
+path's attention, and the fast path's for prompts. Causal, with the layer's sliding window
+(keys within `window` positions of each query, as HF's sliding masks: k > q - window) and
+Gemma 2's soft-capped scores where the spec has them; SDPA does the work unless scores must
+be soft-capped, which SDPA cannot do."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def allowed(q_positions: torch.Tensor, keys: int, window: int | None) -> torch.Tensor:
+    """[..., T, keys] booleans: which keys each query position sees."""
+    k = torch.arange(keys, device=q_positions.device)
+    mask = k <= q_positions[..., None]
+    if window is not None:
+        mask &= k > q_positions[..., None] - window
+    return mask
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_positions: torch.Tensor, *,
+           scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """q [B, H, T, D] at absolute positions q_positions [B, T]; keys / values [B, KV, S, D]
+    holding positions 0..S-1. Returns [B, H, T, D]."""
+    gqa = keys.shape[1] != q.shape[1]
+    steps, length = q.shape[2], keys.shape[2]
+    if softcap is None:
+        plain_causal = window is None and q.shape[0] == 1 and steps == length  # a whole prompt from position 0
+        mask = None if plain_causal else allowed(q_positions, length, window)[:, None]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=plain_causal, scale=scale,
+                                              enable_gqa=gqa)
+    if gqa:
+        group = q.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed(q_positions, length, window)[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values)

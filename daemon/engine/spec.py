@@ -1,0 +1,228 @@
+"""The model-definition layer: an architecture is data, read once from the HF config.
+
+A decoder-only transformer of the Llama lineage differs from its relatives in a handful of
+choices, and each family here is a row of them (exllamav2's `architecture.py` keeps the same
+kind of table; llama.cpp's `llama-arch.cpp` the tensor names): how RMSNorm scales (Llama's
+`w * norm(x)` rounded first, Gemma's `(1 + w) * norm(x)` in fp32), whether the sublayers'
+outputs are normed too (Gemma 2/3's "sandwich" norms), per-head q/k norms (Qwen3, Gemma 3),
+the MLP's activation, an embedding scale, the attention scale and soft-caps, the sliding
+window of each layer, and what the projections are called (Phi-3 stores q/k/v and gate/up
+fused). Everything numeric comes from the config; rotary embeddings come from the model's
+own rotary module (llama3, yarn, linear, dynamic, longrope and partial rotary included).
+
+`ModelSpec.of(model)` is the description both decode paths read; `take_layers(model, spec)`
+is the one place that takes the weights over from the HF modules. The paths never branch on
+a family's name, only on the spec's fields. A model whose family is not in the table, or
+whose config asks for something the table cannot say, runs through transformers' own forward
+(`engine/generic.py`); `unsupported` says why.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the catalog reads FAMILIES without it
+    import torch
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Family:
+    norm: str = "rms"  # "rms": HF's LlamaRMSNorm; "gemma": x * (1 + w), in fp32
+    sandwich: bool = False  # the attention and MLP outputs are normed before the residual add
+    qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE
+    scaled_embedding: bool = False  # embeddings times sqrt(hidden), rounded to the dtype as HF does
+    qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # the attention's input projections
+    gate_up: tuple[str, ...] = ("gate_proj", "up_proj")  # the MLP's gate and up projections
+
+
+GEMMA = dict(norm="gemma", scaled_embedding=True)
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "mistral": Family(),
+    "qwen2": Family(),  # q/k/v biases: they come with the weights
+    "qwen3": Family(qk_norm=True),
+    "gemma": Family(**GEMMA),
+    "gemma2": Family(**GEMMA, sandwich=True),
+    "gemma3_text": Family(**GEMMA, sandwich=True, qk_norm=True),
+    "gemma3": Family(**GEMMA, sandwich=True, qk_norm=True),  # the text model inside the multimodal one
+    "phi3": Family(qkv=("qkv_proj",), gate_up=("gate_up_proj",)),
+}
+# config.hidden_act (or hidden_activation) -> the activation the kernels compute
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    norm: str
+    sandwich: bool
+    qk_norm: bool
+    activation: str
+    embed_scale: float | None  # multiply the embeddings (in the activation dtype)
+    attn_scale: float  # the softmax scale of q.k
+    attn_softcap: float | None  # scores -> tanh(s / cap) * cap
+    final_softcap: float | None  # logits -> tanh(l / cap) * cap
+    windows: tuple[int | None, ...]  # per layer: keys within this many positions, or all
+    layer_types: tuple[str, ...]  # per layer: which rotary table ("full_attention", "sliding_attention")
+    qkv_names: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj"))
+    gate_up_names: tuple[str, ...] = field(default=("gate_proj", "up_proj"))
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "ModelSpec":
+        """The spec of a loaded HF causal LM; UnsupportedArchitecture says why there is none."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        kind = model.config.model_type
+        family = FAMILIES.get(kind) or FAMILIES.get(config.model_type)
+        if family is None:
+            raise UnsupportedArchitecture(f"no model definition for {kind!r}")
+        act_name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+        activation = ACTIVATIONS.get(act_name)
+        if activation is None:
+            raise UnsupportedArchitecture(f"activation {act_name!r}")
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layers = config.num_hidden_layers
+        layer_types = tuple(getattr(config, "layer_types", None) or ("full_attention",) * layers)[:layers]
+        window = getattr(config, "sliding_window", None)
+        if getattr(config, "use_sliding_window", True) is False:
+            window = None
+        if getattr(config, "layer_types", None):
+            windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
+        else:  # Mistral: one window for every layer (null in v0.2 and later)
+            windows = (window,) * layers
+        if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
+            raise UnsupportedArchitecture(f"layer types {sorted(set(layer_types))}")
+        scalar = getattr(config, "query_pre_attn_scalar", None)
+        return cls(
+            family=kind, hidden=config.hidden_size, layers=layers, heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+            vocab=config.vocab_size, eps=float(getattr(config, "rms_norm_eps", 1e-6)), norm=family.norm,
+            sandwich=family.sandwich, qk_norm=family.qk_norm, activation=activation,
+            embed_scale=config.hidden_size ** 0.5 if family.scaled_embedding else None,
+            attn_scale=(scalar if scalar else head_dim) ** -0.5,
+            attn_softcap=getattr(config, "attn_logit_softcapping", None) or None,
+            final_softcap=getattr(config, "final_logit_softcapping", None) or None,
+            windows=windows, layer_types=layer_types, qkv_names=family.qkv, gate_up_names=family.gate_up,
+        )
+
+    @property
+    def windowed(self) -> bool:
+        return any(w is not None for w in self.windows)
+
+
+def decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The module holding embed_tokens, layers, norm and rotary_emb (the language model of a
+    multimodal checkpoint)."""
+    inner = model.model
+    return getattr(inner, "language_model", inner)
+
+
+@dataclass
+class LayerParts:
+    """One decoder layer's weights as the HF model holds them, named by their role."""
+
+    qkv: list[torch.nn.Module]  # [q, k, v], or one fused [q; k; v]
+    o: list[torch.nn.Module]
+    gate_up: list[torch.nn.Module]  # [gate, up], or one fused [gate; up]
+    down: list[torch.nn.Module]
+    attn_in_norm: torch.Tensor  # before attention
+    mlp_in_norm: torch.Tensor  # before the MLP
+    attn_out_norm: torch.Tensor | None = None  # sandwich: on the attention's output
+    mlp_out_norm: torch.Tensor | None = None  # sandwich: on the MLP's output
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    _layer: Any = None
+
+    @property
+    def products(self) -> dict[str, list[torch.nn.Module]]:
+        return {"qkv": self.qkv, "o": self.o, "gate_up": self.gate_up, "down": self.down}
+
+    def release(self) -> None:
+        """Drop the HF modules once a path holds its own copies (their memory can go)."""
+        attn, mlp = self._layer.self_attn, self._layer.mlp
+        for holder in (attn, mlp):
+            for name in [n for n, _ in holder.named_children() if n.endswith("_proj")]:
+                delattr(holder, name)
+        self.qkv = self.o = self.gate_up = self.down = []
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    return module.weight.detach()
+
+
+def take_layers(model: torch.nn.Module, spec: ModelSpec) -> list[LayerParts]:
+    """Every decoder layer's weights by role (the one place that knows the HF names)."""
+    out = []
+    for layer in decoder(model).layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if spec.sandwich:
+            norms = dict(attn_in_norm=_weight(layer.input_layernorm), attn_out_norm=_weight(layer.post_attention_layernorm),
+                         mlp_in_norm=_weight(layer.pre_feedforward_layernorm),
+                         mlp_out_norm=_weight(layer.post_feedforward_layernorm))
+        else:
+            norms = dict(attn_in_norm=_weight(layer.input_layernorm), mlp_in_norm=_weight(layer.post_attention_layernorm))
+        if spec.qk_norm:
+            norms.update(q_norm=_weight(attn.q_norm), k_norm=_weight(attn.k_norm))
+        out.append(LayerParts(
+            qkv=[getattr(attn, n) for n in spec.qkv_names], o=[attn.o_proj],
+            gate_up=[getattr(mlp, n) for n in spec.gate_up_names], down=[mlp.down_proj], _layer=layer, **norms))
+    return out
+
+
+def rotary_tables(model: torch.nn.Module, spec: ModelSpec, max_ctx: int, dtype: torch.dtype,
+                  device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """cos and sin [max_ctx, rotary_dim] per layer type, from the model's own rotary module(s),
+    so every RoPE variant (and its attention scaling) is HF's."""
+    import torch
+
+    inner = decoder(model)
+    positions = torch.arange(max_ctx, device=device)[None]
+    probe = torch.zeros(1, dtype=dtype, device=device)
+    rotary = inner.rotary_emb
+    takes_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    tables = {}
+    with torch.no_grad():
+        for layer_type in sorted(set(spec.layer_types)):
+            if takes_type:
+                cos, sin = rotary(probe, positions, layer_type)
+            elif layer_type == "sliding_attention" and hasattr(inner, "rotary_emb_local"):
+                cos, sin = inner.rotary_emb_local(probe, positions)  # Gemma 3 in older transformers
+            else:
+                cos, sin = rotary(probe, positions)
+            tables[layer_type] = (cos[0].to(dtype).contiguous(), sin[0].to(dtype).contiguous())
+    rotary_dim = next(iter(tables.values()))[0].shape[-1]
+    if rotary_dim > spec.head_dim or rotary_dim % 2:
+        raise UnsupportedArchitecture(f"rotary dimension {rotary_dim} for heads of {spec.head_dim}")
+    return tables
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else (x / cap).tanh() * cap
+
+
+def embed_scale_tensor(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """HF multiplies by sqrt(hidden) rounded to the activation dtype: so do we."""
+    import torch
+
+    return None if spec.embed_scale is None else torch.tensor(spec.embed_scale, dtype=dtype, device=device)
+
+
+
+
+def engine_for(architecture: str) -> str:
+    """Which decoder a model of this architecture runs on: hfollama's own (the fast path on a
+    GPU, the reference path on the CPU) or transformers' forward."""
+    return "hfollama" if architecture in FAMILIES else "transformers"
