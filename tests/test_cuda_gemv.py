@@ -63,11 +63,11 @@ def test_nf4_gemv_silu_epilogue_equals_the_silu_kernel(config, rows):
     mods = [_Module(1024, 2048, True), _Module(1024, 2048, True)]  # [gate; up]
     w = G.NF4Weights(mods)
     x = torch.randn(rows, w.k, dtype=torch.bfloat16, device="cuda")
-    fused = G.nf4_matmul(x, w, config=config, silu=True)
+    fused = G.nf4_matmul(x, w, config=config, act="silu")
     assert fused.shape == (rows, 1024) and fused.dtype == torch.bfloat16
-    assert torch.equal(fused, K.silu_mul(G.nf4_matmul(x, w, config=config), torch.bfloat16))
+    assert torch.equal(fused, K.gated_act(G.nf4_matmul(x, w, config=config), torch.bfloat16))
     with pytest.raises(ValueError, match="split-K"):
-        G.nf4_matmul(x, w, config=(32, 256, 4, 4, True, True, True), silu=True)
+        G.nf4_matmul(x, w, config=(32, 256, 4, 4, True, True, True), act="silu")
 
 
 @pytest.mark.parametrize("config", [(16, 1024, 8, 1, True, True, True), (64, 128, 2, 1, False, False, False)])

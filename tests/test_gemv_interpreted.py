@@ -52,17 +52,20 @@ def test_nf4_gemv_matches_bitsandbytes(config, rows, double, quant_type):
     assert rel(got, x.float() @ torch.cat([m.ref for m in mods]).float().T) < 1e-2
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=["packed", "fp32 weights"])
 @pytest.mark.parametrize("rows", [1, 2])
-def test_nf4_gemv_silu_epilogue(config, rows):
+def test_nf4_gemv_activation_epilogue(config, rows, act):
     gen = torch.Generator().manual_seed(7)
     mods = [_Module(64, 256, True, gen), _Module(64, 256, True, gen)]  # [gate; up]
     w = G.NF4Weights(mods)
     x = torch.randn(rows, w.k, generator=gen).to(torch.bfloat16)
-    fused = G.nf4_matmul(x, w, config=config, silu=True)
-    assert torch.equal(fused, K.silu_mul(G.nf4_matmul(x, w, config=config), torch.bfloat16))
+    fused = G.nf4_matmul(x, w, config=config, act=act)
+    gelu = act == "gelu_tanh"
+    assert torch.equal(fused, K.gated_act(G.nf4_matmul(x, w, config=config), torch.bfloat16, gelu=gelu))
     gate, up = (x.float() @ m.ref.float().T for m in mods)
-    assert rel(fused, torch.nn.functional.silu(gate) * up) < 2e-2
+    reference = torch.nn.functional.gelu(gate, approximate="tanh") if gelu else torch.nn.functional.silu(gate)
+    assert rel(fused, reference * up) < 2e-2
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -132,8 +135,8 @@ def test_int8_epilogues_dequantize_and_batches():
     gate_up = G.Int8Weights(halves)
     x = torch.randn(2, 128, generator=gen).to(torch.bfloat16)
     setting = (16, 128, 4, 1)
-    assert torch.equal(G.int8_matmul(x, gate_up, config=setting, silu=True),
-                       K.silu_mul(G.int8_matmul(x, gate_up, config=setting), torch.bfloat16))
+    assert torch.equal(G.int8_matmul(x, gate_up, config=setting, act="silu"),
+                       K.gated_act(G.int8_matmul(x, gate_up, config=setting), torch.bfloat16))
     H, KV, D, C = 2, 1, 32, 8
     qkv = G.Int8Weights([_Int8Module(H * D, 128, gen), _Int8Module(KV * D, 128, gen), _Int8Module(KV * D, 128, gen)])
     cos, sin = torch.rand(C, D, generator=gen).to(torch.bfloat16), torch.rand(C, D, generator=gen).to(torch.bfloat16)
@@ -163,6 +166,10 @@ def test_settings_by_row_count(monkeypatch, rows, expected):
     table = {("int8", 64, 128): "one", ("int8", 64, 128, 2): "two", ("int8", 64, 128, 4): "four"}
     monkeypatch.setattr(G, "GEMV_CONFIGS", table)
     assert G._config("int8", 64, 128, rows, "default") == expected
-    assert G._config("int8", 64, 256, rows, "default") == "default"
+    # a matrix never swept takes the closest swept one's; a path with none swept, the default
+    table[("int8", 4096, 4096)] = "big"
+    assert G._config("int8", 64, 256, rows, "default") == expected
+    assert G._config("int8", 3840, 5120, rows, "default") == "big"
+    assert G._config("gemv", 64, 128, rows, "default") == "default"
     monkeypatch.setattr(G, "GEMV_CONFIGS", {("int8", 64, 128): "one"})
     assert G._config("int8", 64, 128, rows, "default") == "one"

@@ -47,7 +47,7 @@ def test_add_rmsnorm_and_silu_mul():
     ref = weight * (s.float() * torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
     assert torch.equal(summed, s) and rel(normed, ref) < 1e-2
     gate_up = torch.randn(2, 2 * 300, generator=gen)
-    act = K.silu_mul(gate_up, torch.bfloat16)
+    act = K.gated_act(gate_up, torch.bfloat16)
     assert rel(act, torch.nn.functional.silu(gate_up[:, :300]) * gate_up[:, 300:]) < 1e-2
 
 
@@ -78,3 +78,70 @@ def test_rope_kv_rotates_q_and_k_and_writes_the_caches():
     written = torch.zeros(S, C, dtype=torch.bool)
     written[slots.long(), positions.long()] = True
     assert not k_cache.permute(0, 2, 1, 3)[~written].any()  # nothing else in the caches
+
+
+@pytest.mark.parametrize("D,R,gemma", [(24, 24, False), (32, 24, True), (64, 64, False)])
+def test_rope_kv_with_qk_norms_and_partial_rotary(D, R, gemma):
+    """Qwen3 / Gemma 3 q/k norms (each norm style) before RoPE on the first R dims (Phi-4-mini's
+    partial rotary), any head size (Phi-3's 96 is not a power of two): against the reference
+    path's own functions."""
+    from daemon.engine.forward import apply_rope, gemma_norm, rms_norm
+
+    gen = torch.Generator().manual_seed(5)
+    H, KV, S, C = 4, 2, 2, 16
+    positions = torch.tensor([3, 9], dtype=torch.int32)
+    slots = torch.tensor([1, 0], dtype=torch.int32)
+    qkv = torch.randn(2, (H + 2 * KV) * D, generator=gen)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, R, 2).float() / R)
+    angles = torch.arange(C).float()[:, None] * inv_freq[None]
+    cos, sin = torch.cat([angles.cos()] * 2, dim=1), torch.cat([angles.sin()] * 2, dim=1)
+    q_norm, k_norm = torch.rand(D, generator=gen) + 0.5, torch.rand(D, generator=gen) + 0.5
+    k_cache = torch.zeros(S, KV, C, D)
+    v_cache = torch.zeros_like(k_cache)
+    q = K.rope_kv(qkv, cos, sin, positions, slots, k_cache, v_cache, H, KV, D, q_norm=q_norm, k_norm=k_norm,
+                  eps=1e-6, gemma=gemma)
+    norm = gemma_norm if gemma else rms_norm
+    heads = qkv.view(2, H + 2 * KV, D)
+    for t in range(2):
+        pos, slot = int(positions[t]), int(slots[t])
+        expect_q = apply_rope(norm(heads[t, :H], q_norm, 1e-6), cos[pos], sin[pos])
+        expect_k = apply_rope(norm(heads[t, H:H + KV], k_norm, 1e-6), cos[pos], sin[pos])
+        assert rel(q[t], expect_q) < 1e-5 and rel(k_cache[slot, :, pos], expect_k) < 1e-5
+        assert torch.equal(v_cache[slot, :, pos], heads[t, H + KV:])
+
+
+@pytest.mark.parametrize("D,window,softcap", [(24, None, None), (64, 5, None), (32, None, 20.0), (32, 70, 50.0)])
+def test_decode_attention_with_windows_and_softcaps(D, window, softcap):
+    from daemon.engine.attention import attend
+
+    gen = torch.Generator().manual_seed(6)
+    H, KV, S, C = 4, 2, 2, 256
+    kc, vc = torch.randn(S, KV, C, D, generator=gen), torch.randn(S, KV, C, D, generator=gen)
+    q = torch.randn(3, H, D, generator=gen) * 3
+    slots = torch.tensor([1, 0, 1], dtype=torch.int32)
+    lens = torch.tensor([200, 3, 71], dtype=torch.int32)
+    attention = K.DecodeAttention(3, H, KV, D, C, torch.device("cpu"), torch.float32, split_len=64)
+    attention.part_out.fill_(float("nan"))  # what a skipped split leaves: never read
+    o = attention(q, kc, vc, slots, lens, D ** -0.5, window, softcap)
+    for b in range(3):
+        n, s = int(lens[b]), int(slots[b])
+        ref = attend(q[b:b + 1, :, None], kc[s:s + 1, :, :n], vc[s:s + 1, :, :n], torch.tensor([[n - 1]]),
+                     scale=D ** -0.5, window=window, softcap=softcap)
+        assert rel(o[b], ref[0, :, 0]) < 1e-5
+
+
+def test_gemma_norms_sandwich_and_gelu():
+    """Gemma's (1 + w) norm in fp32, the sandwich (the sublayer output normed before the
+    residual add), and GELU-tanh * up: against the reference path's functions."""
+    from daemon.engine.forward import ACTIVATION_FUNCTIONS, gemma_norm
+
+    gen = torch.Generator().manual_seed(7)
+    out = torch.randn(3, 96, generator=gen)  # a sublayer's fp32 output
+    residual = torch.randn(3, 96, generator=gen).to(torch.bfloat16)
+    w, pre = (torch.randn(96, generator=gen) * 0.2).to(torch.bfloat16), (torch.randn(96, generator=gen) * 0.2).to(torch.bfloat16)
+    normed, summed = K.add_rmsnorm(out, w, 1e-6, residual=residual, gemma=True, pre_weight=pre)
+    s = residual + gemma_norm(out.to(torch.bfloat16), pre, 1e-6)
+    assert rel(summed, s) < 1e-2 and rel(normed, gemma_norm(s, w, 1e-6)) < 1e-2
+    gate_up = torch.randn(2, 2 * 300, generator=gen)
+    act = K.gated_act(gate_up, torch.float32, gelu=True)
+    assert rel(act, ACTIVATION_FUNCTIONS["gelu_tanh"](gate_up[:, :300]) * gate_up[:, 300:]) < 1e-5

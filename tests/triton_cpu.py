@@ -179,9 +179,31 @@ def _patch_lang_tensor(tensor, scope):
     scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
 
 
+_LANGS: dict = {}
+
+
+def _device_call(self, *args, **kwargs):
+    """A @triton.jit helper called from a kernel. The interpreter patched triton.language again
+    at every such call (most of a small kernel's time); the patches stay, so they are made
+    only when the helper's language modules are not patched yet (their `full` still the
+    builtin)."""
+    langs = _LANGS.get(self.fn)
+    if langs is None:
+        tl = triton.language
+        langs = _LANGS[self.fn] = [v for v in self.fn.__globals__.values() if v is tl or v is tl.core]
+    if any(triton.language.core.is_builtin(lang.full) for lang in langs):
+        interpreter._patch_lang(self.fn)
+    fn = self.rewrite()
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        raise interpreter.InterpreterError(repr(e)) from e
+
+
 def interpreted(monkeypatch, kernels) -> None:
     """Installs the emulator and the fixes for the duration of a test (kernels: the module whose
     libdevice calls are replaced)."""
+    monkeypatch.setattr(interpreter.InterpretedFunction, "__call__", _device_call)
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_inline_asm", _create_inline_asm)
     # libdevice's roundings, as NumPy's float32 arithmetic rounds (to nearest, one op at a time)
     monkeypatch.setattr(kernels, "libdevice", SimpleNamespace(mul_rn=lambda a, b: a * b, add_rn=lambda a, b: a + b))

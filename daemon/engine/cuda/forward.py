@@ -1,40 +1,47 @@
-"""The GPU forward pass: Triton kernels, fused weights, a CUDA graph per decode batch size.
+"""The fast GPU forward pass: Triton kernels, fused weights, a CUDA graph per decode batch size,
+for every family of the model-definition layer (engine/spec.py).
 
-Per layer and decode step: add+RMSNorm, the QKV product, RoPE + KV write, split-KV
-attention and its merge, the O product, add+RMSNorm, the gate/up product, SiLU*up, the down
-product: ten launches, eight where the NF4 GEMV runs without split-K (RoPE and SiLU in its
-epilogues), replayed from a captured graph, so Python does one replay per token.
-Products use cuBLAS for dense bf16/fp16 weights and the NF4 GEMV for bitsandbytes 4-bit
-weights (NF4 or FP4; bitsandbytes' layout, the codes relabeled) at 1-4 rows. More rows (batched decode, prefill)
-multiply by a bf16 copy of each NF4 matrix where the load plan keeps one (`batch_weights`:
-the same numbers as bitsandbytes' dequantize-then-matmul, at cuBLAS speed), else dequantize
-each matrix into a scratch buffer per product and run one GEMM. Prefill attention is
-PyTorch's SDPA over the slot's cache.
+Per layer and decode step: add+RMSNorm, the QKV product, q/k norms + RoPE + KV write,
+split-KV attention and its merge, the O product, add+RMSNorm, the gate/up product,
+act(gate)*up, the down product: ten launches, eight where the quantized GEMV runs without
+split-K (RoPE and the activation in its epilogues; RoPE only where a layer has no q/k norms
+and rotates whole heads), replayed from a captured graph, so Python does one replay per
+token. Sandwich norms (Gemma 2/3) ride in the add+RMSNorm launches, sliding windows and
+soft-caps in the attention kernel: a family costs no launch more than Llama.
+Products use cuBLAS for dense bf16/fp16 weights and the quantized GEMVs for bitsandbytes 4-bit
+weights (NF4 or FP4; bitsandbytes' layout, the codes relabeled) and int8 at 1-4 rows. More
+rows (batched decode, prefill) multiply by a bf16 copy of each 4-bit matrix where the load
+plan keeps one (`batch_weights`), else dequantize each matrix into a scratch buffer per
+product and run one GEMM. Prompt attention is PyTorch's (engine/attention.py).
 
-The interface is LlamaForward's (`forward(tokens, slots, starts)`), so the runner does not
-know which path runs. `graphs=False` runs the same kernels without capture (the eager
-fallback, also used where capture fails).
+The decoder layer is written once, in `_layers`, for decode steps and prompts alike; the
+two differ only in where q attends (the `attend` they pass). The interface is
+ReferenceForward's (`forward(tokens, slots, starts)`), so the runner does not know which
+path runs. `graphs=False` runs the same kernels without capture (the eager fallback, also
+used where capture fails).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import triton
 
+from daemon.engine.attention import attend as prompt_attention
 from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
-from daemon.engine.forward import UnsupportedArchitecture
+from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
+from daemon.engine.spec import rotary_tables, softcap, take_layers
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 # Devices the fast path takes. Tests add "cpu" to run it in Triton's interpreter (graphs=False).
 RUNS_ON = frozenset({"cuda"})
-FAST_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
 
 
 def _is_4bit(module: torch.nn.Module) -> bool:
@@ -59,16 +66,6 @@ def _kind(module: torch.nn.Module) -> str | None:
 
 # what each quantized kind of layer becomes for the kernels
 QUANTIZED_WEIGHTS = {"4bit": G.NF4Weights, "int8": G.Int8Weights}
-# a decoder layer's projections, by holder, and how the fast path fuses them into products
-PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
-
-
-def _products(layer: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
-    attn, mlp = layer.self_attn, layer.mlp
-    return {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj],
-            "gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
-
-
 # Rows from which a 4-bit matrix with a bf16 batch copy multiplies by that copy (cuBLAS)
 # rather than by the NF4 GEMV: bench/nf4_kernel.py on an H100, Llama-3-8B shapes.
 BATCH_WEIGHT_ROWS = 3
@@ -108,15 +105,15 @@ class Linear:
         """Whether the GEMV runs split-K programs that add into a zeroed output."""
         return self.uses_gemv(rows) and self.quantized.gemv_setting(rows)[1] > 1
 
-    def fuses_silu(self, rows: int) -> bool:
-        """Whether SiLU(gate) * up of this [gate; up] product comes from the GEMV's epilogue
+    def fuses_act(self, rows: int) -> bool:
+        """Whether act(gate) * up of this [gate; up] product comes from the GEMV's epilogue
         (the GEMV without split-K: its sums are final when stored)."""
         return self.uses_gemv(rows) and not self.gemv_adds(rows)
 
     def fuses_rope(self, rows: int, head_dim: int) -> bool:
         """Whether RoPE and the KV write of this [q; k; v] product come from the GEMV's epilogue
         (no split-K, and programs that stay within one head)."""
-        return self.fuses_silu(rows) and head_dim % self.quantized.gemv_setting(rows)[0] == 0
+        return self.fuses_act(rows) and head_dim % self.quantized.gemv_setting(rows)[0] == 0
 
     def __call__(self, x: torch.Tensor, scratch: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
@@ -162,17 +159,21 @@ class _Outputs:
 
 
 class _Layer:
-    def __init__(self, layer: torch.nn.Module, dtype: torch.dtype, batch_weights: bool) -> None:
-        self.input_norm = layer.input_layernorm.weight.detach().to(dtype)
-        self.post_norm = layer.post_attention_layernorm.weight.detach().to(dtype)
-        products = _products(layer)
+    """One decoder layer as the kernels read it: fused products and the norm weights by role."""
+
+    def __init__(self, parts: LayerParts, dtype: torch.dtype, batch_weights: bool) -> None:
+        def norm(weight: torch.Tensor | None) -> torch.Tensor | None:
+            return None if weight is None else weight.to(dtype).contiguous()
+
+        self.attn_in_norm, self.mlp_in_norm = norm(parts.attn_in_norm), norm(parts.mlp_in_norm)
+        self.attn_out_norm, self.mlp_out_norm = norm(parts.attn_out_norm), norm(parts.mlp_out_norm)
+        self.q_norm, self.k_norm = norm(parts.q_norm), norm(parts.k_norm)
+        products = parts.products
         self.qkv = Linear(products["qkv"], dtype, batch_weights)
         self.o = Linear(products["o"], dtype, batch_weights)
         self.gate_up = Linear(products["gate_up"], dtype, batch_weights)
         self.down = Linear(products["down"], dtype, batch_weights)
-        for holder, names in PROJECTIONS:
-            for name in names:  # the fused copies replace the originals
-                delattr(getattr(layer, holder), name)
+        parts.release()  # the fused copies replace the originals
 
     @property
     def products(self) -> tuple[Linear, ...]:
@@ -182,7 +183,7 @@ class _Layer:
 class _Graph:
     """Static buffers and the captured decode step for one batch size."""
 
-    def __init__(self, owner: "CudaLlamaForward", batch: int) -> None:
+    def __init__(self, owner: "FastForward", batch: int) -> None:
         dev = owner.device
         self.batch = batch
         self.meta = torch.zeros((4, batch), dtype=torch.int32, device=dev)  # tokens, slots, positions, lengths
@@ -199,63 +200,66 @@ class _Graph:
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def run(self, owner: "CudaLlamaForward") -> torch.Tensor:
+    def run(self, owner: "FastForward") -> torch.Tensor:
         tokens, slots, positions, lengths = self.meta[0], self.meta[1], self.meta[2], self.meta[3]
         self.logits = owner._decode_body(tokens, slots, positions, lengths, self.attention, self.outputs)
         return self.logits
 
 
-class CudaLlamaForward:
+# Where a layer's queries attend: (layer index, q [rows, H, D]) -> [rows, H * D].
+Attend = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class FastForward:
+    path = "fast"
+
     def __init__(self, model: torch.nn.Module, num_slots: int, max_ctx: int, graphs: bool = True,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, batch_weights: bool = False) -> None:
-        config = model.config
-        if config.model_type not in FAST_ARCHITECTURES:
-            raise UnsupportedArchitecture(f"no fast GPU path for {config.model_type!r}")
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise UnsupportedArchitecture(f"activation {config.hidden_act!r}")
-        inner = model.model
-        for layer in inner.layers:  # check everything before taking anything over
-            products = _products(layer)
-            kinds = {_kind(m) for group in products.values() for m in group}
+        spec = ModelSpec.of(model)
+        inner = decoder(model)
+        device, dtype = inner.embed_tokens.weight.device, inner.embed_tokens.weight.dtype
+        if device.type not in RUNS_ON or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise UnsupportedArchitecture("the fast path needs a CUDA device and float activations")
+        parts = take_layers(model, spec)
+        for layer in parts:  # check everything before taking anything over
+            kinds = {_kind(m) for group in layer.products.values() for m in group}
             if len(kinds) != 1 or None in kinds:
                 raise UnsupportedArchitecture("the fast path handles dense, 4-bit and int8 layers, one kind per model")
             weights = QUANTIZED_WEIGHTS.get(kinds.pop())
-            for group in products.values():
+            for group in layer.products.values():
                 reason = weights and weights.unsupported(group)
                 if reason:
                     raise UnsupportedArchitecture(reason)
-        self.config = config
-        self.device = inner.embed_tokens.weight.device
-        self.dtype = inner.embed_tokens.weight.dtype
-        if self.device.type not in RUNS_ON or self.dtype not in (torch.bfloat16, torch.float16):
-            raise UnsupportedArchitecture("the fast path needs a CUDA device and bf16/fp16 activations")
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.hidden = config.hidden_size
-        self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
-        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.spec = spec
+        self.config = model.config
+        self.device, self.dtype = device, dtype
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.heads, spec.kv_heads, spec.head_dim
+        self.hidden = spec.hidden
+        self.eps = spec.eps
+        self.gemma = spec.norm == "gemma"
         self.num_slots = num_slots
         self.max_ctx = max_ctx
-        self.vocab_size = config.vocab_size
+        self.vocab_size = spec.vocab
         self.use_graphs = graphs
+        self.tables = rotary_tables(model, spec, max_ctx, dtype, device)
+        rotary_dim = next(iter(self.tables.values()))[0].shape[-1]
+        # the QKV GEMV's RoPE epilogue rotates whole heads of a power-of-two size, without q/k norms
+        self.rope_in_gemv = (not spec.qk_norm and rotary_dim == spec.head_dim
+                             and triton.next_power_of_2(spec.head_dim) == spec.head_dim)
 
-        self.layers = [_Layer(layer, self.dtype, batch_weights) for layer in inner.layers]
-        self.lm_head = Linear([model.lm_head], self.dtype)
+        self.layers = [_Layer(layer, dtype, batch_weights) for layer in parts]
+        self.lm_head = Linear([model.lm_head], dtype)
         self.embed = inner.embed_tokens.weight.detach()
-        self.final_norm = inner.norm.weight.detach().to(self.dtype)
+        self.embed_scale = embed_scale_tensor(spec, dtype, device)
+        self.final_norm = inner.norm.weight.detach().to(dtype)
         dequantized = [lin for layer in self.layers for lin in layer.products
                        if lin.quantized and lin.batch_weight is None]
         largest = max((lin.n * lin.k for lin in dequantized), default=0)
-        self.scratch = torch.empty(largest, dtype=self.dtype, device=self.device) if largest else None
+        self.scratch = torch.empty(largest, dtype=dtype, device=device) if largest else None
         # one extra slot: padded rows of a graph bucket write there, never into a sequence's cache
         shape = (num_slots + 1, self.num_kv_heads, max_ctx, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        positions = torch.arange(max_ctx, device=self.device)[None]
-        with torch.no_grad():
-            cos, sin = inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions)
-        self.cos, self.sin = cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous()
+        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self.buckets = tuple(b for b in buckets if b <= max(num_slots, 1)) or (1,)
         if max(self.buckets) < num_slots:
             self.buckets += (num_slots,)
@@ -272,112 +276,135 @@ class CudaLlamaForward:
         dense = sum(lin.nbytes for layer in self.layers for lin in layer.products)
         return dense + self.lm_head.nbytes + self.embed.numel() * self.embed.element_size()
 
-    # ---- one layer, any number of rows ----------------------------------------------------
+    # ---- the decoder, any number of rows --------------------------------------------------
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(tokens.long(), self.embed)
+        return x if self.embed_scale is None else x * self.embed_scale
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
+              pre_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return K.add_rmsnorm(x, weight, self.eps, residual=residual, gemma=self.gemma, pre_weight=pre_weight,
+                             dtype=self.dtype)
 
     def _mlp(self, layer: _Layer, h: torch.Tensor, outputs: "_Outputs | None" = None) -> torch.Tensor:
-        rows = h.shape[0]
-        if layer.gate_up.fuses_silu(rows):  # one launch fewer per layer
-            act = layer.gate_up.quantized.matmul(h, silu=True)
+        rows, act = h.shape[0], self.spec.activation
+        if layer.gate_up.fuses_act(rows):  # one launch fewer per layer
+            gated = layer.gate_up.quantized.matmul(h, act=act)
         else:
-            act = K.silu_mul(layer.gate_up(h, self.scratch, outputs and outputs.take(layer.gate_up, rows)), self.dtype)
-        return layer.down(act, self.scratch, outputs and outputs.take(layer.down, rows))
+            gated = K.gated_act(layer.gate_up(h, self.scratch, outputs and outputs.take(layer.gate_up, rows)),
+                                self.dtype, gelu=act == "gelu_tanh")
+        return layer.down(gated, self.scratch, outputs and outputs.take(layer.down, rows))
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: Attend,
+                outputs: "_Outputs | None" = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Every layer over rows x [T, hidden] at positions / slots (int32 [T], on the device).
+        Returns the last sublayer's output, the residual stream, and the norm still to apply to
+        that output before it joins the stream (a sandwich norm), for the final norm."""
+        rows, spec = x.shape[0], self.spec
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        out, pending = None, None
+        for i, layer in enumerate(self.layers):
+            h, x = self._norm(out if out is not None else x, layer.attn_in_norm,
+                              residual=x if out is not None else None, pre_weight=pending)
+            cos, sin = self.tables[spec.layer_types[i]]
+            if self.rope_in_gemv and layer.qkv.fuses_rope(rows, dim):  # one launch fewer per layer
+                q = layer.qkv.quantized.matmul(h, rope=G.Rotary(cos, sin, positions, slots, self.k_cache[i],
+                                                                self.v_cache[i], heads, kv_heads, dim))
+            else:
+                qkv = layer.qkv(h, self.scratch, outputs and outputs.take(layer.qkv, rows))
+                q = K.rope_kv(qkv, cos, sin, positions, slots, self.k_cache[i], self.v_cache[i], heads, kv_heads, dim,
+                              q_norm=layer.q_norm, k_norm=layer.k_norm, eps=self.eps, gemma=self.gemma)
+            o = layer.o(attend(i, q), self.scratch, outputs and outputs.take(layer.o, rows))  # fp32 from a GEMV
+            h, x = self._norm(o, layer.mlp_in_norm, residual=x, pre_weight=layer.attn_out_norm)
+            out, pending = self._mlp(layer, h, outputs), layer.mlp_out_norm
+        return out, x, pending
+
+    def _logits(self, out: torch.Tensor, x: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+        h, _ = self._norm(out, self.final_norm, residual=x, pre_weight=pending)
+        return softcap(self.lm_head(h).float(), self.spec.final_softcap)
+
+    def _decode_attend(self, attention: K.DecodeAttention, slots: torch.Tensor, lengths: torch.Tensor) -> Attend:
+        spec = self.spec
+
+        def attend(i: int, q: torch.Tensor) -> torch.Tensor:
+            o = attention(q, self.k_cache[i], self.v_cache[i], slots, lengths, spec.attn_scale, spec.windows[i],
+                          spec.attn_softcap)
+            return o.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+        return attend
 
     def _decode_body(self, tokens, slots, positions, lengths, attention: K.DecodeAttention,
                      outputs: "_Outputs | None" = None) -> torch.Tensor:
-        batch = tokens.shape[0]
         if outputs is not None:
             outputs.reset()
-        x = F.embedding(tokens.long(), self.embed)
-        out = None
-        for i, layer in enumerate(self.layers):
-            h, x = K.add_rmsnorm(out if out is not None else x, layer.input_norm, self.eps,
-                                 residual=x if out is not None else None)
-            if layer.qkv.fuses_rope(batch, self.head_dim):  # one launch fewer per layer
-                q = layer.qkv.quantized.matmul(h, rope=G.Rotary(self.cos, self.sin, positions, slots, self.k_cache[i],
-                                                                self.v_cache[i], self.num_heads, self.num_kv_heads,
-                                                                self.head_dim))
-            else:
-                qkv = layer.qkv(h, self.scratch, outputs and outputs.take(layer.qkv, batch))
-                q = K.rope_kv(qkv, self.cos, self.sin, positions, slots, self.k_cache[i], self.v_cache[i],
-                              self.num_heads, self.num_kv_heads, self.head_dim)
-            o = attention(q, self.k_cache[i], self.v_cache[i], slots, lengths, self.scale)
-            o = layer.o(o.reshape(batch, self.num_heads * self.head_dim), self.scratch,
-                        outputs and outputs.take(layer.o, batch))  # fp32 from the NF4 GEMV
-            h, x = K.add_rmsnorm(o, layer.post_norm, self.eps, residual=x)
-            out = self._mlp(layer, h, outputs)
-        h, _ = K.add_rmsnorm(out, self.final_norm, self.eps, residual=x)
-        return self.lm_head(h).float()
+        out, x, pending = self._layers(self._embed(tokens), positions, slots,
+                                       self._decode_attend(attention, slots, lengths), outputs)
+        return self._logits(out, x, pending)
 
     @torch.inference_mode()
     def forward_mixed(self, tokens: torch.Tensor, slots: list[int], starts: list[int],
                       chunks: list[tuple[list[int], int, int]]) -> torch.Tensor:
         """A decode step (tokens [B, 1] at `starts` of `slots`; B may be 0) and prompt chunks
         (token ids, slot, start) in one pass: the matrix products run over all their tokens
-        together; attention is the decode kernel for the B rows and SDPA per chunk. Returns
-        the B rows' logits, then each chunk's last, [B + len(chunks), vocab] float32."""
+        together; attention is the decode kernel for the B rows and PyTorch's per chunk.
+        Returns the B rows' logits, then each chunk's last, [B + len(chunks), vocab] float32."""
         batch = tokens.shape[0]
         ids = tokens[:, 0].tolist() + [t for chunk, _, _ in chunks for t in chunk]
         segments = [(slot, start, len(chunk)) for chunk, slot, start in chunks]
-        decode = None
-        if batch:
-            # separate tensors: each starts 16-byte aligned, as in the captured graphs, so the
-            # attention kernels need no other compiled variant
-            decode_slots = torch.tensor(slots, dtype=torch.int32).to(self.device, non_blocking=True)
-            lengths = torch.tensor([p + 1 for p in starts], dtype=torch.int32).to(self.device, non_blocking=True)
-            decode = (batch, list(zip(slots, starts)), decode_slots, lengths, self._graph_for(batch).attention)
-        out, x = self._prefill_layers(torch.tensor(ids, device=self.device), segments, decode)
+        out, x, pending = self._prompt_layers(torch.tensor(ids, device=self.device), segments,
+                                              list(zip(slots, starts)))
         ends = itertools.accumulate((len(chunk) for chunk, _, _ in chunks), initial=batch)
         rows = torch.tensor(list(range(batch)) + [end - 1 for end in list(ends)[1:]], device=self.device)
-        h, _ = K.add_rmsnorm(out[rows], self.final_norm, self.eps, residual=x[rows])
-        return self.lm_head(h).float()
+        return self._logits(out[rows], x[rows], pending)
+
+    def release(self) -> None:
+        """Drop the KV caches and graphs (the model is unloading)."""
+        self.k_cache.clear()
+        self.v_cache.clear()
+        self._graphs.clear()
 
     @torch.inference_mode()
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final hidden states [T, hidden] of one sequence (embeddings), in the scratch slot."""
-        out, x = self._prefill_layers(tokens.to(self.device), [(self.num_slots, 0, tokens.shape[0])])
-        h, _ = K.add_rmsnorm(out, self.final_norm, self.eps, residual=x)
+        out, x, pending = self._prompt_layers(tokens.to(self.device), [(self.num_slots, 0, tokens.shape[0])])
+        h, _ = self._norm(out, self.final_norm, residual=x, pre_weight=pending)
         return h.float()
 
-    def _chunk_mask(self, start: int, n: int) -> torch.Tensor:
-        """A chunk after a prompt's first attends to the slot's earlier tokens too: [n, start + n]."""
-        queries = start + torch.arange(n, device=self.device)
-        return torch.arange(start + n, device=self.device)[None, :] <= queries[:, None]
-
-    def _prefill_layers(self, tokens: torch.Tensor, segments: list[tuple[int, int, int]],
-                        decode: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [T]: `decode` rows first (batch, [(slot, position)], slots, lengths on the
-        device, the DecodeAttention to use), then the segments (slot, start, length)."""
-        batch, rows = (decode[0], decode[1]) if decode is not None else (0, [])
-        positions = torch.cat([torch.tensor([p for _, p in rows], dtype=torch.int32)]
+    def _prompt_layers(self, tokens: torch.Tensor, segments: list[tuple[int, int, int]],
+                       decoding: list[tuple[int, int]] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """tokens [T]: the `decoding` rows first ((slot, position) each), then the segments
+        (slot, start, length): `_layers` with the decode kernel for the former and PyTorch's
+        attention per segment."""
+        batch = len(decoding)
+        positions = torch.cat([torch.tensor([p for _, p in decoding], dtype=torch.int32)]
                               + [torch.arange(start, start + n, dtype=torch.int32) for _, start, n in segments])
-        slots = torch.cat([torch.tensor([s for s, _ in rows], dtype=torch.int32)]
+        slots = torch.cat([torch.tensor([s for s, _ in decoding], dtype=torch.int32)]
                           + [torch.full((n,), slot, dtype=torch.int32) for slot, _, n in segments])
         positions, slots = positions.to(self.device, non_blocking=True), slots.to(self.device, non_blocking=True)
-        masks = [None if start == 0 else self._chunk_mask(start, n) for _, start, n in segments]
-        x = F.embedding(tokens, self.embed)
-        out = None
-        for i, layer in enumerate(self.layers):
-            h, x = K.add_rmsnorm(out if out is not None else x, layer.input_norm, self.eps,
-                                 residual=x if out is not None else None)
-            q = K.rope_kv(layer.qkv(h, self.scratch), self.cos, self.sin, positions, slots, self.k_cache[i],
-                          self.v_cache[i], self.num_heads, self.num_kv_heads, self.head_dim)
-            parts, offset = [], batch
-            if decode is not None:
-                _, _, decode_slots, lengths, attention = decode
-                o = attention(q[:batch], self.k_cache[i], self.v_cache[i], decode_slots, lengths, self.scale)
-                parts.append(o.reshape(batch, self.num_heads * self.head_dim))
-            for (slot, start, n), mask in zip(segments, masks):
+        decode_attend = None
+        if batch:
+            # separate tensors: each starts 16-byte aligned, as in the captured graphs, so the
+            # attention kernels need no other compiled variant
+            decode_slots = torch.tensor([s for s, _ in decoding], dtype=torch.int32).to(self.device, non_blocking=True)
+            lengths = torch.tensor([p + 1 for _, p in decoding], dtype=torch.int32).to(self.device, non_blocking=True)
+            decode_attend = self._decode_attend(self._graph_for(batch).attention, decode_slots, lengths)
+        spec, width = self.spec, self.num_heads * self.head_dim
+        where = [(slot, start, n, torch.arange(start, start + n, device=self.device)[None]) for slot, start, n in segments]
+
+        def attend(i: int, q: torch.Tensor) -> torch.Tensor:
+            parts = [decode_attend(i, q[:batch])] if decode_attend is not None else []
+            offset = batch
+            for slot, start, n, at in where:
                 keys = self.k_cache[i][slot:slot + 1, :, :start + n]
                 values = self.v_cache[i][slot:slot + 1, :, :start + n]
-                o = F.scaled_dot_product_attention(q[offset:offset + n].transpose(0, 1)[None], keys, values,
-                                                   attn_mask=mask, is_causal=mask is None,
-                                                   enable_gqa=self.num_kv_heads != self.num_heads)
-                parts.append(o[0].transpose(0, 1).reshape(n, self.num_heads * self.head_dim))
+                o = prompt_attention(q[offset:offset + n].transpose(0, 1)[None], keys, values, at,
+                                     scale=spec.attn_scale, window=spec.windows[i], softcap=spec.attn_softcap)
+                parts.append(o[0].transpose(0, 1).reshape(n, width))
                 offset += n
-            o = layer.o(parts[0] if len(parts) == 1 else torch.cat(parts), self.scratch)
-            h, x = K.add_rmsnorm(o, layer.post_norm, self.eps, residual=x)
-            out = self._mlp(layer, h)
-        return out, x
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        return self._layers(self._embed(tokens), positions, slots, attend)
 
     # ---- decode through a captured graph --------------------------------------------------
 

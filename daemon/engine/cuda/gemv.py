@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from daemon.engine.cuda import nf4_decode
-from daemon.engine.cuda.kernels import pdl_available, rotate_and_store
+from daemon.engine.cuda.kernels import activation, pdl_available, rotate_and_store
 
 # The NF4 GEMV is launched without PDL: launched early (its weight loads issued, then waiting),
 # it slowed the whole step on an H100 (258 against 287 tok/s). Nor does it let the kernel after it
@@ -213,14 +214,14 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
                      cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX,
                      M: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                      EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, X_VEC: tl.constexpr,
-                     PACKED: tl.constexpr, PREFETCH: tl.constexpr, SILU: tl.constexpr, ROPE: tl.constexpr,
-                     HEAD_D: tl.constexpr, PDL: tl.constexpr):
+                     PACKED: tl.constexpr, PREFETCH: tl.constexpr, SILU: tl.constexpr, GELU: tl.constexpr,
+                     ROPE: tl.constexpr, HEAD_D: tl.constexpr, PDL: tl.constexpr):
     """Decode-size products (M <= 4 rows). Weights are read as int32 words (8 nibbles) and
     decoded in registers; absmax applies per 64 weights; a program covers BLOCK_N outputs
     over K_SPLIT inputs, and split programs add their sums atomically into an fp32 output.
     Epilogues (no split: the sums are final in one program):
     - SILU: W is [gate; up], a program takes BLOCK_N / 2 rows of each and stores
-      SiLU(gate) * up, in out's dtype, as the SiLU kernel computes it;
+      act(gate) * up (SiLU, or GELU-tanh with GELU), in out's dtype, as gated_act computes it;
     - ROPE: W is [q; k; v] (H, KV, KV heads of HEAD_D), a program takes BLOCK_N / 2 dims of
       one head and the ones half a head further (RoPE's pairs), and does what the RoPE kernel
       does: rotated q into out [M, H, HEAD_D], rotated k and v into the caches at each row's
@@ -294,8 +295,8 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
         else:
             y = tl.sum(tl.sum(acc3, axis=2), axis=1)
         _gemv_epilogue(y, r, rows, row_ok, pid_n, pid_k, head, first, out_ptr, stride_om, bias_ptr, N, cos_ptr,
-                       sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX, HAS_BIAS, ATOMIC, SILU, ROPE,
-                       BLOCK_N, HEAD_D)
+                       sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX, HAS_BIAS, ATOMIC, SILU, GELU,
+                       ROPE, BLOCK_N, HEAD_D)
 
 
 @triton.jit
@@ -325,8 +326,8 @@ def _gemv_rows(pid_n, N, BLOCK_N: tl.constexpr, SILU: tl.constexpr, ROPE: tl.con
 @triton.jit
 def _gemv_epilogue(y, r, rows, row_ok, pid_n, pid_k, head, first, out_ptr, stride_om, bias_ptr, N, cos_ptr, sin_ptr,
                    pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX, HAS_BIAS: tl.constexpr,
-                   ATOMIC: tl.constexpr, SILU: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HEAD_D: tl.constexpr):
+                   ATOMIC: tl.constexpr, SILU: tl.constexpr, GELU: tl.constexpr, ROPE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr):
     """Row r's sums y [BLOCK_N] of a GEMV program (its rows from _gemv_rows): + bias, then stored,
     added (split-K), or through the SiLU or RoPE epilogue."""
     HALF: tl.constexpr = BLOCK_N // 2
@@ -335,7 +336,7 @@ def _gemv_epilogue(y, r, rows, row_ok, pid_n, pid_k, head, first, out_ptr, strid
             y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     if SILU:
         gate, up = tl.split(tl.permute(tl.reshape(y, (2, HALF)), (1, 0)))
-        act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+        act = activation(gate, GELU).to(out_ptr.dtype.element_ty).to(tl.float32)
         cols = pid_n * HALF + tl.arange(0, HALF)
         tl.store(out_ptr + r * stride_om + cols, (act * up).to(out_ptr.dtype.element_ty), mask=cols < (N >> 1))
     elif ROPE:
@@ -377,6 +378,12 @@ GEMV_CONFIGS: dict[tuple, tuple] = {
     ('gemv', 4096, 14336): (16, 2048, 8, 1, True, True, True),
     ('gemv', 4096, 14336, 2): (16, 1024, 4, 2, True, True, True),
     ('gemv', 4096, 14336, 4): (16, 2048, 8, 1, True, True, True),
+    # gemma-3-12b's products (bench/nf4_kernel.py --models gemma3-12b --rows 1, the same H200 kind,
+    # 2026-12-02); other matrices never swept take the closest swept one's settings (_config)
+    ('gemv', 8192, 3840): (16, 2048, 8, 1, True, True, True),
+    ('gemv', 3840, 4096): (16, 2048, 8, 1, True, True, True),
+    ('gemv', 30720, 3840): (64, 512, 4, 1, True, True, True),
+    ('gemv', 3840, 15360): (16, 1024, 8, 1, True, True, True),
     ('int8', 6144, 4096): (16, 1024, 8, 1),
     ('int8', 6144, 4096, 2): (16, 1024, 4, 1),
     ('int8', 6144, 4096, 4): (16, 512, 4, 2),
@@ -489,12 +496,18 @@ GEMV_DEFAULT = (32, 256, 4, 4, True, True, True)
 
 
 def _config(path: str, n: int, k: int, m: int, default: tuple) -> tuple:
-    """The setting for m rows: m's own, 4 rows' for 3, the one-row setting, or the default."""
+    """The setting for m rows: m's own, 4 rows' for 3, the one-row setting; for a matrix never
+    swept, the setting of the swept matrix closest in shape (another family's widths are near
+    Llama's, and a swept setting fits them better than one guess for all); else the default."""
     rows_keys = (m, 4) if m == 3 else (m,)
     for key in [(path, n, k, rows) for rows in rows_keys] + [(path, n, k)]:
         if key in GEMV_CONFIGS:
             return GEMV_CONFIGS[key]
-    return default
+    swept = {(key[1], key[2]) for key in GEMV_CONFIGS if key[0] == path}
+    if not swept:
+        return default
+    near = min(swept, key=lambda nk: (abs(math.log(nk[0] / n)) + abs(math.log(nk[1] / k)), nk))
+    return _config(path, *near, m, default)
 
 
 def load_configs(text: str) -> None:
@@ -530,11 +543,11 @@ class Rotary:
 
 
 def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
-               config: tuple | None = None, silu: bool = False, rope: Rotary | None = None) -> torch.Tensor:
+               config: tuple | None = None, act: str | None = None, rope: Rotary | None = None) -> torch.Tensor:
     """x [M, K] @ dequant(W [N, K])^T (+ bias) -> [M, N]. Up to 4 rows (decoding), the result
     is fp32 (the consumers are Triton kernels that read any float); more rows: x's dtype.
-    Epilogues, for 1-4 rows and a setting without split-K: silu (W is [gate; up]): SiLU(gate)
-    * up [M, N / 2] in x's dtype; rope (W is [q; k; v]): what rope_kv does with the product,
+    Epilogues, for 1-4 rows and a setting without split-K: act "silu" or "gelu_tanh" (W is
+    [gate; up]): act(gate) * up [M, N / 2] in x's dtype; rope (W is [q; k; v]): what rope_kv does with the product,
     returning rotated q [M, H, D] in the caches' dtype."""
     m, n, k = x.shape[0], w.n, w.k
     dummy = w.absmax
@@ -547,15 +560,16 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
         x_vec = x_vec and x.data_ptr() % 16 == 0 and (m == 1 or x.stride(0) % 8 == 0)  # 16-byte loads of x
         split = _gemv_split(split, k, 64)
         block_k = _fit_block_k(block_k, k // split, 64)
-        out, target = _gemv_output(x, n, split, block_n, out, silu, rope, dummy)
+        out, target = _gemv_output(x, n, split, block_n, out, act is not None, rope, dummy)
         _nf4_gemv_kernel[(triton.cdiv(n, block_n), split)](
             x, *common, out, w.offset if w.double else dummy, w.tables,
             n, k, k // split, x.stride(0), out.stride(0), *target, M=m, DOUBLE=w.double,
             HAS_BIAS=w.bias is not None, ATOMIC=split > 1, EVEN_N=n % block_n == 0, BLOCK_N=block_n,
-            GROUPS=block_k // 64, X_VEC=x_vec, PACKED=packed, PREFETCH=prefetch, SILU=silu, ROPE=rope is not None,
+            GROUPS=block_k // 64, X_VEC=x_vec, PACKED=packed, PREFETCH=prefetch, SILU=act is not None,
+            GELU=act == "gelu_tanh", ROPE=rope is not None,
             HEAD_D=rope.head_dim if rope else block_n, PDL=pdl_available(x.device) and GEMV_TRIGGERS_NEXT, num_warps=warps)
         return out
-    return _dequantized_matmul(x, w, out, silu, rope)
+    return _dequantized_matmul(x, w, out, act is not None, rope)
 
 
 def _gemv_output(x: torch.Tensor, n: int, split: int, block_n: int, out: torch.Tensor | None, silu: bool,
@@ -648,8 +662,8 @@ def _int8_decode4(words):
 def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, K_SPLIT, stride_xm, stride_om,
                       cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX,
                       M: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_N: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU: tl.constexpr, ROPE: tl.constexpr,
-                      HEAD_D: tl.constexpr, PDL: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU: tl.constexpr, GELU: tl.constexpr,
+                      ROPE: tl.constexpr, HEAD_D: tl.constexpr, PDL: tl.constexpr):
     """The int8 counterpart of _nf4_gemv_kernel (its rows, split-K and epilogues): rows of
     BLOCK_K int8 weights read as words, summed against x in fp32, scaled by SCB / 127 per row."""
     if PDL:  # the next kernel may launch (it waits for this one's results)
@@ -697,8 +711,8 @@ def _int8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, K_SPLIT,
         else:
             y = tl.sum(acc3, axis=1) * scale
         _gemv_epilogue(y, r, rows, row_ok, pid_n, pid_k, head, first, out_ptr, stride_om, bias_ptr, N, cos_ptr,
-                       sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX, HAS_BIAS, ATOMIC, SILU, ROPE,
-                       BLOCK_N, HEAD_D)
+                       sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX, HAS_BIAS, ATOMIC, SILU, GELU,
+                       ROPE, BLOCK_N, HEAD_D)
 
 
 @triton.jit
@@ -771,18 +785,18 @@ INT8_DEFAULT = (16, 1024, 4, 1)
 
 
 def int8_matmul(x: torch.Tensor, w: Int8Weights, out: torch.Tensor | None = None, config: tuple | None = None,
-                silu: bool = False, rope: Rotary | None = None) -> torch.Tensor:
+                act: str | None = None, rope: Rotary | None = None) -> torch.Tensor:
     """nf4_matmul's contract for int8 weights."""
     m, n, k = x.shape[0], w.n, w.k
     if m > 4:
-        return _dequantized_matmul(x, w, out, silu, rope)
+        return _dequantized_matmul(x, w, out, act is not None, rope)
     block_n, block_k, warps, split = config or _config("int8", n, k, m, INT8_DEFAULT)
     split = _gemv_split(split, k, 16)
     block_k = _fit_block_k(block_k, k // split, 16)
-    out, target = _gemv_output(x, n, split, block_n, out, silu, rope, w.scale)
+    out, target = _gemv_output(x, n, split, block_n, out, act is not None, rope, w.scale)
     _int8_gemv_kernel[(triton.cdiv(n, block_n), split)](
         x, w.packed, w.scale, w.bias if w.bias is not None else w.scale, out, n, k, k // split, x.stride(0),
         out.stride(0), *target, M=m, HAS_BIAS=w.bias is not None, ATOMIC=split > 1, EVEN_N=n % block_n == 0,
-        BLOCK_N=block_n, BLOCK_K=block_k, SILU=silu, ROPE=rope is not None, HEAD_D=rope.head_dim if rope else block_n,
+        BLOCK_N=block_n, BLOCK_K=block_k, SILU=act is not None, GELU=act == "gelu_tanh", ROPE=rope is not None, HEAD_D=rope.head_dim if rope else block_n,
         PDL=pdl_available(x.device) and GEMV_TRIGGERS_NEXT, num_warps=warps)
     return out

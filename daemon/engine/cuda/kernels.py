@@ -1,13 +1,17 @@
 """Triton kernels for the decode step besides its matrix products (those are in gemv.py): few
-launches per layer, each one pass over its bytes.
+launches per layer, each one pass over its bytes. Each reads the spec's choices as constexpr
+flags (engine/spec.py), so one kernel serves every family.
 
-- add_rmsnorm: the residual add and HF's RMSNorm in one pass (the sum rounded to the
-  activation dtype first, as HF adds in it).
-- rope_kv: RoPE on q and k, and the k/v writes into each row's KV slot, in one launch
-  (rotate_and_store is also the QKV GEMV's epilogue).
+- add_rmsnorm: the residual add and RMSNorm in one pass (the sum rounded to the activation
+  dtype first, as HF adds in it); Llama's norm (rounded, then times w) or Gemma's ((1 + w) in
+  fp32); with Gemma 2/3's sandwich norms, the incoming sublayer output normed before the add.
+- rope_kv: q/k norms (Qwen3, Gemma 3), RoPE on q and k (partial rotary too), and the k/v
+  writes into each row's KV slot, in one launch (rotate_and_store is also the QKV GEMV's
+  epilogue, where a layer needs neither q/k norms nor partial rotary).
 - decode_attention: one query token per row against its own cache length (read from a
-  tensor, so the launch is graph-capturable), split over the sequence, GQA-aware.
-- silu_mul: SiLU(gate) * up.
+  tensor, so the launch is graph-capturable), split over the sequence, GQA-aware, with the
+  layer's sliding window and soft-capped scores; any head size (masked to a power of two).
+- gated_act: act(gate) * up, SiLU or GELU (tanh).
 """
 
 from __future__ import annotations
@@ -41,36 +45,53 @@ def pdl_available(device: torch.device) -> bool:
 # ---- norms, RoPE, attention, activation ---------------------------------------------------
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, D,
-                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _normed(xf, w_ptr, offs, ok, eps, D, dtype, GEMMA: tl.constexpr):
+    """RMSNorm of fp32 values: Llama's (normalized, rounded to dtype, times w) or Gemma's
+    (normalized times (1 + w), in fp32); fp32 out, not yet rounded."""
+    r = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if GEMMA:
+        return xf * r * (1.0 + w)
+    return (xf * r).to(dtype).to(tl.float32) * w
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, pre_w_ptr, out_ptr, res_out_ptr, eps, D,
+                        HAS_RES: tl.constexpr, PRE_NORM: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):
     _pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < D
+    dtype = res_out_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * D + offs, mask=ok, other=0.0)
+    if PRE_NORM:  # sandwich: the sublayer's output normed, rounded, then added
+        x = _normed(x.to(tl.float32), pre_w_ptr, offs, ok, eps, D, dtype, GEMMA).to(dtype)
     if HAS_RES:
         x = (x.to(tl.float32) + tl.load(res_ptr + row * D + offs, mask=ok, other=0.0).to(tl.float32))
-        x = x.to(res_out_ptr.dtype.element_ty)
+        x = x.to(dtype)
         tl.store(res_out_ptr + row * D + offs, x, mask=ok)
-    xf = x.to(tl.float32)
-    r = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
-    y = (xf * r).to(out_ptr.dtype.element_ty).to(tl.float32) * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    y = _normed(x.to(tl.float32), w_ptr, offs, ok, eps, D, out_ptr.dtype.element_ty, GEMMA)
     tl.store(out_ptr + row * D + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-                out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
-    """norm(x + residual); returns (normed, x + residual), both in the weight's dtype (x may be
-    an fp32 product). With no residual: (norm(x), x)."""
+                out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None, *,
+                gemma: bool = False, pre_weight: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+    """norm(x + residual); returns (normed, x + residual), both in `dtype` (default: the weight's;
+    x may be an fp32 product). With no residual: (norm(x), x). `pre_weight`: x is normed with
+    it first (a sandwich norm on the sublayer's output); `gemma`: (1 + w) norms."""
     rows, d = x.shape
-    out = torch.empty((rows, d), dtype=weight.dtype, device=x.device) if out is None else out
+    dtype = dtype or weight.dtype
+    out = torch.empty((rows, d), dtype=dtype, device=x.device) if out is None else out
     if residual is not None and residual_out is None:
-        residual_out = torch.empty((rows, d), dtype=weight.dtype, device=x.device)
+        residual_out = torch.empty((rows, d), dtype=dtype, device=x.device)
     pdl = pdl_available(x.device)
-    _add_rmsnorm_kernel[(rows,)](x, residual if residual is not None else x, weight, out,
-                                 residual_out if residual_out is not None else x, eps, d,
-                                 HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(d), PDL=pdl,
-                                 num_warps=8, launch_pdl=pdl)
+    _add_rmsnorm_kernel[(rows,)](x, residual if residual is not None else x, weight,
+                                 pre_weight if pre_weight is not None else weight, out,
+                                 residual_out if residual_out is not None else out, eps, d,
+                                 HAS_RES=residual is not None, PRE_NORM=pre_weight is not None, GEMMA=gemma,
+                                 BLOCK=triton.next_power_of_2(d), PDL=pdl, num_warps=8, launch_pdl=pdl)
     return out, (residual_out if residual is not None else x)
 
 
@@ -108,95 +129,156 @@ def rotate_and_store(x1, x2, d, head, pos, slot_at, q_head_ptr, cos_ptr, sin_ptr
 
 @triton.jit
 def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
-                    stride_qkv, H, KV, CTX,
-                    D: tl.constexpr, PDL: tl.constexpr):
+                    q_norm_ptr, k_norm_ptr, eps, stride_qkv, H, KV, CTX,
+                    D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, QK_NORM: tl.constexpr,
+                    GEMMA: tl.constexpr, PDL: tl.constexpr):
+    """One head of one token: q/k normed (QK_NORM), the first R dims rotated (rotate_half,
+    with the same fused multiply-adds as rotate_and_store), stored."""
     _pdl_start(PDL)
     t = tl.program_id(0)
     head = tl.program_id(1)  # 0..H-1 queries, H..H+KV-1 keys, H+KV.. values
-    i = tl.arange(0, D // 2)
+    d = tl.arange(0, D_PAD)
+    ok = d < D
     base = qkv_ptr + t * stride_qkv + head * D
-    rotate_and_store(tl.load(base + i).to(tl.float32), tl.load(base + D // 2 + i).to(tl.float32), i, head,
-                     tl.load(pos_ptr + t), slot_ptr + t, q_out_ptr + (t * H + head) * D, cos_ptr, sin_ptr,
-                     k_cache_ptr, v_cache_ptr, H, KV, CTX, D)
+    x = tl.load(base + d, mask=ok, other=0.0).to(tl.float32)
+    pos = tl.load(pos_ptr + t)
+    if head < H + KV:
+        half: tl.constexpr = R // 2
+        rotated = d < R
+        partner = tl.where(d < half, d + half, d - half)
+        xp = tl.load(base + partner, mask=rotated, other=0.0).to(tl.float32)
+        if QK_NORM:  # per-head RMSNorm, rounded to the activation dtype as HF's norm returns it
+            dtype = q_out_ptr.dtype.element_ty
+            r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+            if head < H:
+                w = tl.load(q_norm_ptr + d, mask=ok, other=0.0).to(tl.float32)
+                wp = tl.load(q_norm_ptr + partner, mask=rotated, other=0.0).to(tl.float32)
+            else:
+                w = tl.load(k_norm_ptr + d, mask=ok, other=0.0).to(tl.float32)
+                wp = tl.load(k_norm_ptr + partner, mask=rotated, other=0.0).to(tl.float32)
+            if GEMMA:
+                x, xp = (x * r * (1.0 + w)).to(dtype).to(tl.float32), (xp * r * (1.0 + wp)).to(dtype).to(tl.float32)
+            else:
+                x = (x * r).to(dtype).to(tl.float32) * w
+                xp = (xp * r).to(dtype).to(tl.float32) * wp
+                x, xp = x.to(dtype).to(tl.float32), xp.to(dtype).to(tl.float32)
+        c = tl.load(cos_ptr + pos * R + d, mask=rotated, other=1.0).to(tl.float32)
+        s = tl.load(sin_ptr + pos * R + d, mask=rotated, other=0.0).to(tl.float32)
+        y = tl.where(d < half, tl.fma(x, c, -(xp * s)), tl.fma(x, c, xp * s))
+        x = tl.where(rotated, y, x)
+    if head < H:
+        tl.store(q_out_ptr + (t * H + head) * D + d, x.to(q_out_ptr.dtype.element_ty), mask=ok)
+    else:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        at = ((slot * KV + (head - H) % KV) * CTX + pos) * D
+        if head < H + KV:
+            tl.store(k_cache_ptr + at + d, x.to(k_cache_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.store(v_cache_ptr + at + d, x.to(v_cache_ptr.dtype.element_ty), mask=ok)
 
 
 def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
             k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
-            q_out: torch.Tensor | None = None) -> torch.Tensor:
+            q_out: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
+            k_norm: torch.Tensor | None = None, eps: float = 1e-6, gemma: bool = False) -> torch.Tensor:
     """qkv [T, (H + 2 KV) * D]; writes rotated k and v into the caches [S, KV, CTX, D] at
-    (slots[t], positions[t]); returns rotated q [T, H, D]."""
+    (slots[t], positions[t]); returns rotated q [T, H, D]. cos / sin [CTX, R]: the first R dims
+    of each head rotate. q_norm / k_norm: per-head norms before the rotation."""
     t = qkv.shape[0]
     q_out = torch.empty((t, heads, head_dim), dtype=k_cache.dtype, device=qkv.device) if q_out is None else q_out
     pdl = pdl_available(qkv.device)
-    _rope_kv_kernel[(t, heads + 2 * kv_heads)](qkv, cos, sin, positions, slots, q_out, k_cache, v_cache,
-                                               qkv.stride(0), heads, kv_heads, k_cache.shape[2], D=head_dim,
-                                               PDL=pdl, num_warps=1, launch_pdl=pdl)
+    _rope_kv_kernel[(t, heads + 2 * kv_heads)](
+        qkv, cos, sin, positions, slots, q_out, k_cache, v_cache, q_norm if q_norm is not None else cos,
+        k_norm if k_norm is not None else cos, eps, qkv.stride(0), heads, kv_heads, k_cache.shape[2], D=head_dim,
+        D_PAD=triton.next_power_of_2(head_dim), R=cos.shape[-1], QK_NORM=q_norm is not None, GEMMA=gemma, PDL=pdl,
+        num_warps=1, launch_pdl=pdl)
     return q_out
 
 
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, len_ptr, part_out_ptr, part_lse_ptr,
-                             scale, H, KV, CTX, SPLITS, SPLIT_LEN,
-                             D: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                             BLOCK_T: tl.constexpr, PDL: tl.constexpr):
+                             scale, softcap, window, H, KV, CTX, SPLITS, SPLIT_LEN,
+                             D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                             BLOCK_T: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
+                             PDL: tl.constexpr):
     _pdl_start(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(len_ptr + b)
-    start = split * SPLIT_LEN
-    if start >= length:  # a split past the row's length: the merge reads none of it
+    first = 0
+    if WINDOW:  # keys within `window` positions of the query (HF: k > q - window)
+        first = tl.maximum(length - window, 0)
+    start = tl.maximum(split * SPLIT_LEN, first)
+    end = tl.minimum(split * SPLIT_LEN + SPLIT_LEN, length)
+    if start >= end:  # a split outside the row's keys: the merge reads none of it
         return
     slot = tl.load(slot_ptr + b)
     g = tl.arange(0, GROUP_PAD)
     g_ok = g < GROUP
-    d = tl.arange(0, D)
+    d = tl.arange(0, D_PAD)
+    d_ok = d < D
     heads = kv_head * GROUP + g
-    q = tl.load(q_ptr + (b * H + heads)[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0)
-    end = tl.minimum(start + SPLIT_LEN, length)
+    q = tl.load(q_ptr + (b * H + heads)[:, None] * D + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
     cache = (slot * KV + kv_head) * CTX * D
     for t0 in range(start, end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < end
-        k = tl.load(k_cache_ptr + cache + t[:, None] * D + d[None, :], mask=t_ok[:, None], other=0.0)
+        k = tl.load(k_cache_ptr + cache + t[:, None] * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale
+        if SOFTCAP:  # Gemma 2: tanh(s / cap) * cap, tanh from exp
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
         s = tl.where(t_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache_ptr + cache + t[:, None] * D + d[None, :], mask=t_ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + cache + t[:, None] * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
     part = (b * H + heads) * SPLITS + split
-    tl.store(part_out_ptr + part[:, None] * D + d[None, :], out, mask=g_ok[:, None])
+    tl.store(part_out_ptr + part[:, None] * D + d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
     tl.store(part_lse_ptr + part, lse, mask=g_ok)
 
 
 @triton.jit
-def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, len_ptr, H, SPLITS, SPLIT_LEN,
-                         D: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
+def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, len_ptr, window, H, SPLITS, SPLIT_LEN,
+                         D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, WINDOW: tl.constexpr,
+                         PDL: tl.constexpr):
+    """One head of one row: its splits' partial outputs weighted by their log-sum-exps. Only the
+    splits that hold keys are read (a loop over them, not a [SPLITS, D] block: at 128 tokens of
+    a 4,096 context, 2 of 64)."""
     _pdl_start(PDL)
     row = tl.program_id(0)  # b * H + head
     s = tl.arange(0, SPLITS_PAD)
-    used = tl.cdiv(tl.load(len_ptr + row // H), SPLIT_LEN)  # splits past the row's length hold nothing
-    s_ok = (s < SPLITS) & (s < used)
+    length = tl.load(len_ptr + row // H)
+    used = tl.minimum(tl.cdiv(length, SPLIT_LEN), SPLITS)  # splits past the row's length hold nothing
+    first = 0
+    if WINDOW:  # nor do splits wholly before its window
+        first = tl.maximum(length - window, 0) // SPLIT_LEN
+    s_ok = (s >= first) & (s < used)
     lse = tl.load(part_lse_ptr + row * SPLITS + s, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, axis=0)
-    w = tl.where(s_ok & (lse > float("-inf")), tl.exp(lse - m), 0.0)
-    d = tl.arange(0, D)
-    parts = tl.load(part_out_ptr + (row * SPLITS + s)[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
-    out = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
+    d = tl.arange(0, D_PAD)
+    d_ok = d < D
+    acc = tl.zeros([D_PAD], tl.float32)
+    total = tl.sum(acc, axis=0)  # a 0.0 of the loop's own type
+    for i in range(first, used):
+        lse_i = tl.load(part_lse_ptr + row * SPLITS + i)
+        w = tl.where(lse_i > float("-inf"), tl.exp(lse_i - m), 0.0)
+        acc += w * tl.load(part_out_ptr + (row * SPLITS + i) * D + d, mask=d_ok, other=0.0)
+        total += w
+    tl.store(out_ptr + row * D + d, (acc / total).to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 class DecodeAttention:
-    """Buffers and launches for one batch size: graph-safe (no host syncs, fixed shapes)."""
+    """Buffers and launches for one batch size: graph-safe (no host syncs, fixed shapes). One
+    instance serves every layer; each call says the layer's window and soft-cap."""
 
     MAX_SPLITS = 64
 
@@ -213,23 +295,35 @@ class DecodeAttention:
         self.out = torch.empty((batch, heads, head_dim), dtype=dtype, device=device)
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                 lengths: torch.Tensor, scale: float) -> torch.Tensor:
+                 lengths: torch.Tensor, scale: float, window: int | None = None,
+                 softcap: float | None = None) -> torch.Tensor:
         batch = q.shape[0]
         pdl = pdl_available(q.device)
+        d_pad = triton.next_power_of_2(self.head_dim)
         _decode_attention_kernel[(batch, self.kv_heads, self.splits)](
-            q, k_cache, v_cache, slots, lengths, self.part_out, self.part_lse, scale, self.heads, self.kv_heads,
-            k_cache.shape[2], self.splits, self.split_len, D=self.head_dim, GROUP=self.group,
-            GROUP_PAD=max(16, triton.next_power_of_2(self.group)), BLOCK_T=32, PDL=pdl, num_warps=4,
-            launch_pdl=pdl)
+            q, k_cache, v_cache, slots, lengths, self.part_out, self.part_lse, scale, softcap or 1.0, window or 0,
+            self.heads, self.kv_heads, k_cache.shape[2], self.splits, self.split_len, D=self.head_dim, D_PAD=d_pad,
+            GROUP=self.group, GROUP_PAD=max(16, triton.next_power_of_2(self.group)), BLOCK_T=32,
+            SOFTCAP=softcap is not None, WINDOW=window is not None, PDL=pdl, num_warps=4, launch_pdl=pdl)
         _merge_splits_kernel[(batch * self.heads,)](
-            self.part_out, self.part_lse, self.out, lengths, self.heads, self.splits, self.split_len,
-            D=self.head_dim, SPLITS_PAD=max(2, triton.next_power_of_2(self.splits)), PDL=pdl, num_warps=4,
-            launch_pdl=pdl)
+            self.part_out, self.part_lse, self.out, lengths, window or 0, self.heads, self.splits, self.split_len,
+            D=self.head_dim, D_PAD=d_pad, SPLITS_PAD=max(2, triton.next_power_of_2(self.splits)),
+            WINDOW=window is not None, PDL=pdl, num_warps=4, launch_pdl=pdl)
         return self.out[:batch]
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def activation(g, GELU: tl.constexpr):
+    """The MLP's activation of fp32 gate values: SiLU, or GELU with the tanh approximation
+    (tanh from exp, which the interpreter and every backend have)."""
+    if GELU:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return 0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0))
+    return g / (1.0 + tl.exp(-g))
+
+
+@triton.jit
+def _gated_act_kernel(x_ptr, out_ptr, I, BLOCK: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
     row = tl.program_id(0)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -237,15 +331,17 @@ def _silu_mul_kernel(x_ptr, out_ptr, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
     g = tl.load(x_ptr + row * 2 * I + col, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * 2 * I + I + col, mask=ok, other=0.0).to(tl.float32)
     # HF: act(gate) * up in the activation dtype
-    a = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    a = activation(g, GELU).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * I + col, (a * u).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def silu_mul(gate_up: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """SiLU(gate) * up, in `dtype` (default: gate_up's; an fp32 product yields bf16 when asked)."""
+def gated_act(gate_up: torch.Tensor, dtype: torch.dtype | None = None, gelu: bool = False) -> torch.Tensor:
+    """act(gate) * up of a [gate; up] product, in `dtype` (default: gate_up's; an fp32 product
+    yields bf16 when asked): SiLU, or GELU (tanh) with `gelu`."""
     rows, two_i = gate_up.shape
     i = two_i // 2
     out = torch.empty((rows, i), dtype=dtype or gate_up.dtype, device=gate_up.device)
     pdl = pdl_available(gate_up.device)
-    _silu_mul_kernel[(rows, triton.cdiv(i, 1024))](gate_up, out, i, BLOCK=1024, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    _gated_act_kernel[(rows, triton.cdiv(i, 1024))](gate_up, out, i, BLOCK=1024, GELU=gelu, PDL=pdl, num_warps=4,
+                                                    launch_pdl=pdl)
     return out
