@@ -383,3 +383,49 @@ def test_aliases_are_listed_by_both_apis(daemon):
     assert "all-minilm:latest" in tags
     ids = [m["id"] for m in httpx.get(daemon.url + "/v1/models").json()["data"]]
     assert {"tiny:latest", "smollm2:latest", "all-minilm:latest"} <= set(ids)
+
+
+@pytest.fixture(scope="module")
+def family_daemon(tmp_path_factory, tiny_dirs):
+    import families
+    from conftest import make_settings, run_daemon
+
+    root = tmp_path_factory.mktemp("family-daemon")
+    dirs = {f: families.build(root / "models" / f, f) for f in families.FAMILIES + families.GENERIC}
+    import json
+    import shutil
+
+    unknown = shutil.copytree(dirs["llama"], root / "models" / "unknown")
+    config = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "model_type": "nosuchmodel",
+                                                     "architectures": ["NoSuchModelForCausalLM"]}))
+    dirs["unknown"] = unknown
+    settings = make_settings(root, tiny_dirs)
+    tags = "".join(f"  {f}:\n    source: {{path: '{d}'}}\n" for f, d in dirs.items())
+    (settings.modelfiles_dir / "fam.yaml").write_text("family: fam\ntags:\n" + tags)
+    yield from run_daemon(settings)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-mm", "phi3",
+                                    "phi4-mini", "gpt2", "opt", "falcon"])
+def test_every_family_answers_chat_and_says_which_decoder_runs_it(family_daemon, family):
+    r = post(family_daemon, "/api/chat", {"model": f"fam:{family}", "stream": False,
+                                          "messages": [{"role": "user", "content": "Hello world"}],
+                                          "options": {"num_predict": 12, "temperature": 0}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["done"] and body["eval_count"] == 12 and body["prompt_eval_count"] > 5
+    show = post(family_daemon, "/api/show", {"model": f"fam:{family}"}).json()
+    generic = family in ("gpt2", "opt", "falcon")
+    assert show["details"]["engine"] == ("transformers" if generic else "hfollama")
+    assert show["model_info"]["hfollama.decode_path"] == ("transformers" if generic else "reference")
+
+
+def test_an_architecture_transformers_does_not_know_is_named(family_daemon, caplog):
+    r = post(family_daemon, "/api/chat", {"model": "fam:unknown", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 500
+    assert r.json()["error"].startswith("architecture 'nosuchmodel' is not known to transformers")
+    assert not [rec for rec in caplog.records if rec.exc_info]
+    assert post(family_daemon, "/api/chat", {"model": "fam:llama", "stream": False,
+                                             "messages": [{"role": "user", "content": "hi"}],
+                                             "options": {"num_predict": 2}}).status_code == 200

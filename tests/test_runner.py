@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from daemon.engine.forward import LlamaForward
+from daemon.engine.forward import ReferenceForward
 from daemon.engine.params import GenerationRequest, SamplingParams
 from daemon.engine.runner import Runner
 from daemon.errors import InternalError
@@ -17,7 +17,7 @@ from tinymodels import SCRIPT_TEXT
 def make_runner(path, slots=4, ctx=256, chunk=512) -> Runner:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    forward = LlamaForward(model, num_slots=slots, max_ctx=ctx, weight_dtype=torch.float32)
+    forward = ReferenceForward(model, num_slots=slots, max_ctx=ctx, weight_dtype=torch.float32)
     return Runner(forward, tok, [tok.eos_token_id], prefill_chunk=chunk)
 
 

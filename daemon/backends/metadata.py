@@ -69,6 +69,14 @@ class ModelMetadata:
     def parameter_size(self) -> str:
         return human_number(self.parameter_count)
 
+    @property
+    def engine(self) -> str:
+        """Whose decoder runs it: "hfollama" (its model definitions: the fast GPU path, or the
+        reference path on the CPU) or "transformers" (transformers' own forward)."""
+        from daemon.engine.spec import engine_for
+
+        return "embedding" if self.is_embedding_model else engine_for(self.architecture)
+
     def details(self, quantization_level: str | None = None, parent_model: str = "") -> dict[str, Any]:
         return {
             "parent_model": parent_model,
@@ -77,6 +85,7 @@ class ModelMetadata:
             "families": self.families,
             "parameter_size": self.parameter_size,
             "quantization_level": quantization_level or self.quantization_level,
+            "engine": self.engine,  # hfollama's: which decoder runs the model
         }
 
 
@@ -206,8 +215,9 @@ def _from_hf_dir(directory: Path) -> ModelMetadata:
         level = _DTYPE_LABELS.get(str(dtype), _SAFETENSORS_DTYPE_LABELS.get(dominant or "", "F32"))
     architectures = config.get("architectures") or []
     is_embedding = arch in ("bert", "nomic_bert", "xlm-roberta", "mpnet") or not any(
-        a.endswith("ForCausalLM") or a.endswith("ForConditionalGeneration") for a in architectures
+        a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures
     )
+    config = {**config, **(config.get("text_config") or {})}  # a multimodal checkpoint's language model
     shape = None
     if config.get("hidden_size") and config.get("num_attention_heads"):
         heads = int(config["num_attention_heads"])

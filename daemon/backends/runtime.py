@@ -11,13 +11,16 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from daemon.backends.transformers_backend import LoadedModel, load_causal_lm, pick_device
 from daemon.config import Settings
 from daemon.engine.embed import CONTEXT_EXCEEDED, EmbedResult, EncoderEmbedder, pool, read_pooling
-from daemon.engine.forward import LlamaForward
+from daemon.engine.forward import ReferenceForward
+from daemon.engine.generic import TransformersForward
+from daemon.engine.spec import UnsupportedArchitecture
 from daemon.engine.grammar import GrammarCompiler
 from daemon.engine.prompt import PromptBuilder
 from daemon.engine.runner import Runner
@@ -108,7 +111,7 @@ def estimate_footprint(resolved: ResolvedModel, settings: Settings, num_ctx: int
 class ModelRuntime:
     resolved: ResolvedModel
     loaded: LoadedModel
-    forward: LlamaForward
+    forward: Any  # ReferenceForward, FastForward or TransformersForward: the runner's ForwardModel
     runner: Runner
     prompts: PromptBuilder
     num_ctx: int
@@ -153,31 +156,39 @@ class ModelRuntime:
         self.runner.close()
         device = self.loaded.device
         # Drop every reference to the tensors before asking the allocator to let go.
-        self.forward.k_cache.clear()
-        self.forward.v_cache.clear()
+        self.forward.release()
         del self.forward, self.loaded, self.runner, self.prompts
         _free_device_memory(device)
 
 
 def make_forward(model: torch.nn.Module, slots: int, num_ctx: int, batch_weights: bool = False):
-    """The fast GPU path where it applies (CUDA, Triton, a Llama-family model with dense or
-    NF4 layers), with its decode graphs captured now; else the eager path."""
+    """The fastest path that runs the model: hfollama's fast GPU path (CUDA, Triton, a family
+    of the model definitions, dense / 4-bit / int8 layers) with its decode graphs captured
+    now; else the reference path (the same definitions in PyTorch); else transformers' own
+    forward, for any other architecture. The log says which, and why."""
+    name = model.config.model_type
     device = next(model.parameters()).device
     if device.type == "cuda":
         from daemon.engine import cuda
 
         if cuda.available():
-            from daemon.engine.cuda.forward import CudaLlamaForward
-            from daemon.engine.forward import UnsupportedArchitecture
+            from daemon.engine.cuda.forward import FastForward
 
             try:
-                forward = CudaLlamaForward(model, num_slots=slots, max_ctx=num_ctx, batch_weights=batch_weights)
+                forward = FastForward(model, num_slots=slots, max_ctx=num_ctx, batch_weights=batch_weights)
             except UnsupportedArchitecture as exc:
-                log.info("eager decoding (%s)", exc)
+                log.info("%s: not on the fast path (%s)", name, exc)
             else:
                 forward.capture_all()
+                log.info("%s: decoding on the fast path", name)
                 return forward
-    return LlamaForward(model, num_slots=slots, max_ctx=num_ctx)
+    try:
+        forward = ReferenceForward(model, num_slots=slots, max_ctx=num_ctx)
+    except UnsupportedArchitecture as exc:
+        log.info("%s: decoding through transformers' own forward (%s)", name, exc)
+        return TransformersForward(model, num_slots=slots, max_ctx=num_ctx)
+    log.info("%s: decoding on the reference path", name)
+    return forward
 
 
 def _free_device_memory(device: torch.device) -> None:

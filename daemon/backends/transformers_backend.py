@@ -92,6 +92,25 @@ def quantized_key(resolved: ResolvedModel, quantization: Quantization, dtype: to
     return f"bnb-{quantization.mode}{dq}-{str(dtype).removeprefix('torch.')}-{weights}"
 
 
+def _check_architecture(folder: Path) -> None:
+    """A model type this transformers does not know is refused by name, before a traceback
+    from deep inside from_pretrained can be."""
+    import json
+
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return  # from_pretrained says what is wrong with the folder
+    try:
+        AutoConfig.for_model(model_type) if model_type else None
+    except (ValueError, KeyError):
+        raise InternalError(f"architecture {model_type!r} is not known to transformers {transformers.__version__}, "
+                            "so hfollama cannot run this model (a newer transformers may)") from None
+
+
 def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: DerivedCache) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -122,6 +141,7 @@ def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: Deriv
             folder = cached
             del kwargs["quantization_config"]  # its config.json carries it
             cache_key = None
+    _check_architecture(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     model.eval()

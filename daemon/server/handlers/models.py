@@ -88,6 +88,11 @@ async def show(request: web.Request) -> web.Response:
     system = req.system or model.modelfile.system
     template = model.template
     info = dict(model.metadata.info)
+    info["hfollama.engine"] = model.metadata.engine
+    for resident in services(request).models.residents():  # loaded: the path it decodes on
+        path = getattr(getattr(resident.runtime, "forward", None), "path", None)
+        if resident.resolved.digest == model.digest and path:
+            info["hfollama.decode_path"] = path
     body: dict[str, Any] = {
         "license": model.modelfile.license,
         "modelfile": modelfile_text(model, parameters, system, template),
