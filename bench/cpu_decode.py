@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from daemon.backends.transformers_backend import load_causal_lm  # noqa: E402
 from daemon.config import Settings  # noqa: E402
-from daemon.engine.forward import LlamaForward  # noqa: E402
+from daemon.engine.forward import ReferenceForward  # noqa: E402
 from daemon.engine.params import GenerationRequest, SamplingParams  # noqa: E402
 from daemon.engine.runner import Runner  # noqa: E402
 from daemon.names import ModelName  # noqa: E402
@@ -84,9 +84,9 @@ def main() -> None:
     tok = loaded.tokenizer
     ids = tok.encode(tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False),
                      add_special_tokens=False)
-    # the baseline first: LlamaForward takes the HF model's layers over
+    # the baseline first: ReferenceForward takes the HF model's layers over
     base = statistics.median(bench_generate(loaded.model, torch.tensor([ids]), args.tokens) for _ in range(args.reps))
-    forward = LlamaForward(loaded.model, num_slots=4, max_ctx=len(ids) + args.tokens + 8)
+    forward = ReferenceForward(loaded.model, num_slots=4, max_ctx=len(ids) + args.tokens + 8)
     runner = Runner(forward, tok, eos_token_ids=[])  # no EOS: always the full length
     rows = []
     try:

@@ -9,16 +9,21 @@
 #         over one call's carry limit: split it here (head -c 62000000 > .smol/p1, tail -c
 #         +62000001 > .smol/p2), carry .smol/p1 in one call and .smol/p2 in the next while the
 #         machine is still warm (each copied to /root/smol), then run setup
-# checkpoint writes the random Llama-3-8B checkpoint in the background (the benches share it)
+# checkpoint writes the random checkpoints of SHAPES' first shape (default llama3-8b) in the
+#         background (the benches share them)
 # tests   the GPU tests (kernels against bitsandbytes, fast path against eager, SmolLM2 greedy)
 # sweep   bench/nf4_kernel.py: NF4 GEMV settings on this card -> $OUT/configs.json
-# decode  bench/gpu_decode.py with those settings (NF4+DQ, NF4, int8, bf16), with a profile and
-#         one setting of the step flipped at a time (--ablate)
-# serve   bench/gpu_serve.py: 1 / 8 / 32 concurrent streams over HTTP, and one slot
+# decode  bench/gpu_decode.py with those settings (NF4+DQ, NF4, int8, bf16) on SHAPES (default
+#         llama3-8b; others: qwen3-8b gemma3-12b phi4, NF4+DQ, compared by bytes per token, each
+#         other checkpoint deleted after it unless KEEP=1), with a profile and one setting of the
+#         step flipped at a time (--ablate)
+# serve   bench/gpu_serve.py on SHAPE (default llama3-8b): 1 / 8 / 32 concurrent streams over
+#         HTTP (CONCURRENCY), and one slot
 # llama   unpacks llama.cpp carried in .llama/ (bench/build_llama_cpp.sh) into /root/llama
 # peer    bench/llama_cpp_peer.py with that llama.cpp
 #
-# Knobs: VARIANTS and ABLATE (decode; ABLATE= for none), REPEATS (serve), SWEEP_ROWS (sweep),
+# Knobs: VARIANTS, SHAPES, KEEP and ABLATE (decode; ABLATE= for none), SHAPE, CONCURRENCY,
+# SEQUENTIAL and REPEATS (serve), SWEEP_ROWS and MODELS (sweep), TESTS (the GPU test files),
 # TESTS_K (pytest -k), TAIL.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,26 +59,30 @@ for what in "$@"; do
         python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
         ;;
     checkpoint)  # in the background: the 16 GB random checkpoint the benches share
-        python3 -c "from pathlib import Path; from bench.dummy_llama import write_checkpoint; write_checkpoint(Path('/tmp/bench/llama3-8b-random'))" > "$OUT/checkpoint.log" 2>&1 &
+        first=${SHAPES:-llama3-8b}; first=${first%% *}
+        python3 -c "from pathlib import Path; from bench.dummy_models import write_checkpoint; write_checkpoint(Path('/tmp/bench/$first-random'), shape='$first')" > "$OUT/checkpoint.log" 2>&1 &
         WRITER=$!
         ;;
     tests)
-        step tests python3 -m pytest -p no:cacheprovider -q -x -m gpu ${TESTS_K:+-k "$TESTS_K"} tests/test_cuda_kernels.py tests/test_cuda_gemv.py tests/test_cuda_forward.py
+        step tests python3 -m pytest -p no:cacheprovider -q -x -m gpu ${TESTS_K:+-k "$TESTS_K"} ${TESTS:-tests/test_cuda_kernels.py tests/test_cuda_gemv.py tests/test_cuda_forward.py}
         ;;
     sweep)
-        step sweep python3 bench/nf4_kernel.py --rows ${SWEEP_ROWS:-1 2 4} --int8 --out "$OUT/configs.json"
+        step sweep python3 bench/nf4_kernel.py --rows ${SWEEP_ROWS:-1 2 4} --int8 --models ${MODELS:-llama3-8b} --out "$OUT/configs.json"
         cp "$OUT/configs.json" /tmp/bench/configs.json 2>/dev/null
         CONFIGS=$OUT/configs.json
         ;;
     decode)
         [ -n "${WRITER:-}" ] && wait "$WRITER"  # the checkpoint, whole, before it is read
-        args=(--root /tmp/bench --variants ${VARIANTS:-nf4-dq bf16 nf4 int8} --profile --ablate ${ABLATE-no-rope-epilogue no-silu-epilogue gemv-trigger})
+        args=(--root /tmp/bench --variants ${VARIANTS:-nf4-dq bf16 nf4 int8} --shapes ${SHAPES:-llama3-8b} --profile
+              --ablate ${ABLATE-no-rope-epilogue no-act-epilogue gemv-trigger})
+        [ -n "${KEEP:-}" ] || args+=(--cleanup)
         [ -f "$CONFIGS" ] && args+=(--configs "$CONFIGS")
         TAIL=60 step decode python3 bench/gpu_decode.py "${args[@]}"
         ;;
     serve)
         [ -n "${WRITER:-}" ] && wait "$WRITER"  # the checkpoint, whole, before it is read
-        args=(--root /tmp/bench --concurrency 1 8 32 --sequential 4 --repeats ${REPEATS:-3})
+        args=(--root /tmp/bench --shape ${SHAPE:-llama3-8b} --concurrency ${CONCURRENCY:-1 8 32} --sequential ${SEQUENTIAL:-4}
+              --repeats ${REPEATS:-3})
         [ -f "$CONFIGS" ] && args+=(--configs "$CONFIGS")
         step serve python3 bench/gpu_serve.py "${args[@]}"
         ;;

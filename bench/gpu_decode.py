@@ -1,7 +1,13 @@
-"""Decoding Llama-3-8B shapes on one GPU: hfollama's path against model.generate(), in one run.
+"""Decoding real models' shapes on one GPU: hfollama's path against model.generate(), in one run.
 
     python bench/gpu_decode.py --root /tmp/bench [--variants nf4-dq nf4 fp4-dq int8 bf16] [--tokens 256]
-        [--ablate no-rope-epilogue no-silu-epilogue gemv-trigger]
+        [--shapes llama3-8b qwen3-8b gemma3-12b phi4] [--shape-variants nf4-dq] [--cleanup]
+        [--ablate no-rope-epilogue no-act-epilogue gemv-trigger]
+
+Shapes (bench/dummy_models.py): Llama-3-8B with every variant, the others with --shape-variants;
+each other shape's rate is compared with Llama-3-8B's scaled by the bytes each reads per token
+(the "scaled" column: what the same efficiency would give), and --cleanup deletes each other
+shape's checkpoint when it is done (the disk holds one at a time).
 
 Per variant: first load (quantizing from bf16 safetensors on local disk, keeping the
 quantized weights), model.generate() on that model (greedy, forced to full length: no
@@ -29,7 +35,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from bench.dummy_llama import write_checkpoint  # noqa: E402
+from bench.dummy_models import SHAPES, write_checkpoint  # noqa: E402
 from daemon.backends.runtime import make_forward  # noqa: E402
 from daemon.backends.transformers_backend import load_causal_lm  # noqa: E402
 from daemon.config import Settings  # noqa: E402
@@ -65,7 +71,8 @@ def copy_bandwidth() -> float:
 
 
 def prompt(n: int) -> list[int]:
-    return [1000 + (i * 7919) % 100000 for i in range(n)]
+    """n token ids below 100,352 (the smallest vocabulary benchmarked, Phi-4's)."""
+    return [1000 + (i * 7919) % 99000 for i in range(n)]
 
 
 def generate_rate(model, n: int) -> float:
@@ -122,7 +129,7 @@ def ablations() -> dict:
 
     return {
         "no-rope-epilogue": lambda: mock.patch.object(cuda_forward.Linear, "fuses_rope", lambda self, rows, d: False),
-        "no-silu-epilogue": lambda: mock.patch.object(cuda_forward.Linear, "fuses_silu", lambda self, rows: False),
+        "no-act-epilogue": lambda: mock.patch.object(cuda_forward.Linear, "fuses_act", lambda self, rows: False),
         "gemv-trigger": lambda: mock.patch.object(gemv, "GEMV_TRIGGERS_NEXT", True),
     }
 
@@ -173,68 +180,86 @@ def main() -> None:
     parser.add_argument("--configs", default="", help="NF4 launch settings from bench/nf4_kernel.py --out")
     parser.add_argument("--profile", action="store_true", help="print each variant's kernels per decode step")
     parser.add_argument("--ablate", nargs="*", default=[], metavar="NAME",
-                        help="decode again with one setting flipped at a time: no-rope-epilogue no-silu-epilogue gemv-trigger")
+                        help="decode again with one setting flipped at a time: no-rope-epilogue no-act-epilogue gemv-trigger")
+    parser.add_argument("--shapes", nargs="+", default=["llama3-8b"], choices=sorted(SHAPES))
+    parser.add_argument("--shape-variants", nargs="+", default=["nf4-dq"], help="the variants of shapes besides Llama")
+    parser.add_argument("--cleanup", action="store_true", help="delete each other shape's checkpoint after it")
     args = parser.parse_args()
     if args.configs:
         from daemon.engine.cuda import gemv
 
         gemv.load_configs(Path(args.configs).read_text())
     root = Path(args.root)
-    checkpoint = write_checkpoint(root / "llama3-8b-random")
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {bandwidth / 1e12:.2f} TB/s", flush=True)
-    mf = root / "modelfiles"
-    mf.mkdir(parents=True, exist_ok=True)
-    (mf / "bench.yaml").write_text("tags:\n" + "".join(
-        f"  {v}:\n    source: {{path: '{checkpoint}'}}\n    quantization: {q}\n" for v, q in VARIANTS.items()))
-    settings = Settings.from_env({}, models_dir=root / "store", user_modelfiles_dir=mf, device="cuda")
-    catalog = build_catalog(settings)
-    derived = DerivedCache(root / "store" / "derived")
     rows, ablated = [], []
-    for variant in args.variants:
-        resolved = catalog.resolve(ModelName.parse(f"bench:{variant}"))
-        t = time.perf_counter()
-        loaded = load_causal_lm(resolved, torch.device("cuda"), derived)
-        first_load = time.perf_counter() - t
-        base = generate_rate(loaded.model, args.baseline_tokens)
-        print(f"{variant}: first load {first_load:.1f}s, generate() {base:.1f} tok/s", flush=True)
-        del loaded
-        gc.collect()
-        torch.cuda.empty_cache()
-        t = time.perf_counter()
-        loaded = load_causal_lm(resolved, torch.device("cuda"), derived)
-        second_load = time.perf_counter() - t
-        torch.cuda.reset_peak_memory_stats()
-        forward = make_forward(loaded.model, slots=4, num_ctx=4096)
-        runner = Runner(forward, loaded.tokenizer, [])  # no EOS: full length
-        try:
-            numbers = engine_numbers(runner, args.tokens)
-        finally:
-            runner.close()
-        peak = torch.cuda.max_memory_allocated() / (1 << 30)
-        if args.profile:
-            print(f"{variant}: kernels per decode step (batch 1)\n{profile_step(forward)}", flush=True)
-        if args.ablate and hasattr(forward, "capture_all") and forward.layers[0].qkv.quantized is not None:
-            print(f"{variant}: {numbers['rate']:.1f} tok/s with every fusion; each off alone:", flush=True)
-            ablated.append((variant, numbers["rate"], ablated_rates(forward, loaded.tokenizer, args.ablate,
-                                                                    args.tokens)))
-        per_token = forward.weights_bytes - forward.embed.numel() * forward.embed.element_size()
-        limit = bandwidth / per_token
-        rows.append((variant, type(forward).__name__, numbers["rate"], base, numbers["ttft128"], numbers["ttft1024"],
-                     peak, first_load, second_load, 100 * numbers["rate"] / limit, limit))
-        print(rows[-1], flush=True)
-        del forward, runner, loaded
-        gc.collect()
-        torch.cuda.empty_cache()
-    print(f"\nLlama-3-8B shapes, random weights, prompt 128, {args.tokens} new tokens, greedy, batch 1, "
-          f"{torch.cuda.get_device_name()}")
-    print(f"{'variant':<8}{'path':<18}{'tok/s':>8}{'generate()':>11}{'ratio':>7}{'TTFT128':>9}{'TTFT1024':>10}"
-          f"{'peak GiB':>9}{'load 1st':>9}{'load 2nd':>9}{'% BW':>6}{'limit':>7}")
-    for v, path, rate, base, t128, t1024, peak, l1, l2, pct, limit in rows:
-        print(f"{v:<8}{path:<18}{rate:>8.1f}{base:>11.1f}{rate / base:>6.1f}x{t128:>8.0f}ms{t1024:>8.0f}ms"
-              f"{peak:>9.1f}{l1:>8.1f}s{l2:>8.1f}s{pct:>5.0f}%{limit:>7.0f}")
+    for shape in args.shapes:
+        checkpoint = write_checkpoint(root / f"{shape}-random", shape=shape)
+        variants = args.variants if shape == "llama3-8b" else args.shape_variants
+        mf = root / "modelfiles"
+        mf.mkdir(parents=True, exist_ok=True)
+        (mf / "bench.yaml").write_text("tags:\n" + "".join(
+            f"  {shape}-{v}:\n    source: {{path: '{checkpoint}'}}\n    quantization: {VARIANTS[v]}\n" for v in variants))
+        settings = Settings.from_env({}, models_dir=root / "store", user_modelfiles_dir=mf, device="cuda")
+        catalog = build_catalog(settings)
+        derived = DerivedCache(root / "store" / "derived")
+        for variant in variants:
+            rows.append(bench_variant(catalog, derived, shape, variant, args, bandwidth, ablated))
+        if args.cleanup and shape != "llama3-8b":
+            import shutil
+
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            shutil.rmtree(root / "store" / "derived", ignore_errors=True)
+    print(f"\nrandom weights, prompt 128, {args.tokens} new tokens, greedy, batch 1, {torch.cuda.get_device_name()}")
+    print(f"{'shape':<11}{'variant':<8}{'path':<13}{'tok/s':>8}{'generate()':>11}{'ratio':>7}{'TTFT128':>9}"
+          f"{'TTFT1024':>10}{'peak GiB':>9}{'load 1st':>9}{'load 2nd':>9}{'GB/tok':>7}{'% BW':>6}{'scaled':>8}{'vs':>6}")
+    llama = {r["variant"]: r for r in rows if r["shape"] == "llama3-8b"}
+    for r in rows:
+        ref = llama.get(r["variant"])
+        scaled = ref["rate"] * ref["bytes"] / r["bytes"] if ref else float("nan")
+        print(f"{r['shape']:<11}{r['variant']:<8}{r['path']:<13}{r['rate']:>8.1f}{r['base']:>11.1f}"
+              f"{r['rate'] / r['base']:>6.1f}x{r['ttft128']:>8.0f}ms{r['ttft1024']:>8.0f}ms{r['peak']:>9.1f}"
+              f"{r['first_load']:>8.1f}s{r['second_load']:>8.1f}s{r['bytes'] / 1e9:>7.2f}{r['pct']:>5.0f}%"
+              f"{scaled:>8.1f}{100 * r['rate'] / scaled:>5.0f}%")
     for v, full, rates in ablated:
         print(f"{v}: {full:.1f} tok/s with every fusion; " + ", ".join(f"{name} {r:.1f}" for name, r in rates))
+
+
+def bench_variant(catalog, derived, shape: str, variant: str, args, bandwidth: float, ablated: list) -> dict:
+    resolved = catalog.resolve(ModelName.parse(f"bench:{shape}-{variant}"))
+    t = time.perf_counter()
+    loaded = load_causal_lm(resolved, torch.device("cuda"), derived)
+    first_load = time.perf_counter() - t
+    base = generate_rate(loaded.model, args.baseline_tokens if shape == "llama3-8b" else 16)
+    print(f"{shape} {variant}: first load {first_load:.1f}s, generate() {base:.1f} tok/s", flush=True)
+    del loaded
+    gc.collect()
+    torch.cuda.empty_cache()
+    t = time.perf_counter()
+    loaded = load_causal_lm(resolved, torch.device("cuda"), derived)
+    second_load = time.perf_counter() - t
+    torch.cuda.reset_peak_memory_stats()
+    forward = make_forward(loaded.model, slots=4, num_ctx=4096)
+    runner = Runner(forward, loaded.tokenizer, [])  # no EOS: full length
+    try:
+        numbers = engine_numbers(runner, args.tokens)
+    finally:
+        runner.close()
+    peak = torch.cuda.max_memory_allocated() / (1 << 30)
+    if args.profile:
+        print(f"{shape} {variant}: kernels per decode step (batch 1)\n{profile_step(forward)}", flush=True)
+    if args.ablate and shape == "llama3-8b" and hasattr(forward, "capture_all") and forward.layers[0].qkv.quantized:
+        print(f"{variant}: {numbers['rate']:.1f} tok/s with every fusion; each off alone:", flush=True)
+        ablated.append((variant, numbers["rate"], ablated_rates(forward, loaded.tokenizer, args.ablate, args.tokens)))
+    per_token = forward.weights_bytes - forward.embed.numel() * forward.embed.element_size()
+    row = dict(shape=shape, variant=variant, path=forward.path, rate=numbers["rate"], base=base,
+               ttft128=numbers["ttft128"], ttft1024=numbers["ttft1024"], peak=peak, first_load=first_load,
+               second_load=second_load, bytes=per_token, pct=100 * numbers["rate"] / (bandwidth / per_token))
+    print(row, flush=True)
+    del forward, runner, loaded
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
 
 
 if __name__ == "__main__":

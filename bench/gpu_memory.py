@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from bench.dummy_llama import write_checkpoint  # noqa: E402
+from bench.dummy_models import write_checkpoint  # noqa: E402
 from daemon.backends.runtime import estimate_footprint, load_runtime  # noqa: E402
 from daemon.config import Settings  # noqa: E402
 from daemon.names import ModelName  # noqa: E402

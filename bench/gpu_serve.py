@@ -28,7 +28,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import aiohttp  # noqa: E402
 
-from bench.dummy_llama import write_checkpoint  # noqa: E402
+from bench.dummy_models import SHAPES, write_checkpoint  # noqa: E402
 from daemon.config import Settings, parse_host  # noqa: E402
 
 QUANT = "{mode: nf4, double_quant: true, compute_dtype: bfloat16}"
@@ -102,16 +102,18 @@ def main() -> None:
                         help="HFOLLAMA_BATCH_WEIGHTS: a bf16 copy of the NF4 matrices for batches")
     parser.add_argument("--configs", default="", help="NF4 launch settings from bench/nf4_kernel.py --out")
     parser.add_argument("--repeats", type=int, default=3, help="waves per concurrency level")
+    parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES), help="bench/dummy_models.py")
     args = parser.parse_args()
     if args.configs:
         from daemon.engine.cuda import gemv
 
         gemv.load_configs(Path(args.configs).read_text())
     root = Path(args.root)
-    checkpoint = write_checkpoint(root / "llama3-8b-random")
+    checkpoint = write_checkpoint(root / f"{args.shape}-random", shape=args.shape)
     mf = root / "modelfiles-serve"
     mf.mkdir(parents=True, exist_ok=True)
     (mf / "serve.yaml").write_text(f"tags:\n  nf4:\n    source: {{path: '{checkpoint}'}}\n    quantization: {QUANT}\n")
+    print(f"{args.shape}: {checkpoint}", flush=True)
     rows = []
     for slots, label, levels in ((args.slots, "batched", args.concurrency),
                                  (1, "one slot (sequential)", [args.sequential] if args.sequential else [])):
@@ -140,7 +142,7 @@ def main() -> None:
         finally:
             clients.terminate()
             stop()
-    print(f"\nLlama-3-8B shapes, NF4 + double quant, random weights, {args.tokens} new tokens per request, HTTP /api/chat")
+    print(f"\n{args.shape} shapes, NF4 + double quant, random weights, {args.tokens} new tokens per request, HTTP /api/chat")
     print(f"{'serving':<24}{'concurrent':>11}{'aggregate tok/s':>17}{'per stream':>12}{'TTFT p50':>10}{'p95':>8}"
           f"{'aggregate range':>18}")
     for label, c, agg, per, p50, p95, low, high in rows:

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.dummy_llama import LLAMA3_8B  # noqa: E402
+from bench.dummy_models import LLAMA3_8B  # noqa: E402
 
 # bytes per block and weights per block (ggml's block_q4_0 and block_q6_K)
 Q4_0 = (18, 32)

@@ -1,7 +1,8 @@
 """The NF4 matrix product on Llama-3-8B shapes: hfollama's Triton kernels (launch settings
 swept) against bitsandbytes' own 4-bit product and cuBLAS on bf16, in one run.
 
-    python bench/nf4_kernel.py [--rows 1 2 4] [--int8] [--out configs.json]
+    python bench/nf4_kernel.py [--rows 1 2 4] [--int8] [--models llama3-8b qwen3-8b gemma3-12b phi4]
+        [--model-rows 1] [--out configs.json]
 
 Each timing is a CUDA graph over several distinct copies of the matrix (more bytes than the
 L2 cache holds, as in a decode step where every layer's weights are new), median of the
@@ -29,6 +30,13 @@ import bitsandbytes.functional as BF  # noqa: E402
 from daemon.engine.cuda import gemv as G  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# the fused products (N, K) of the other benchmarked models (bench/dummy_models.py), those that
+# differ from Llama-3-8B's: Qwen3-8B shares its q/k/v and o
+MODEL_SHAPES = {
+    "qwen3-8b": {"gate_up": (24576, 4096), "down": (4096, 12288)},
+    "gemma3-12b": {"qkv": (8192, 3840), "o": (3840, 4096), "gate_up": (30720, 3840), "down": (3840, 15360)},
+    "phi4": {"qkv": (7680, 5120), "o": (5120, 5120), "gate_up": (35840, 5120), "down": (5120, 17920)},
+}
 # (BLOCK_N, BLOCK_K, warps, split-K, x as vectors, packed bf16, prefetch): a warp reads BLOCK_K / 2
 # contiguous bytes of one row at a time; more rows per program reuse each x load for several rows
 GEMV_SWEEP = [(bn, bk, w, sk, True, True, True)
@@ -98,7 +106,7 @@ def sweep(name, mods, ws, m, k, rows_out, best, candidates):
     n = ws[0].n
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     ref = x.float() @ BF.dequantize_4bit(mods[0].q, mods[0].st).float().T
-    timings = rank(f"{name} m={m}", x, ws, ref, candidates, UNFUSED_US.get(name, 0.0))
+    timings = rank(f"{name} m={m}", x, ws, ref, candidates, UNFUSED_US.get(name.split()[-1], 0.0))
     if not timings:
         return []
     t, cfg, err = timings[0]
@@ -151,10 +159,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 3, 4])
     parser.add_argument("--out", default="")
     parser.add_argument("--int8", action="store_true", help="also sweep the int8 GEMV (against LLM.int8())")
+    parser.add_argument("--models", nargs="+", default=["llama3-8b"], choices=["llama3-8b", *MODEL_SHAPES])
+    parser.add_argument("--model-rows", type=int, nargs="+", default=[1], help="rows swept for the other models")
     args = parser.parse_args()
     best: dict[str, list] = {}
     rows_out: list[tuple] = []
-    for name, (n, k) in SHAPES.items():
+    products = [(name, n, k, args.rows) for name, (n, k) in SHAPES.items()] if "llama3-8b" in args.models else []
+    for model in args.models:
+        products += [(f"{model.split('-')[0]} {name}", n, k, args.model_rows)
+                     for name, (n, k) in MODEL_SHAPES.get(model, {}).items()]
+    for name, n, k, rows in products:
         base = _M(n, k)
         copies = max(2, -(-2 * L2_BYTES // (n * k // 2)))
         mods = [base] + [_M(n, k) for _ in range(copies - 1)]
@@ -162,7 +176,7 @@ def main() -> None:
         for mod in mods[2:]:
             mod.dense = None  # two dense copies are enough to leave the L2 cache
         ranked = GEMV_SWEEP
-        for m in args.rows:  # 2-4 rows: the six best settings for one row
+        for m in rows:  # 2-4 rows: the six best settings for one row
             found = sweep(name, mods, ws, m, k, rows_out, best, GEMV_SWEEP if m == 1 else ranked[:6])
             ranked = found if m == 1 else ranked
         del mods, ws, base
@@ -170,15 +184,16 @@ def main() -> None:
     if args.int8:
         sweep_int8(rows_out, best, args.rows)
     print(f"\n{torch.cuda.get_device_name()}; µs per matrix, GB/s of the NF4 bytes (packed + absmax)")
-    print(f"{'matrix':<8}{'rows':>5}{'ours µs':>9}{'GB/s':>7}  {'setting':<36}{'err':>8}{'bnb µs':>9}{'bnb/ours':>9}"
+    print(f"{'matrix':<15}{'rows':>5}{'ours µs':>9}{'GB/s':>7}  {'setting':<36}{'err':>8}{'bnb µs':>9}{'bnb/ours':>9}"
           f"{'bf16 µs':>9}")
     for name, m, t, gbs, cfg, err, t_bnb, t_dense in rows_out:
-        print(f"{name:<8}{m:>5}{t:>9.1f}{gbs:>7.0f}  {str(tuple(cfg)):<36}{err:>8.1e}{t_bnb:>9.1f}{t_bnb / t:>9.2f}"
+        print(f"{name:<15}{m:>5}{t:>9.1f}{gbs:>7.0f}  {str(tuple(cfg)):<36}{err:>8.1e}{t_bnb:>9.1f}{t_bnb / t:>9.2f}"
               f"{t_dense:>9.1f}")
-    print("\n32 layers (qkv + o + gate_up + down), ms per decode step:")
+    print("\nLlama-3-8B's 32 layers (qkv + o + gate_up + down), ms per decode step:")
     for m in args.rows:
         for prefix, label in (("", "NF4"), ("i8 ", "int8")):
-            mine = [r for r in rows_out if r[1] == m and r[0].startswith("i8 ") == bool(prefix)]
+            mine = [r for r in rows_out if r[1] == m and r[0].startswith("i8 ") == bool(prefix) and r[0] in
+                    (*SHAPES, *(f"i8 {s}" for s in SHAPES))]
             if not mine:
                 continue
             ours = sum(r[2] for r in mine) * 32 / 1000

@@ -8,7 +8,7 @@ Both runs generate the full length: the runner has no EOS, and the schema (a lis
 least 1,000 records) cannot close before the token budget runs out, so every step is masked.
 Sampling is temperature 0.8 / top-k 40 / top-p 0.9 with fixed seeds for both. tok/s is the
 engine's own eval rate (tokens after the first / time since the first), aggregated over the
-concurrent requests. On the GPU the random-weights checkpoint comes from bench/dummy_llama.py;
+concurrent requests. On the GPU the random-weights checkpoint comes from bench/dummy_models.py;
 its word-level tokenizer cannot spell JSON, so --tokenizer gives a byte-level BPE tokenizer
 (tokenizer.json) of Llama 3's size that the grammar and the detokenizer use instead.
 """
@@ -105,7 +105,7 @@ def load(args):
         return loaded, loaded.tokenizer, f"{args.model} on the CPU ({torch.get_num_threads()} threads)"
     from transformers import PreTrainedTokenizerFast
 
-    from bench.dummy_llama import write_checkpoint
+    from bench.dummy_models import write_checkpoint
 
     root = Path(args.root)
     checkpoint = write_checkpoint(root / "llama3-8b-random")
