@@ -150,6 +150,7 @@ class Settings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     gpu_memory: str = ""  # the memory budget: bytes with a unit, or a fraction of the device
     batch_weights: str = "auto"  # auto | on | off: a bf16 copy of 4-bit weights for batched decoding
+    prefix_cache: bool = True  # a new prompt reuses the KV of the longest cached prefix (HFOLLAMA_PREFIX_CACHE)
     hf_token: str | None = None
     hf_endpoint: str | None = None  # HF_ENDPOINT: a Hub mirror (the tests use a local one)
 
@@ -173,6 +174,7 @@ class Settings:
             device=env_var(env, "HFOLLAMA_DEVICE") or "auto",
             gpu_memory=env_var(env, "HFOLLAMA_GPU_MEMORY"),
             batch_weights=_choice(env, "HFOLLAMA_BATCH_WEIGHTS", ("auto", "on", "off"), "auto"),
+            prefix_cache=_choice(env, "HFOLLAMA_PREFIX_CACHE", ("on", "off"), "on") == "on",
             hf_token=env_var(env, "HF_TOKEN") or None,
             hf_endpoint=env_var(env, "HF_ENDPOINT") or None,
         )

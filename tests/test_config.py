@@ -65,3 +65,9 @@ def test_debug_levels(text, level):
 @pytest.mark.parametrize("text,value", [("", "auto"), ("on", "on"), ("OFF", "off"), (" auto ", "auto"), ("maybe", "auto")])
 def test_batch_weights_setting(text, value):
     assert Settings.from_env({"HFOLLAMA_BATCH_WEIGHTS": text}).batch_weights == value
+
+
+@pytest.mark.parametrize("text, value", [("", True), ("on", True), ("OFF", False), ("off", False), ("nope", True)])
+def test_prefix_cache_setting(text, value):
+    assert Settings.from_env({"HFOLLAMA_PREFIX_CACHE": text}).prefix_cache is value
+

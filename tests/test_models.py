@@ -46,9 +46,14 @@ def test_parameters_text_is_go_formatted():
 
 def test_ps(daemon):
     httpx.post(daemon.url + "/api/generate", json={"model": "tiny:random", "keep_alive": -1}, timeout=60)
+    httpx.post(daemon.url + "/api/generate", json={"model": "tiny:random", "prompt": "hello there", "stream": False,
+                                                   "options": {"num_predict": 3}}, timeout=60)
     models = {m["name"]: m for m in httpx.get(daemon.url + "/api/ps").json()["models"]}
     m = models["tiny:random"]
     assert m["size"] > 0 and m["size_vram"] == 0 and m["context_length"] == 2048 and len(m["digest"]) == 64
+    # the KV slots and what the prefix cache keeps in them (the prompt and 2 of its 3 tokens)
+    assert m["kv_cache"]["slots"] == 4 and m["kv_cache"]["prefix_cache"] is True
+    assert m["kv_cache"]["cached_tokens"] >= 4
     assert datetime.datetime.fromisoformat(m["expires_at"]).year > 2200  # forever
     httpx.post(daemon.url + "/api/generate", json={"model": "tiny:random", "keep_alive": 0}, timeout=60)
     assert "tiny:random" not in {m["name"] for m in httpx.get(daemon.url + "/api/ps").json()["models"]}

@@ -14,11 +14,11 @@ from daemon.errors import InternalError
 from tinymodels import SCRIPT_TEXT
 
 
-def make_runner(path, slots=4, ctx=256, chunk=512) -> Runner:
+def make_runner(path, slots=4, ctx=256, chunk=512, prefix_cache=True) -> Runner:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     forward = ReferenceForward(model, num_slots=slots, max_ctx=ctx, weight_dtype=torch.float32)
-    return Runner(forward, tok, [tok.eos_token_id], prefill_chunk=chunk)
+    return Runner(forward, tok, [tok.eos_token_id], prefill_chunk=chunk, prefix_cache=prefix_cache)
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +170,9 @@ def test_pipelined_steps_chain_on_the_device_and_match_step_by_step(tiny_dirs):
 
 def test_waiting_prompts_prefill_together_within_the_token_budget(tiny_dirs):
     """Prompts waiting together share a pass (within the budget), which also carries the
-    running sequences' decode step; the tokens equal each request alone."""
-    runner = make_runner(tiny_dirs["random"], chunk=8)
+    running sequences' decode step; the tokens equal each request alone (the prefix cache off:
+    the same prompts again would be cached)."""
+    runner = make_runner(tiny_dirs["random"], chunk=8, prefix_cache=False)
     original = runner.model.forward_mixed
     passes = []
 

@@ -161,7 +161,8 @@ class ModelRuntime:
         _free_device_memory(device)
 
 
-def make_forward(model: torch.nn.Module, slots: int, num_ctx: int, batch_weights: bool = False):
+def make_forward(model: torch.nn.Module, slots: int, num_ctx: int, batch_weights: bool = False,
+                 prefill_tokens: int = 512):
     """The fastest path that runs the model: hfollama's fast GPU path (CUDA, Triton, a family
     of the model definitions, dense / 4-bit / int8 layers) with its decode graphs captured
     now; else the reference path (the same definitions in PyTorch); else transformers' own
@@ -179,7 +180,7 @@ def make_forward(model: torch.nn.Module, slots: int, num_ctx: int, batch_weights
             except UnsupportedArchitecture as exc:
                 log.info("%s: not on the fast path (%s)", name, exc)
             else:
-                forward.capture_all()
+                forward.capture_all(prefill_tokens)
                 log.info("%s: decoding on the fast path", name)
                 return forward
     try:
@@ -257,9 +258,9 @@ def load_runtime(resolved: ResolvedModel, settings: Settings, num_ctx: int | Non
     loaded = forward = None
     try:
         loaded = load_causal_lm(resolved, device, DerivedCache(settings.models_dir / "derived"))
-        forward = make_forward(loaded.model, plan.slots, plan.num_ctx, plan.batch_weights)
+        forward = make_forward(loaded.model, plan.slots, plan.num_ctx, plan.batch_weights, plan.prefill_tokens)
         runner = Runner(forward, loaded.tokenizer, loaded.eos_token_ids, prefill_chunk=plan.prefill_tokens,
-                        name=resolved.name.display)
+                        name=resolved.name.display, prefix_cache=settings.prefix_cache)
     except BaseException as exc:
         del loaded, forward
         _free_device_memory(device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def allowed(q_positions: torch.Tensor, keys: int, window: int | None) -> torch.Tensor:
@@ -19,17 +20,23 @@ def allowed(q_positions: torch.Tensor, keys: int, window: int | None) -> torch.T
     return mask
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_positions: torch.Tensor, *,
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_positions: torch.Tensor | None, *,
            scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-    """q [B, H, T, D] at absolute positions q_positions [B, T]; keys / values [B, KV, S, D]
-    holding positions 0..S-1. Returns [B, H, T, D]."""
+    """q [B, H, T, D] at absolute positions q_positions [B, T], or None for a prompt chunk: the
+    keys' last T positions; keys / values [B, KV, S, D] holding positions 0..S-1. Returns
+    [B, H, T, D]. A chunk without a window needs no mask: causal from the bottom right
+    (`causal_lower_right`), which the flash and memory-efficient kernels take as it is."""
     gqa = keys.shape[1] != q.shape[1]
     steps, length = q.shape[2], keys.shape[2]
+    if q_positions is None:
+        if softcap is None and window is None:
+            mask = causal_lower_right(steps, length) if steps != length else None
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                                  enable_gqa=gqa)
+        q_positions = torch.arange(length - steps, length, device=q.device)[None]
     if softcap is None:
-        plain_causal = window is None and q.shape[0] == 1 and steps == length  # a whole prompt from position 0
-        mask = None if plain_causal else allowed(q_positions, length, window)[:, None]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=plain_causal, scale=scale,
-                                              enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed(q_positions, length, window)[:, None],
+                                              scale=scale, enable_gqa=gqa)
     if gqa:
         group = q.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
@@ -38,3 +45,10 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_position
     scores = scores.masked_fill(~allowed(q_positions, length, window)[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     return torch.matmul(probs, values)
+
+
+def copy_slot_prefix(caches: list[torch.Tensor], source: int, target: int, length: int) -> None:
+    """Copy the first `length` positions of slot `source` into slot `target` in every layer's
+    [slots, kv_heads, ctx, head_dim] key or value cache: a prefix one prompt reuses from another."""
+    for cache in caches:
+        cache[target, :, :length].copy_(cache[source, :, :length])

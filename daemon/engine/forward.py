@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from daemon.engine.attention import attend
+from daemon.engine.attention import attend, copy_slot_prefix
 from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
 from daemon.engine.spec import rotary_tables, softcap, take_layers
 
@@ -203,8 +203,7 @@ class ReferenceForward:
                 self._clean[slot] = max(self._clean[slot], end)
             kc[slot, :, start:end] = k[0]
             vc[slot, :, start:end] = v[0]
-            positions = start + torch.arange(steps, device=q.device)[None]
-            return attend(q, kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end], positions, **options)
+            return attend(q, kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end], None, **options)
         # decode across slots (steps == 1): scatter the new entries, gather the caches
         if layer_index == 0:
             self._zero_unwritten(slots, max(starts) + 1)
@@ -239,6 +238,11 @@ class ReferenceForward:
         parts = [self.forward(tokens, slots, starts)] if tokens.shape[0] else []
         parts += [self.forward(torch.tensor([ids]), [slot], [start]) for ids, slot, start in chunks]
         return torch.cat(parts)
+
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Slot `target` takes the keys and values of slot `source`'s first `length` positions."""
+        copy_slot_prefix([*self.k_cache, *self.v_cache], source, target, length)
+        self._clean[target] = max(self._clean[target], length)
 
     def release(self) -> None:
         """Drop the KV caches (the model is unloading)."""

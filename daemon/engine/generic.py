@@ -11,6 +11,7 @@ rebuilt from the ids it holds.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -67,7 +68,7 @@ class TransformersForward:
         if start < len(held):
             cache = self._caches[slot]
             if getattr(cache, "is_croppable", True) and hasattr(cache, "crop"):
-                cache.crop(start)
+                cache.crop(start - len(held))  # negative: tokens to remove, in old and new transformers
                 del held[start:]
             else:  # rebuilt from the ids it held
                 again = held[:start]
@@ -98,6 +99,21 @@ class TransformersForward:
         with torch.inference_mode():
             parts += [self._run(slot, ids, start)[None] for ids, slot, start in chunks]
         return torch.cat(parts)
+
+    @torch.inference_mode()
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Slot `target` takes slot `source`'s first `length` tokens: a copy of its cache,
+        cropped (or rebuilt where the cache cannot be cropped)."""
+        ids = self._held[source][:length]
+        if len(ids) != length:
+            raise ValueError(f"slot {source} holds {len(self._held[source])} tokens, not {length}")
+        cache = self._caches[source]
+        if getattr(cache, "is_croppable", True) and hasattr(cache, "crop"):
+            self._caches[target], self._held[target] = copy.deepcopy(cache), list(self._held[source])
+            self._cache_at(target, length)
+        else:
+            self._caches[target], self._held[target] = None, []
+            self._run(target, ids, 0)
 
     @torch.inference_mode()
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:

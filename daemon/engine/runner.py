@@ -7,11 +7,14 @@ forward: a decode step for all sequences past their prefill, sampled together, w
 takes in the next chunks of waiting prompts (up to `prefill_chunk` tokens in all, so many
 short prompts start together and a long one does not stall running streams for long).
 
-A request that is cancelled (client gone) is dropped before the next step and its slot
-freed; an error in a prefill pass fails the requests whose prompts were in it (the running
+A new request takes the KV slot whose cached tokens share the longest prefix with its prompt,
+or has that prefix copied into its slot from another one, and prefills only the rest
+(engine/prefix.py). A request that is cancelled (client gone) is dropped before the next step
+and its slot freed, keeping the tokens it had fed; an error in a prefill pass fails the requests whose prompts were in it (the running
 ones decode on); an error in a decode step fails the requests in that step; an error anywhere
 else in a step (sampling, detokenizing, a grammar) fails that step's requests. Each failed
-request gets the error and its slot back, and the loop keeps serving the others.
+request gets the error and its slot back (emptied: nothing half-computed is reused), and the
+loop keeps serving the others.
 
 Decoding is pipelined: a step's sampled tokens stay on the device and feed the next step,
 which is launched before the host reads them (then detokenizes, matches stops and emits
@@ -35,6 +38,7 @@ import torch
 
 from daemon.engine.grammar import Masker
 from daemon.engine.params import GenerationRequest
+from daemon.engine.prefix import Holder, Reuse, SlotCache
 from daemon.engine.sampling import SamplingBatch, sample, token_logprobs
 from daemon.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
 from daemon.errors import DaemonError, InternalError
@@ -52,6 +56,8 @@ class ForwardModel(Protocol):
     def forward_mixed(self, tokens: torch.Tensor, slots: list[int], starts: list[int],
                       chunks: list[tuple[list[int], int, int]]) -> torch.Tensor: ...
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None: ...
+
 
 @dataclass
 class Chunk:
@@ -61,7 +67,7 @@ class Chunk:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False
     done_reason: str | None = None
-    prompt_eval_count: int = 0
+    prompt_eval_count: int = 0  # evaluated: the prompt less what the prefix cache held
     prompt_eval_duration_ns: int = 0
     eval_count: int = 0
     eval_duration_ns: int = 0
@@ -77,6 +83,8 @@ class _Sequence:
         self.generated: list[int] = []
         self.slot: int | None = None
         self.prefilled = 0
+        self.reused = 0  # prompt tokens whose keys and values came from the cache
+        self.reuse: Reuse | None = None  # a prefix still to copy, or to wait for, before prefilling
         self.cancelled = False
         self.finished = False
         self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt)
@@ -87,6 +95,19 @@ class _Sequence:
     @property
     def decoding(self) -> bool:
         return self.prefilled == len(self.prompt) and not self.finished
+
+    def cached_length(self) -> int:
+        """How many of prompt + generated have their keys and values in the slot: the prompt
+        as far as prefilled, then each generated token but the last (fed to get the next)."""
+        if self.prefilled < len(self.prompt):
+            return self.prefilled
+        return len(self.prompt) + max(0, len(self.generated) - 1)
+
+    def holder(self) -> Holder:
+        if self.prefilled < len(self.prompt):  # the whole prompt, of which `prefilled` are in
+            return Holder(self.slot, self.prompt, self.prefilled, self)
+        tokens = self.prompt + self.generated[:-1]
+        return Holder(self.slot, tokens, len(tokens), self)
 
     def position(self) -> int:
         """Cache position of the next token to feed."""
@@ -117,7 +138,7 @@ class _InFlight:
 
 class Runner:
     def __init__(self, model: ForwardModel, tokenizer: Decoder, eos_token_ids: Iterable[int],
-                 prefill_chunk: int = 512, name: str = "model") -> None:
+                 prefill_chunk: int = 512, name: str = "model", prefix_cache: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -128,6 +149,7 @@ class Runner:
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
         self._free_slots = list(range(model.num_slots))
+        self._slots = SlotCache(model.num_slots, enabled=prefix_cache)
         self._outbox: list[tuple[_Sequence, Chunk | BaseException]] = []
         self._tasks: collections.deque[tuple[Any, asyncio.AbstractEventLoop, asyncio.Future]] = collections.deque()
         self._closing = False
@@ -183,6 +205,16 @@ class Runner:
     def busy(self) -> int:
         with self._cv:
             return len(self._active) + len(self._waiting)
+
+    @property
+    def prefix_cache(self) -> bool:
+        return self._slots.enabled
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens kept in free slots for the next requests (the prefix cache's content)."""
+        with self._cv:
+            return self._slots.cached_tokens()
 
     def close(self) -> None:
         """Stop the loop; pending requests get an error. Returns when the thread is gone."""
@@ -244,21 +276,66 @@ class Runner:
     def _admit(self) -> None:
         while self._waiting and self._free_slots:
             seq = self._waiting.popleft()
-            seq.slot = self._free_slots.pop(0)
+            reuse = self._slots.plan(seq.prompt, self._free_slots, self._busy_holders())
+            self._free_slots.remove(reuse.slot)
+            self._slots.take(reuse.slot)
+            seq.slot = reuse.slot
+            if reuse.copies or reuse.leader is not None:
+                seq.reuse = reuse  # copied (or waited for) at the next step, outside the lock
+            else:
+                seq.prefilled = seq.reused = reuse.length
             self._active.append(seq)
 
-    def _release(self, seq: _Sequence) -> None:
+    def _busy_holders(self, but: _Sequence | None = None) -> list[Holder]:
+        return [s.holder() for s in self._active if s is not but and not s.cancelled and s.slot is not None]
+
+    def _take_prefixes(self) -> None:
+        """Copy the prefixes planned at admission into their slots; a prompt that waits for a
+        prefix another one is computing takes it once that is in (or plans again if the
+        other one is gone)."""
+        for seq in list(self._active):
+            reuse = seq.reuse
+            if reuse is None or seq.cancelled:
+                continue
+            if reuse.leader is not None:
+                leader = reuse.leader
+                if leader in self._active and not leader.cancelled and leader.slot is not None:
+                    if leader.cached_length() < reuse.length:
+                        continue  # not computed yet: this prompt waits
+                    reuse = Reuse(seq.slot, reuse.length, leader.slot)
+                else:  # the leader ended or failed: what is there now
+                    with self._cv:
+                        reuse = self._slots.plan(seq.prompt, [seq.slot], self._busy_holders(but=seq))
+                    if reuse.leader is not None:
+                        seq.reuse = reuse
+                        continue
+            seq.reuse = None
+            if not reuse.copies:
+                continue
+            try:
+                self.model.copy_prefix(reuse.source, seq.slot, reuse.length)
+            except Exception as exc:  # this prompt fails; the others go on
+                log.exception("copying a cached prefix failed")
+                self._fail([seq], exc)
+                continue
+            seq.prefilled = seq.reused = reuse.length
+
+    def _release(self, seq: _Sequence, keep: bool = True) -> None:
+        """The sequence ends; its slot is free again, holding what the sequence fed through
+        it for the next prompts (nothing where it failed: its cache is not to be trusted)."""
         seq.finished = True
         if seq in self._active:
             self._active.remove(seq)
         if seq.slot is not None:
+            self._slots.keep(seq.slot, (seq.prompt + seq.generated)[:seq.cached_length()] if keep else ())
             self._free_slots.append(seq.slot)
-            self._free_slots.sort()
             seq.slot = None
 
     def _step(self) -> None:
+        self._take_prefixes()
         with self._cv:
-            prefilling = [s for s in self._active if s.prefilled < len(s.prompt) and not s.cancelled]
+            prefilling = [s for s in self._active
+                          if s.prefilled < len(s.prompt) and not s.cancelled and s.reuse is None]
         if self._inflight is not None and prefilling:
             self._land()  # the step that takes in new prompts starts from the host's tokens
         with self._cv:
@@ -279,7 +356,7 @@ class Runner:
         for seq in seqs:
             if budget <= 0:
                 break
-            if seq.prefilled == 0:
+            if not seq.t_prefill_start:
                 seq.t_prefill_start = time.perf_counter_ns()
             start = seq.prefilled
             chunk = seq.prompt[start:start + budget]
@@ -439,7 +516,7 @@ class Runner:
         self._emit(seq, Chunk(
             done=True,
             done_reason=reason,
-            prompt_eval_count=len(seq.prompt),
+            prompt_eval_count=len(seq.prompt) - seq.reused,
             prompt_eval_duration_ns=seq.t_prefill_end - seq.t_prefill_start,
             eval_count=len(seq.generated),
             eval_duration_ns=time.perf_counter_ns() - seq.t_prefill_end,
@@ -460,7 +537,7 @@ class Runner:
         with self._cv:
             for seq in seqs:
                 self._emit(seq, error)
-                self._release(seq)
+                self._release(seq, keep=False)
 
     def _emit(self, seq: _Sequence, item: Chunk | BaseException) -> None:
         self._outbox.append((seq, item))

@@ -30,8 +30,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from daemon.engine.attention import attend as prompt_attention
+from daemon.engine.attention import attend as prompt_attention, copy_slot_prefix
 from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
 from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
@@ -40,6 +41,10 @@ from daemon.engine.spec import rotary_tables, softcap, take_layers
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
+# Prompt attention runs on SDPA's flash or memory-efficient kernels, never cuDNN's: cuDNN builds
+# an execution plan for each new shape (hundreds of ms), so a prompt of a length not seen before
+# would pay for it in the request path.
+PROMPT_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # Devices the fast path takes. Tests add "cpu" to run it in Triton's interpreter (graphs=False).
 RUNS_ON = frozenset({"cuda"})
 
@@ -358,6 +363,11 @@ class FastForward:
         rows = torch.tensor(list(range(batch)) + [end - 1 for end in list(ends)[1:]], device=self.device)
         return self._logits(out[rows], x[rows], pending)
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Slot `target` takes the keys and values of slot `source`'s first `length` positions
+        (queued on the stream: after every step launched before, before every step after)."""
+        copy_slot_prefix([*self.k_cache, *self.v_cache], source, target, length)
+
     def release(self) -> None:
         """Drop the KV caches and graphs (the model is unloading)."""
         self.k_cache.clear()
@@ -390,21 +400,21 @@ class FastForward:
             lengths = torch.tensor([p + 1 for _, p in decoding], dtype=torch.int32).to(self.device, non_blocking=True)
             decode_attend = self._decode_attend(self._graph_for(batch).attention, decode_slots, lengths)
         spec, width = self.spec, self.num_heads * self.head_dim
-        where = [(slot, start, n, torch.arange(start, start + n, device=self.device)[None]) for slot, start, n in segments]
 
         def attend(i: int, q: torch.Tensor) -> torch.Tensor:
             parts = [decode_attend(i, q[:batch])] if decode_attend is not None else []
             offset = batch
-            for slot, start, n, at in where:
+            for slot, start, n in segments:
                 keys = self.k_cache[i][slot:slot + 1, :, :start + n]
                 values = self.v_cache[i][slot:slot + 1, :, :start + n]
-                o = prompt_attention(q[offset:offset + n].transpose(0, 1)[None], keys, values, at,
+                o = prompt_attention(q[offset:offset + n].transpose(0, 1)[None], keys, values, None,
                                      scale=spec.attn_scale, window=spec.windows[i], softcap=spec.attn_softcap)
                 parts.append(o[0].transpose(0, 1).reshape(n, width))
                 offset += n
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        return self._layers(self._embed(tokens), positions, slots, attend)
+        with sdpa_kernel(PROMPT_ATTENTION_BACKENDS):
+            return self._layers(self._embed(tokens), positions, slots, attend)
 
     # ---- decode through a captured graph --------------------------------------------------
 
@@ -441,16 +451,31 @@ class FastForward:
             g.graph = None
             torch.cuda.synchronize(self.device)
 
-    def capture_all(self) -> None:
-        """Capture every bucket now (at load), and compile the prompt path's kernel variants (1-4
-        token chunks through the GEMV, longer ones through the dequantized GEMM) by prefilling
-        the scratch slot, so no request pays for either: a Triton compile takes up to a second."""
+    @torch.inference_mode()
+    def capture_all(self, prefill_tokens: int = 512) -> None:
+        """Capture every bucket now (at load), and run the prompt path's kernel variants by
+        prefilling the scratch slot, so that no request pays for a compile (a Triton compile
+        takes up to a second): chunks of 1-5 tokens (the GEMV) and longer ones (the dequantized
+        GEMM), token counts of each of Triton's integer specializations (1, multiples of 16,
+        the rest), a whole pass of `prefill_tokens`, a chunk that starts past position 0 and one
+        beside a decode row."""
         for b in self.buckets:
             self._graph_for(b)
         for n in (1, 2, 3, 4, 5):
             self.encode(torch.zeros(n, dtype=torch.long))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.device.type != "cuda":
+            return  # Triton's interpreter (the tests) compiles nothing: the long passes only cost time
+        full = max(2, min(prefill_tokens, self.max_ctx))
+        for n in sorted({16, 17, full}):
+            if n <= self.max_ctx:
+                self.encode(torch.zeros(n, dtype=torch.long))
+        half = full // 2
+        self._prompt_layers(torch.zeros(full, dtype=torch.long, device=self.device),
+                            [(self.num_slots, 0, half), (self.num_slots, half, full - half)])
+        # a decode row beside a chunk (a prompt admitted while others decode)
+        self._prompt_layers(torch.zeros(half + 1, dtype=torch.long, device=self.device),
+                            [(self.num_slots, 1, half)], [(self.num_slots, 0)])
+        torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:

@@ -127,6 +127,11 @@ async def ps(request: web.Request) -> web.Response:
             "context_length": resident.runtime.num_ctx,
             "_expires": resident.expires_at_wall,
         })
+        runner = getattr(resident.runtime, "runner", None)
+        if runner is not None:  # beyond Ollama's fields (its clients ignore extra ones): the KV slots
+            # and the prefix cache they hold, part of `size` already
+            entries[-1]["kv_cache"] = {"slots": runner.num_slots, "cached_tokens": runner.cached_tokens,
+                                       "prefix_cache": runner.prefix_cache}
     entries.sort(key=lambda e: e["_expires"], reverse=True)
     for e in entries:
         del e["_expires"]
