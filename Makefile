@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install bench clean
+.PHONY: serve test install bench clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,16 @@ $(NEWMAN): postman/package.json postman/package-lock.json
 	@if command -v npm >/dev/null; then npm ci --prefix postman --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the Postman collection test will be skipped"; fi
 
-test: $(STAMP) $(NEWMAN)
+# The chat page's tests (tests/test_ui.py) drive a real headless Chromium: Debian's, installed
+# here where apt can (as root); without one they are skipped, and say so.
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
+		 apt-get install -y -q chromium >/dev/null 2>&1)) || echo "chromium could not be installed: the browser tests will be skipped"; \
+	else echo "no chromium (apt install chromium): the browser tests will be skipped"; fi
+
+test: $(STAMP) $(NEWMAN) browser
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

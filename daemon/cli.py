@@ -18,8 +18,9 @@ from typing import Any, Iterator
 
 from daemon import OLLAMA_API_VERSION, __version__
 from daemon.client import Client, ClientError, base_url
-from daemon.config import TRACE, Settings, parse_host
+from daemon.config import TRACE, Settings, parse_host, read_api_key_file
 from daemon.durations import parse_keep_alive_env
+from daemon.logs import configure_logging
 
 
 # ---- serve ------------------------------------------------------------------------------
@@ -28,20 +29,16 @@ def _serve(args: argparse.Namespace) -> int:
     from daemon.server.app import serve_forever
 
     keep_alive = parse_keep_alive_env(args.keep_alive, 0) if args.keep_alive else None
-    settings = Settings.from_env(
-        bind=parse_host(args.host) if args.host else None,
-        models_dir=Path(args.models).expanduser() if args.models else None,
-        user_modelfiles_dir=Path(args.modelfiles).expanduser() if args.modelfiles else None,
-        keep_alive_ns=keep_alive,
-        origins=tuple(o.strip() for o in args.origins.split(",") if o.strip()) if args.origins else None,
-        context_length=args.context_length,
-        log_level=logging.DEBUG if args.debug else None,
-        num_parallel=args.parallel,
-        device=args.device,
-        gpu_memory=args.gpu_memory,
-    )
+    try:
+        keys = tuple(args.api_key or ())
+        for path in args.api_key_file or ():
+            keys += read_api_key_file(Path(path))
+        settings = _serve_settings(args, keep_alive, keys)
+    except ValueError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
     logging.addLevelName(TRACE, "TRACE")
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     logging.getLogger(__name__).info("models in %s, modelfiles in %s", settings.models_dir, settings.modelfiles_dir)
 
     loop = asyncio.new_event_loop()
@@ -58,6 +55,25 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         loop.close()
     return 0
+
+
+def _serve_settings(args: argparse.Namespace, keep_alive: int | None, keys: tuple[str, ...]) -> Settings:
+    settings = Settings.from_env(
+        bind=parse_host(args.host) if args.host else None,
+        models_dir=Path(args.models).expanduser() if args.models else None,
+        user_modelfiles_dir=Path(args.modelfiles).expanduser() if args.modelfiles else None,
+        keep_alive_ns=keep_alive,
+        origins=tuple(o.strip() for o in args.origins.split(",") if o.strip()) if args.origins else None,
+        context_length=args.context_length,
+        log_level=logging.DEBUG if args.debug else None,
+        num_parallel=args.parallel,
+        device=args.device,
+        gpu_memory=args.gpu_memory,
+        log_format=args.log_format,
+    )
+    if keys:  # flags add to the environment's keys
+        settings = settings.with_overrides(api_keys=settings.api_keys + keys)
+    return settings
 
 
 # ---- output helpers ---------------------------------------------------------------------
@@ -116,7 +132,7 @@ class Progress:
 
 
 def _client() -> Client:
-    return Client(base_url(os.environ.get("OLLAMA_HOST", "")))
+    return Client(base_url(os.environ.get("OLLAMA_HOST", "")), os.environ.get("OLLAMA_API_KEY") or None)
 
 
 def _pull(client: Client, model: str) -> None:
@@ -347,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gpu-memory", help="memory budget for loaded models: 24GiB, or a fraction of the GPU "
                                             "(0.9); on a machine without GPU, of host memory (HFOLLAMA_GPU_MEMORY)")
     serve.add_argument("--debug", action="store_true", default=None, help="debug logging, as OLLAMA_DEBUG=1")
+    serve.add_argument("--api-key", action="append", metavar="KEY",
+                       help="require this API key (repeatable; adds to HFOLLAMA_API_KEYS)")
+    serve.add_argument("--api-key-file", action="append", metavar="PATH",
+                       help="require one of the keys in this file, one per line (as HFOLLAMA_API_KEYS_FILE)")
+    serve.add_argument("--log-format", choices=("text", "json"), help="log lines, as HFOLLAMA_LOG_FORMAT")
     serve.set_defaults(func=_serve)
 
     run = sub.add_parser("run", help="chat with a model (pulls it first if needed)")

@@ -27,13 +27,16 @@ def base_url(ollama_host: str) -> str:
 
 
 class Client:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        """api_key: sent as `Authorization: Bearer` (a daemon with HFOLLAMA_API_KEYS wants one);
+        the CLI takes it from OLLAMA_API_KEY, as the ollama clients do."""
         self.url = url.rstrip("/")
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def _open(self, method: str, path: str, body: Any = None, data: bytes | None = None, timeout: float | None = None):
         payload = data if data is not None else (json.dumps(body).encode() if body is not None else None)
-        request = urllib.request.Request(self.url + path, data=payload, method=method,
-                                         headers={"Content-Type": "application/json"} if data is None else {})
+        headers = {**self._auth, **({"Content-Type": "application/json"} if data is None else {})}
+        request = urllib.request.Request(self.url + path, data=payload, method=method, headers=headers)
         try:
             return urllib.request.urlopen(request, timeout=timeout)
         except urllib.error.HTTPError as exc:

@@ -135,6 +135,24 @@ def _choice(env: Mapping[str, str], key: str, allowed: tuple[str, ...], default:
     return text or default
 
 
+def parse_api_keys(text: str) -> tuple[str, ...]:
+    """HFOLLAMA_API_KEYS: keys separated by commas or whitespace."""
+    return tuple(k for k in text.replace(",", " ").split() if k)
+
+
+def read_api_key_file(path: Path) -> tuple[str, ...]:
+    """A file of API keys, one per line (blank lines and # comments skipped). Unreadable or
+    empty is an error: a daemon meant to be keyed must not start open."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the API key file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    keys = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    if not keys:
+        raise ValueError(f"the API key file {path} holds no keys")
+    return keys
+
+
 @dataclass(frozen=True)
 class Settings:
     bind: BindAddress = field(default_factory=lambda: parse_host(""))
@@ -151,7 +169,11 @@ class Settings:
     gpu_memory: str = ""  # the memory budget: bytes with a unit, or a fraction of the device
     batch_weights: str = "auto"  # auto | on | off: a bf16 copy of 4-bit weights for batched decoding
     prefix_cache: bool = True  # a new prompt reuses the KV of the longest cached prefix (HFOLLAMA_PREFIX_CACHE)
-    hf_token: str | None = None
+    # API keys (HFOLLAMA_API_KEYS, HFOLLAMA_API_KEYS_FILE): none leaves every route open, as Ollama
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    metrics_auth: bool = True  # /metrics needs a key too, when there are keys (HFOLLAMA_METRICS_AUTH)
+    log_format: str = "text"  # text | json (HFOLLAMA_LOG_FORMAT)
+    hf_token: str | None = field(default=None, repr=False)
     hf_endpoint: str | None = None  # HF_ENDPOINT: a Hub mirror (the tests use a local one)
 
     @classmethod
@@ -160,6 +182,9 @@ class Settings:
         models = env_var(env, "OLLAMA_MODELS")
         modelfiles = env_var(env, "HFOLLAMA_MODELFILES")
         models_dir = Path(models).expanduser() if models else default_models_dir(env)
+        keys = parse_api_keys(env_var(env, "HFOLLAMA_API_KEYS"))
+        if env_var(env, "HFOLLAMA_API_KEYS_FILE"):
+            keys += read_api_key_file(Path(env_var(env, "HFOLLAMA_API_KEYS_FILE")))
         settings = cls(
             bind=parse_host(env_var(env, "OLLAMA_HOST")),
             models_dir=models_dir,
@@ -175,6 +200,9 @@ class Settings:
             gpu_memory=env_var(env, "HFOLLAMA_GPU_MEMORY"),
             batch_weights=_choice(env, "HFOLLAMA_BATCH_WEIGHTS", ("auto", "on", "off"), "auto"),
             prefix_cache=_choice(env, "HFOLLAMA_PREFIX_CACHE", ("on", "off"), "on") == "on",
+            api_keys=keys,
+            metrics_auth=_choice(env, "HFOLLAMA_METRICS_AUTH", ("on", "off"), "on") == "on",
+            log_format=_choice(env, "HFOLLAMA_LOG_FORMAT", ("text", "json"), "text"),
             hf_token=env_var(env, "HF_TOKEN") or None,
             hf_endpoint=env_var(env, "HF_ENDPOINT") or None,
         )

@@ -20,6 +20,10 @@ class BadRequest(DaemonError):
     """The request is malformed or asks for something the model cannot do."""
 
 
+class Unauthorized(DaemonError):
+    """No API key, or one that is not among the daemon's keys."""
+
+
 class NotFound(DaemonError):
     """The model (or blob) does not exist."""
 
@@ -52,6 +56,7 @@ class ModelTooLarge(DaemonError):
 
 STATUS_BY_KIND: dict[type[DaemonError], int] = {
     BadRequest: 400,
+    Unauthorized: 401,
     NotFound: 404,
     PayloadTooLarge: 413,
     InternalError: 500,

@@ -1,5 +1,6 @@
 """`hfollama serve` as users start it: a real process, its flags and environment."""
 
+import json
 import os
 import signal
 import socket
@@ -55,3 +56,56 @@ def test_port_in_use_is_a_clear_error(tmp_path):
 def test_flags():
     args = build_parser().parse_args(["serve", "--host", ":8080", "--context-length", "8192", "--parallel", "2"])
     assert (args.host, args.context_length, args.parallel) == (":8080", 8192, 2)
+
+
+def start(tmp_path, *flags, env_extra=None):
+    port = free_port()
+    env = {**os.environ, "OLLAMA_MODELS": str(tmp_path / "m"), "HOME": str(tmp_path), **(env_extra or {})}
+    env.pop("HFOLLAMA_API_KEYS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "serve", "--host", f"0.0.0.0:{port}", *flags], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 200:
+                return proc, f"http://127.0.0.1:{port}"
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("daemon did not come up: " + proc.stdout.read())
+
+
+def stop(proc) -> str:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    return proc.stdout.read()
+
+
+def test_api_key_file_and_json_logs(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# the team's keys\nsk-one\n\nsk-two\n")
+    proc, url = start(tmp_path, "--api-key-file", str(keys), "--log-format", "json")
+    try:
+        assert httpx.get(url + "/api/tags").status_code == 401
+        assert httpx.get(url + "/api/tags", headers={"Authorization": "Bearer sk-two"}).status_code == 200
+        assert httpx.get(url + "/api/tags", headers={"Authorization": "Bearer # the team's keys"}).status_code == 401
+    finally:
+        out = stop(proc)
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    access = [line for line in lines if line["logger"] == "hfollama.access"]
+    assert [a["status"] for a in access if a["path"] == "/api/tags"] == [401, 200, 401]
+    assert "sk-two" not in out and "no API keys" not in out
+
+
+def test_an_open_public_bind_warns_at_start(tmp_path):
+    proc, _ = start(tmp_path)
+    assert "no API keys" in stop(proc)
+
+
+def test_a_key_file_without_keys_refuses_to_start(tmp_path):
+    empty = tmp_path / "keys"
+    empty.write_text("# nothing yet\n")
+    for flags in (["--api-key-file", str(empty)], ["--api-key-file", str(tmp_path / "missing")]):
+        done = subprocess.run([sys.executable, "-m", "daemon", "serve", "--host", "127.0.0.1:0", *flags],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(tmp_path)})
+        assert done.returncode == 1 and "API key file" in done.stderr and "Traceback" not in done.stderr

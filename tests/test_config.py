@@ -71,3 +71,33 @@ def test_batch_weights_setting(text, value):
 def test_prefix_cache_setting(text, value):
     assert Settings.from_env({"HFOLLAMA_PREFIX_CACHE": text}).prefix_cache is value
 
+
+@pytest.mark.parametrize("env,keys", [
+    ({}, ()), ({"HFOLLAMA_API_KEYS": "a"}, ("a",)), ({"HFOLLAMA_API_KEYS": " a, b  c,,"}, ("a", "b", "c")),
+])
+def test_api_keys(env, keys):
+    assert Settings.from_env(env).api_keys == keys
+
+
+def test_api_keys_file_adds_and_an_empty_one_is_an_error(tmp_path):
+    f = tmp_path / "keys"
+    f.write_text("k1\n  # a comment\n\nk2  \n")
+    assert Settings.from_env({"HFOLLAMA_API_KEYS": "k0", "HFOLLAMA_API_KEYS_FILE": str(f)}).api_keys == ("k0", "k1", "k2")
+    f.write_text("# none\n")
+    with pytest.raises(ValueError, match="holds no keys"):
+        Settings.from_env({"HFOLLAMA_API_KEYS_FILE": str(f)})
+    with pytest.raises(ValueError, match="cannot read"):
+        Settings.from_env({"HFOLLAMA_API_KEYS_FILE": str(tmp_path / "nope")})
+
+
+def test_keys_stay_out_of_the_settings_repr():
+    assert "secret-key" not in repr(Settings.from_env({"HFOLLAMA_API_KEYS": "secret-key", "HF_TOKEN": "hf_x"}))
+
+
+@pytest.mark.parametrize("env,metrics_auth,log_format", [
+    ({}, True, "text"), ({"HFOLLAMA_METRICS_AUTH": "off", "HFOLLAMA_LOG_FORMAT": "JSON"}, False, "json"),
+    ({"HFOLLAMA_LOG_FORMAT": "xml"}, True, "text"),
+])
+def test_metrics_auth_and_log_format(env, metrics_auth, log_format):
+    s = Settings.from_env(env)
+    assert (s.metrics_auth, s.log_format) == (metrics_auth, log_format)

@@ -144,3 +144,13 @@ def test_a_full_disk_fails_at_once_and_keeps_no_blob(tmp_path, monkeypatch):
     t = fetch(tmp_path, server := Server())
     assert isinstance(t.error, OSError) and t.error.errno == errno.ENOSPC
     assert len(server.requests) == 1 and not (tmp_path / "blob").exists()
+
+
+def test_bytes_fetched_counts_only_what_came_over_the_network(tmp_path):
+    (tmp_path / "blob.incomplete").write_bytes(DATA[:100_000])
+    d = Downloader(Server(), lambda r: None)
+    for _ in range(2):  # the second time the blob is there: nothing fetched
+        t = d.subscribe(remote(), tmp_path / "blob", tmp_path / "blob.incomplete", {})
+        assert t.done.wait(30) and t.error is None
+        d.unsubscribe(t)
+        assert d.bytes_fetched == len(DATA) - 100_000

@@ -54,3 +54,22 @@ def test_host_header_guard_while_bound_to_loopback(guarded, host, allowed):
     assert (r.status_code == 200) is allowed
     if not allowed:
         assert r.status_code == 403 and r.content == b""
+
+
+@pytest.mark.parametrize("host,origin,same", [
+    ("192.168.1.5:11434", "http://192.168.1.5:11434", True), ("[fd00::5]:11434", "http://[fd00::5]:11434", True),
+    ("192.168.1.5:11434", "https://192.168.1.5:11434", True), ("192.168.1.5:11434", "http://192.168.1.5:8080", False),
+    ("myhost.lan:11434", "http://myhost.lan:11434", False),  # a name could be rebound: the allow-list decides
+    ("", "http://192.168.1.5:11434", False),
+])
+def test_a_page_opened_at_an_address_is_its_own_origin(host, origin, same):
+    from daemon.server.middleware import same_origin_by_address
+
+    class Request:
+        headers = {"Host": host}
+    assert same_origin_by_address(Request(), origin) is same
+
+
+def test_the_chat_page_posts_from_its_own_address(guarded):
+    r = httpx.get(guarded.url + "/api/version", headers={"Origin": "http://10.0.0.7:11434", "Host": "10.0.0.7:11434"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://10.0.0.7:11434"

@@ -76,6 +76,8 @@ def test_a_wheel_installed_in_a_fresh_venv_serves_the_embedded_model(tmp_path, d
             raise AssertionError("the installed daemon did not come up: " + (proc.stdout.read() if proc.poll() else ""))
         names = [m["name"] for m in httpx.get(url + "/api/tags", timeout=30).json()["models"]]
         assert {"smollm2:135m", "smollm2:latest", "all-minilm:latest"} <= set(names)
+        for page in ("/ui", "/ui/app.js", "/ui/markdown.js", "/ui/style.css"):  # the chat page is package data
+            assert httpx.get(url + page, timeout=30).status_code == 200, page
         r = httpx.post(url + "/api/generate", timeout=300, json={
             "model": "smollm2:135m", "prompt": "What is the capital of France?", "stream": False,
             "options": {"temperature": 0, "num_predict": 24}})

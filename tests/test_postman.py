@@ -42,7 +42,8 @@ def test_collection_covers_every_route(daemon):
     for method, route in routes:
         if route == "/api/status":
             continue
-        pattern = route.replace("{digest}", "sha256:{{blobDigest}}").replace("{model}", "{{chatModel}}")
+        pattern = route.replace("{digest}", "sha256:{{blobDigest}}").replace("{model}", "{{chatModel}}").replace(
+            "{name}", "app.js")
         # aiohttp answers HEAD for every GET route: the GET request covers those
         also = {("GET", pattern)} if method == "HEAD" else set()
         assert ({(method, pattern)} | also) & covered, f"{method} {route} is not in the collection"

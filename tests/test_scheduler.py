@@ -268,3 +268,62 @@ def test_a_footprint_above_its_estimate_makes_room_after_the_load():
         assert a.closed and loaded(sched) == ["b"] and sched.used_bytes <= 10 * GB
         await sched.close()
     run(main())
+
+
+class Recorder:
+    """The scheduler's events, as the metrics receive them."""
+
+    def __init__(self):
+        self.events = []
+
+    def waited(self, seconds):
+        self.events.append(("waited",))
+
+    def loaded(self, model, seconds, ok):
+        self.events.append(("loaded", model, ok))
+
+    def unloaded(self, model, reason):
+        self.events.append(("unloaded", model, reason))
+
+
+def test_events_name_each_load_and_why_each_model_went():
+    recorder = Recorder()
+    loader = Loader()
+    sched = Scheduler(Settings.from_env({}, max_loaded_models=1), loader, MemoryBudget(10 * GB, "test", "test"),
+                      lambda model, num_ctx: model.size, events=recorder)
+    a, b = FakeModel("a"), FakeModel("b")
+
+    async def main():
+        await use(sched, a)
+        await use(sched, b)  # one model at most: a is evicted
+        await use(sched, b, num_ctx=4096)  # a larger context: b reloads
+        await use(sched, a, keep_alive=0)  # b evicted, a expires at once
+        await asyncio.sleep(0.05)
+        await use(sched, b)
+        await sched.unload(b)
+        await use(sched, a)
+        await sched.close()
+    run(main())
+    names = lambda m: str(ModelName.parse(m).display)  # noqa: E731
+    assert [e for e in recorder.events if e[0] != "waited"] == [
+        ("loaded", names("a"), True),
+        ("unloaded", names("a"), "evicted"), ("loaded", names("b"), True),
+        ("unloaded", names("b"), "reload"), ("loaded", names("b"), True),
+        ("unloaded", names("b"), "evicted"), ("loaded", names("a"), True), ("unloaded", names("a"), "expired"),
+        ("loaded", names("b"), True), ("unloaded", names("b"), "requested"),
+        ("loaded", names("a"), True), ("unloaded", names("a"), "shutdown"),
+    ]
+    assert recorder.events.count(("waited",)) == 6
+
+
+def test_a_failed_load_is_an_event_too():
+    recorder = Recorder()
+
+    def failing(model, num_ctx):
+        raise RuntimeError("out of memory")
+    sched = Scheduler(Settings.from_env({}), failing, MemoryBudget(10 * GB, "test", "test"), lambda m, c: m.size,
+                      events=recorder)
+    with pytest.raises(RuntimeError):
+        run(use(sched, FakeModel("a")))
+    assert ("loaded", str(ModelName.parse("a").display), False) in recorder.events
+    assert sched.queue_depth == 0

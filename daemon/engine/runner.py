@@ -68,6 +68,7 @@ class Chunk:
     done: bool = False
     done_reason: str | None = None
     prompt_eval_count: int = 0  # evaluated: the prompt less what the prefix cache held
+    prompt_cached_count: int = 0
     prompt_eval_duration_ns: int = 0
     eval_count: int = 0
     eval_duration_ns: int = 0
@@ -205,6 +206,18 @@ class Runner:
     def busy(self) -> int:
         with self._cv:
             return len(self._active) + len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Sequences in a slot (prefilling or decoding)."""
+        with self._cv:
+            return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        """Sequences waiting for a slot."""
+        with self._cv:
+            return len(self._waiting)
 
     @property
     def prefix_cache(self) -> bool:
@@ -517,6 +530,7 @@ class Runner:
             done=True,
             done_reason=reason,
             prompt_eval_count=len(seq.prompt) - seq.reused,
+            prompt_cached_count=seq.reused,
             prompt_eval_duration_ns=seq.t_prefill_end - seq.t_prefill_start,
             eval_count=len(seq.generated),
             eval_duration_ns=time.perf_counter_ns() - seq.t_prefill_end,

@@ -57,6 +57,27 @@ Loader = Callable[[ResolvedModel, "int | None"], Runtime]
 Estimator = Callable[[ResolvedModel, "int | None"], int]
 
 
+class SchedulerEvents(Protocol):
+    """What the scheduler reports as it happens (the metrics count it)."""
+
+    def waited(self, seconds: float) -> None: ...  # a request's time in the queue, its load included
+
+    def loaded(self, model: str, seconds: float, ok: bool) -> None: ...
+
+    def unloaded(self, model: str, reason: str) -> None: ...  # expired, evicted, requested, reload, shutdown
+
+
+class NoEvents:
+    def waited(self, seconds: float) -> None:
+        pass
+
+    def loaded(self, model: str, seconds: float, ok: bool) -> None:
+        pass
+
+    def unloaded(self, model: str, reason: str) -> None:
+        pass
+
+
 @dataclass
 class Resident:
     resolved: ResolvedModel
@@ -91,8 +112,10 @@ class _Pending:
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, loader: Loader, budget: MemoryBudget, estimate: Estimator) -> None:
+    def __init__(self, settings: Settings, loader: Loader, budget: MemoryBudget, estimate: Estimator,
+                 events: SchedulerEvents | None = None) -> None:
         self._settings = settings
+        self._events = events or NoEvents()
         self._loader = loader
         self.budget = budget
         self._estimate = estimate
@@ -111,6 +134,11 @@ class Scheduler:
         return list(self._residents.values())
 
     @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a model to load (the one loading now included)."""
+        return sum(1 for p in self._pending if not p.abandoned)
+
+    @property
     def used_bytes(self) -> int:
         return sum(r.size_bytes for r in self._residents.values())
 
@@ -123,7 +151,9 @@ class Scheduler:
         if resident is not None:
             self._reserve(resident)
         else:
+            queued = time.perf_counter()
             resident = await self._wait_for_load(resolved, num_ctx, keep_alive_ns)  # reserved by the worker
+            self._events.waited(time.perf_counter() - queued)
         if keep_alive_ns is not None:
             resident.keep_alive_ns = keep_alive_ns
         resident.resolved = resolved  # names of one model (a copy, an alias): /api/ps shows the last used
@@ -225,22 +255,25 @@ class Scheduler:
             return True
         stale = self._residents.get(resolved.digest)  # loaded with too small a context, and idle
         if stale is not None:
-            await self._unload(stale)
+            await self._unload(stale, "reload")
         victims = choose_victims(list(self._residents.values()), need, self.budget.capacity, self.max_loaded)
         if victims is None:
             return False
         for victim in victims:
             log.info("unloading %s to make room for %s", victim.resolved.name.display, resolved.name.display)
-            await self._unload(victim)
+            await self._unload(victim, "evicted")
         self._loading = pending
+        started = time.perf_counter()
         try:
             runtime = await asyncio.to_thread(self._loader, resolved, pending.num_ctx)
         except Exception as exc:
             log.error("loading %s failed: %s", resolved.name.display, exc)
+            self._events.loaded(resolved.name.display, time.perf_counter() - started, False)
             pending.future.set_exception(exc)
             return True
         finally:
             self._loading = None
+        self._events.loaded(resolved.name.display, time.perf_counter() - started, True)
         keep_alive = pending.keep_alive_ns if pending.keep_alive_ns is not None else self._settings.keep_alive_ns
         resident = Resident(resolved, runtime, keep_alive)
         self._residents[resolved.digest] = resident
@@ -262,7 +295,7 @@ class Scheduler:
         victims = choose_victims(list(self._residents.values()), 0, self.budget.capacity, self.max_loaded + 1) or []
         for victim in victims:
             log.info("unloading %s: the measured footprints exceed the budget", victim.resolved.name.display)
-            await self._unload(victim)
+            await self._unload(victim, "evicted")
 
     # ---- expiry and unloading -----------------------------------------------------------
 
@@ -279,11 +312,12 @@ class Scheduler:
 
     async def _unload_if_idle(self, resident: Resident) -> None:
         if resident.refcount == 0 and self._residents.get(resident.resolved.digest) is resident:
-            await self._unload(resident)
+            await self._unload(resident, "expired")
 
-    async def _unload(self, resident: Resident) -> None:
+    async def _unload(self, resident: Resident, reason: str) -> None:
         if self._residents.get(resident.resolved.digest) is resident:
             del self._residents[resident.resolved.digest]
+            self._events.unloaded(resident.resolved.name.display, reason)
         if resident.timer is not None:
             resident.timer.cancel()
         log.info("unloading %s", resident.resolved.name.display)
@@ -304,7 +338,7 @@ class Scheduler:
             return
         resident.keep_alive_ns = 0
         if resident.refcount == 0:
-            await self._unload(resident)
+            await self._unload(resident, "requested")
 
     async def close(self) -> None:
         self._closing = True
@@ -314,7 +348,7 @@ class Scheduler:
             if not pending.future.done():
                 pending.future.cancel()
         for resident in list(self._residents.values()):
-            await self._unload(resident)
+            await self._unload(resident, "shutdown")
         if self._worker is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._worker

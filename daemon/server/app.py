@@ -16,7 +16,10 @@ from daemon.registry.catalog import Catalog
 from daemon.registry.registry import Registry, shipped_modelfiles_dir
 from daemon.scheduler.policy import MemoryBudget
 from daemon.scheduler.scheduler import Estimator, Loader, Scheduler
-from daemon.server.handlers import embed, inference, manage, meta, models, openai
+from daemon.server.access import access_middleware
+from daemon.server.auth import KeyCheck, auth_middleware, warn_if_open
+from daemon.server.handlers import embed, inference, manage, meta, models, openai, ui
+from daemon.server.metrics import Metrics
 from daemon.server.middleware import OriginPolicy, cors_middleware, error_middleware, host_check_middleware
 from daemon.server.state import SERVICES, Services
 from daemon.server.wire import MAX_JSON_BODY
@@ -64,12 +67,16 @@ def build_store(settings: Settings) -> Store:
 
 def create_app(settings: Settings, *, catalog: Catalog | None = None, loader: Loader | None = None,
                budget: MemoryBudget | None = None, estimator: Estimator | None = None) -> web.Application:
+    metrics = Metrics()
+    keys = KeyCheck(settings.api_keys)
     app = web.Application(
         middlewares=[
+            access_middleware(metrics),  # outermost: it sees every final status and the whole duration
             web.normalize_path_middleware(remove_slash=True, append_slash=False),
-            error_middleware,
-            cors_middleware(OriginPolicy(settings.origins)),
+            cors_middleware(OriginPolicy(settings.origins)),  # outside the error map: errors get CORS headers
             host_check_middleware(settings.bind),
+            error_middleware,
+            auth_middleware(keys, settings.metrics_auth),
         ],
         client_max_size=MAX_JSON_BODY,  # JSON bodies; blobs stream past it
     )
@@ -78,8 +85,9 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None, loader: Lo
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         scheduler = Scheduler(settings, loader or default_loader(settings), budget or default_budget(settings),
-                              estimator or default_estimator(settings))
-        app[SERVICES] = Services(settings=settings, catalog=catalog, store=store, models=scheduler)
+                              estimator or default_estimator(settings), events=metrics)
+        metrics.bind(scheduler, store)
+        app[SERVICES] = Services(settings=settings, catalog=catalog, store=store, models=scheduler, metrics=metrics)
         yield
         await scheduler.close()
 
@@ -90,6 +98,8 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None, loader: Lo
     manage.add_routes(app)
     embed.add_routes(app)
     openai.add_routes(app)
+    ui.add_routes(app)
+    app.router.add_get("/metrics", metrics.handle)
     return app
 
 
@@ -117,7 +127,10 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
 async def serve_forever(settings: Settings, on_ready: Callable[[int], None] | None = None) -> None:
     app = create_app(settings)
     runner, port = await start_server(app, settings.bind.host, settings.bind.port)
+    warn_if_open(settings.bind, KeyCheck(settings.api_keys))
     log.info("Listening on %s:%d (hfollama, Ollama API %s)", settings.bind.host, port, OLLAMA_API_VERSION)
+    page_host = "127.0.0.1" if settings.bind.host in ("0.0.0.0", "::", "") else settings.bind.host
+    log.info("Chat page: http://%s:%d/ui", f"[{page_host}]" if ":" in page_host else page_host, port)
     if on_ready:
         on_ready(port)
     try:

@@ -13,7 +13,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from daemon.config import BindAddress
-from daemon.errors import DaemonError, message_of, status_of
+from daemon.errors import DaemonError, Unauthorized, message_of, status_of
 from daemon.server.wire import error_response, native_error, openai_error
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except DaemonError as exc:
-        return _error(request, message_of(exc), status_of(exc))
+        response = _error(request, message_of(exc), status_of(exc))
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="hfollama"'
+        return response
     except web.HTTPNotFound:
         return web.Response(status=404, text="404 page not found")
     except web.HTTPMethodNotAllowed:
@@ -66,13 +69,28 @@ class OriginPolicy:
         return self.allow_all or any(fnmatch.fnmatchcase(origin, p) for p in self.patterns)
 
 
+def same_origin_by_address(request: web.Request, origin: str) -> bool:
+    """A page this daemon served, opened at an IP address (the chat page at
+    http://192.168.1.5:11434/ui): its Origin is the request's own Host. Only for IP literals,
+    which DNS rebinding cannot forge; a host name must be in the allow-list."""
+    host = request.headers.get("Host", "")
+    if not host or origin.lower() not in (f"http://{host}".lower(), f"https://{host}".lower()):
+        return False
+    name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def cors_middleware(policy: OriginPolicy) -> Callable:
     @web.middleware
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         if origin is None:
             return await handler(request)
-        if not policy.allows(origin):
+        if not policy.allows(origin) and not same_origin_by_address(request, origin):
             return web.Response(status=403)  # gin-contrib/cors answers with an empty body
         allow_origin = "*" if policy.allow_all else origin
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:

@@ -9,6 +9,7 @@ from aiohttp import web
 from daemon.config import Settings
 from daemon.registry.catalog import Catalog
 from daemon.scheduler.scheduler import Scheduler
+from daemon.server.metrics import Metrics
 from daemon.store.store import Store
 
 
@@ -18,6 +19,7 @@ class Services:
     catalog: Catalog
     store: Store
     models: Scheduler
+    metrics: Metrics
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)

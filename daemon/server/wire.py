@@ -46,8 +46,8 @@ def native_error(message: str, status: int) -> dict:
 
 def openai_error(message: str, status: int) -> dict:
     """OpenAI's error object, as Ollama's /v1 layer sends it."""
-    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": "invalid_api_key" if status == 401 else None}}
 
 
 def error_response(message: str, status: int, shape=native_error) -> web.Response:

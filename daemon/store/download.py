@@ -81,6 +81,13 @@ class Downloader:
         self._raise_for_status = raise_for_status
         self._lock = threading.Lock()
         self._active: dict[Path, Transfer] = {}
+        self._fetched_done = 0  # bytes the finished transfers fetched
+
+    @property
+    def bytes_fetched(self) -> int:
+        """Bytes fetched over the network by every transfer so far, running ones included."""
+        with self._lock:
+            return self._fetched_done + sum(t.fetched for t in self._active.values())
 
     def subscribe(self, file: RemoteFile, final: Path, partial: Path, headers: dict[str, str]) -> Transfer:
         """The transfer for this blob: a running one, or a new one started in a thread."""
@@ -127,6 +134,7 @@ class Downloader:
         finally:
             with self._lock:
                 self._active.pop(t.final, None)
+                self._fetched_done += t.fetched
             t.done.set()
 
     def _fetch(self, t: Transfer, headers: dict[str, str]) -> None:

@@ -88,6 +88,11 @@ class Store:
 
         return HfApi(endpoint=self.hf_endpoint, token=self.hf_token)
 
+    @property
+    def bytes_fetched(self) -> int:
+        """What pulls fetched over the network since the daemon started."""
+        return self._downloader.bytes_fetched if self._downloader is not None else 0
+
     def _downloads(self) -> Downloader:
         if self._downloader is None:
             from huggingface_hub.utils import get_session, hf_raise_for_status

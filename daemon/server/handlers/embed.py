@@ -15,6 +15,7 @@ from daemon.engine.embed import l2_normalize
 from daemon.errors import BadRequest, NotFound
 from daemon.names import ModelName
 from daemon.registry.catalog import ResolvedModel
+from daemon.server.access import record_of
 from daemon.server.state import services
 from daemon.server.wire import json_response, read_request
 
@@ -37,11 +38,14 @@ async def embed_texts(request: web.Request, model: ResolvedModel, texts: list[st
                       options: Any, keep_alive_ns: int | None) -> tuple[Any, int]:
     """Raw vectors (the model's pipeline) and the token count; loads the model for no text."""
     num_ctx = Options.layered(model.modelfile.parameters, options).num_ctx or None
+    record = record_of(request)
+    record.model = model.name.display
     async with services(request).models.acquire(model, num_ctx, keep_alive_ns) as runtime:
         if not texts:
             return None, 0
         result = await runtime.embed(texts, truncate)
-        return result.vectors, sum(result.token_counts)
+        record.prompt_tokens = sum(result.token_counts)
+        return result.vectors, record.prompt_tokens
 
 
 async def embed(request: web.Request) -> web.Response:

@@ -24,6 +24,7 @@ from daemon.engine.runner import Chunk
 from daemon.errors import BadRequest, NotFound
 from daemon.names import ModelName
 from daemon.registry.catalog import ResolvedModel
+from daemon.server.access import RequestRecord, record_of
 from daemon.server.state import Services, services
 from daemon.server.streaming import respond
 from daemon.server.wire import json_response, read_request, utc_now
@@ -131,17 +132,21 @@ def _final_line(shape: Shape, model: str, chunk: Chunk, started_ns: int, load_ns
 
 
 async def _lines(shape: Shape, model: str, chunks: AsyncIterator[Chunk], reader: OutputReader, started_ns: int,
-                 load_ns: int, with_context: bool) -> AsyncIterator[dict[str, Any]]:
+                 load_ns: int, with_context: bool, record: RequestRecord) -> AsyncIterator[dict[str, Any]]:
     async for chunk in chunks:
         if chunk.done:
+            record.generation(chunk.prompt_eval_count + chunk.prompt_cached_count, chunk.prompt_cached_count,
+                              chunk.eval_count, chunk.eval_duration_ns / 1e9)
             rest = reader.flush()
             if rest:
+                record.first_token()
                 yield shape.line(model, rest)
             yield _final_line(shape, model, chunk, started_ns, load_ns, chunk.output_ids if with_context else None)
             return
         part = reader.push(chunk.text)
         if not part and not chunk.logprobs:
             continue  # held back: it may be the start of a marker
+        record.first_token()
         line = shape.line(model, part)
         if chunk.logprobs:
             line["logprobs"] = chunk.logprobs
@@ -210,6 +215,8 @@ async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name:
                  tool_choice: Any = None) -> web.StreamResponse:
     svc = services(request)
     num_ctx = options.num_ctx or None
+    record = record_of(request)
+    record.model = model.name.display
     async with svc.models.acquire(model, num_ctx, req.keep_alive_ns) as runtime:
         load_ns = time.perf_counter_ns() - started_ns
         if empty:
@@ -234,7 +241,7 @@ async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name:
         generation = GenerationRequest.from_options(prompt_ids, options, logprobs=req.logprobs,
                                                     top_logprobs=req.top_logprobs, constraint=constraint)
         chunks = runtime.runner.generate(generation)
-        lines = _lines(shape, req.model, chunks, plan.reader(model), started_ns, load_ns, with_context)
+        lines = _lines(shape, req.model, chunks, plan.reader(model), started_ns, load_ns, with_context, record)
         if responder is not None:
             return await responder(lines)
         return await respond(request, lines, stream=req.stream, reduce=shape.reduce)

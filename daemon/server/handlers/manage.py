@@ -63,7 +63,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
             resolved = None
         if resolved is not None:
             return await respond(request, _local_pull(resolved), stream=req.stream)
-    events = svc.store.pull(name, modelfile)
+    events = svc.metrics.counted_pull(svc.store.pull(name, modelfile))
     return await respond(request, events, stream=req.stream)
 
 
