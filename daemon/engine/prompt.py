@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from daemon.engine.tokencache import PrefixTokenizer
 from daemon.errors import BadRequest
 from daemon.registry import gotemplate
 from daemon.registry.modelfile import Fim
@@ -67,6 +68,7 @@ class PromptBuilder:
     def __init__(self, tokenizer: Any, template: str, system: str = "",
                  messages: Sequence[dict[str, str]] = (), fim: Fim | None = None) -> None:
         self.tokenizer = tokenizer
+        self._tokens = PrefixTokenizer(tokenizer)  # a conversation's next turn: only the new part
         self.template = template
         self.system = system
         self.history = [dict(m) for m in messages]
@@ -95,7 +97,9 @@ class PromptBuilder:
             raise BadRequest(f"template error: {exc or type(exc).__name__}") from None
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        if not add_special_tokens:
+            return self._tokens.encode(text)
+        ids = self.tokenizer.encode(text, add_special_tokens=True)
         bos = self.tokenizer.bos_token_id
         if add_special_tokens and bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
             ids = ids[1:]  # the text carried its own BOS
