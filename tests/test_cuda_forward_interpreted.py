@@ -137,8 +137,9 @@ def family_dirs(tmp_path_factory):
 def test_each_family_on_the_fast_path_decodes_greedy_as_transformers_generate(family_dirs, cpu_fast_path, family):
     """The fast path's kernels (norms with the family's style, q/k norms, partial rotary, windows,
     soft-caps, GELU; a head size of 24 for Phi-3) in the interpreter, in fp32 so that greedy
-    decoding must agree token for token with transformers' generate(); and a pass mixing a
-    decode row with a new prompt's chunk within tolerance of the reference path."""
+    decoding must agree token for token with transformers' generate(); and passes mixing a
+    decode row with a new prompt's chunk (long: the prompt path; short: rows of a decode step)
+    within tolerance of the reference path."""
     import families
 
     path = family_dirs[family]
@@ -154,3 +155,9 @@ def test_each_family_on_the_fast_path_decodes_greedy_as_transformers_generate(fa
     alone = torch.cat([reference.forward(torch.tensor([[7]]), [2], [len(families.PROMPT)]),
                        reference.forward(torch.tensor([chunk]), [1], [0])])
     assert rel(mixed, alone) < 1e-4
+    # a prompt's last few tokens (what the prefix cache leaves) ride one decode step as rows
+    tail = [5, 9]
+    short = ours.forward_mixed(torch.tensor([[8]]), [2], [len(families.PROMPT) + 1], [(tail, 1, len(chunk))])
+    alone = torch.cat([reference.forward(torch.tensor([[8]]), [2], [len(families.PROMPT) + 1]),
+                       reference.forward(torch.tensor([tail]), [1], [len(chunk)])])
+    assert short.shape == alone.shape and rel(short, alone) < 1e-4

@@ -356,6 +356,17 @@ class FastForward:
         Returns the B rows' logits, then each chunk's last, [B + len(chunks), vocab] float32."""
         batch = tokens.shape[0]
         ids = tokens[:, 0].tolist() + [t for chunk, _, _ in chunks for t in chunk]
+        if chunks and len(ids) <= self.buckets[-1]:
+            # a few prompt tokens (the new end of a prompt whose start was cached, a resend): as
+            # rows of one captured decode step, each at its own position of its slot. Within a
+            # layer every row's keys are written before any row attends, so row i sees rows < i;
+            # one replay instead of the prompt path's eager launches, which cost more than the
+            # work for a handful of tokens
+            row_slots = list(slots) + [slot for chunk, slot, _ in chunks for _ in chunk]
+            row_starts = list(starts) + [start + i for chunk, _, start in chunks for i in range(len(chunk))]
+            logits = self.forward(torch.tensor(ids, dtype=torch.long)[:, None], row_slots, row_starts)
+            ends = list(itertools.accumulate((len(chunk) for chunk, _, _ in chunks), initial=batch))[1:]
+            return logits[list(range(batch)) + [end - 1 for end in ends]]
         segments = [(slot, start, len(chunk)) for chunk, slot, start in chunks]
         out, x, pending = self._prompt_layers(torch.tensor(ids, device=self.device), segments,
                                               list(zip(slots, starts)))
