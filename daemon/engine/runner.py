@@ -34,11 +34,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Protocol, Sequence as Seq
 
+import numpy as np
 import torch
 
 from daemon.engine.grammar import Masker
 from daemon.engine.params import GenerationRequest
-from daemon.engine.prefix import Holder, Reuse, SlotCache
+from daemon.engine.prefix import Holder, Reuse, SlotCache, token_array
 from daemon.engine.sampling import SamplingBatch, sample, token_logprobs
 from daemon.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
 from daemon.errors import DaemonError, InternalError
@@ -92,6 +93,7 @@ class _Sequence:
         self.stops = StopMatcher(request.stop)
         self.t_prefill_start = 0
         self.t_prefill_end = 0
+        self._prompt_array: np.ndarray | None = None
 
     @property
     def decoding(self) -> bool:
@@ -105,9 +107,11 @@ class _Sequence:
         return len(self.prompt) + max(0, len(self.generated) - 1)
 
     def holder(self) -> Holder:
+        if self._prompt_array is None:  # converted once: every later admission compares with it
+            self._prompt_array = token_array(self.prompt)
         if self.prefilled < len(self.prompt):  # the whole prompt, of which `prefilled` are in
-            return Holder(self.slot, self.prompt, self.prefilled, self)
-        tokens = self.prompt + self.generated[:-1]
+            return Holder(self.slot, self._prompt_array, self.prefilled, self)
+        tokens = np.concatenate([self._prompt_array, token_array(self.generated[:-1])])
         return Holder(self.slot, tokens, len(tokens), self)
 
     def position(self) -> int:
