@@ -97,9 +97,11 @@ def test_api_key_file_and_json_logs(tmp_path):
     assert "sk-two" not in out and "no API keys" not in out
 
 
-def test_an_open_public_bind_warns_at_start(tmp_path):
-    proc, _ = start(tmp_path)
-    assert "no API keys" in stop(proc)
+def test_an_open_public_bind_warns_at_start_and_the_chat_page_is_announced(tmp_path):
+    proc, url = start(tmp_path)
+    out = stop(proc)
+    assert "no API keys" in out
+    assert f"Chat page: {url}/ui" in out  # the address to open, printed at start
 
 
 def test_a_key_file_without_keys_refuses_to_start(tmp_path):

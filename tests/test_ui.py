@@ -242,3 +242,22 @@ def test_a_keyed_daemon_asks_for_the_key(browser, tmp_path, tiny_dirs):
             assert page.page.is_hidden("#key-bar")
         finally:
             page.close()
+
+
+def test_a_thinking_model_shows_its_thinking_folded(browser, local):
+    from tinymodels import ANSWER_TEXT, THINKING_TEXT
+
+    page = Page(browser, local.url)
+    try:
+        page.choose("tiny:thinker")
+        page.page.wait_for_selector("#think-label", state="visible", timeout=10_000)
+        page.say("think first")
+        page.wait_done()
+        details = page.page.locator(".message.assistant details.thinking")
+        assert details.count() == 1 and details.get_attribute("open") is None  # folded
+        folded = page.page.evaluate("document.querySelector('.message.assistant details.thinking div').textContent")
+        assert folded.strip() == THINKING_TEXT
+        assert page.reply().strip() == ANSWER_TEXT.strip()
+        assert page.errors == []
+    finally:
+        page.close()
