@@ -81,3 +81,15 @@ def test_a_tokenizer_that_is_not_local_falls_back_to_whole(monkeypatch):
 @pytest.mark.parametrize("a,b,n", [("", "", 0), ("abc", "abd", 2), ("abc", "abc", 3), ("ab", "abc", 2), ("x", "y", 0)])
 def test_shared_prefix(a, b, n):
     assert shared_prefix(a, b) == n
+
+
+def test_what_it_holds_is_bounded(monkeypatch):
+    from daemon.engine import tokencache
+
+    monkeypatch.setattr(tokencache, "MAX_HELD_TOKENS", 1000)
+    cached = PrefixTokenizer(build_tokenizer(), capacity=4)
+    rng = random.Random(3)
+    for _ in range(10):
+        cached.encode(text(rng, 300, False))
+    assert len(cached._recent) <= 4 and (len(cached._recent) == 1 or
+                                          sum(len(e.ids) for e in cached._recent.values()) <= 1000)

@@ -30,6 +30,8 @@ MIN_SHARED_CHARS = 512
 BOUNDARY_MARGIN_CHARS = 64
 # the tail's tokens that must repeat the old ones (at most, over the shared stretch)
 CHECK_CHARS = 48
+# what the recent prompts may hold in all (about 40 bytes a token: ids, ends, text)
+MAX_HELD_TOKENS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,8 @@ class PrefixTokenizer:
         with self._lock:
             self._recent[id(found)] = found
             self._recent.move_to_end(id(found))
-            while len(self._recent) > self._capacity:
+            while len(self._recent) > 1 and (len(self._recent) > self._capacity or
+                                             sum(len(e.ids) for e in self._recent.values()) > MAX_HELD_TOKENS):
                 self._recent.popitem(last=False)
         return list(found.ids)
 
