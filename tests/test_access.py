@@ -38,7 +38,7 @@ def test_a_generation_line_has_every_field_and_no_prompt(daemon, caplog):
         r = httpx.post(daemon.url + "/api/chat", timeout=120, headers={"X-Forwarded-For": "10.1.2.3"}, json={
             "model": "tiny:scripted", "messages": [{"role": "user", "content": SECRET_PROMPT}], "stream": True})
         final = json.loads(r.text.strip().splitlines()[-1])
-    [record] = access_records(caplog)
+        [record] = access_records(caplog)  # within the block: a line after it would be below its level
     fields = record.access
     assert fields["method"] == "POST" and fields["path"] == "/api/chat" and fields["route"] == "/api/chat"
     assert fields["status"] == 200 and fields["model"] == "tiny:scripted" and fields["client"] == "127.0.0.1"
@@ -64,7 +64,7 @@ def test_every_request_gets_one_line(daemon, caplog, method, path, body, status,
     with caplog.at_level(logging.INFO):
         kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
         assert httpx.request(method, daemon.url + path, timeout=120, **kwargs).status_code == status
-    [record] = access_records(caplog)
+        [record] = access_records(caplog)
     assert record.access["status"] == status and record.access["route"] == route
     if path == "/api/embed":
         assert record.access["model"] == "tiny:scripted" and record.access["prompt_tokens"] > 0
@@ -84,7 +84,7 @@ def test_a_client_that_leaves_is_499(daemon, caplog):
             if access_records(caplog):
                 break
             asyncio.run(asyncio.sleep(0.05))
-    [record] = access_records(caplog)
+        [record] = access_records(caplog)
     assert record.access["status"] == 499 and record.access["model"] == "tiny:random"
 
 
@@ -99,8 +99,8 @@ def test_scrapes_and_probes_are_quiet_unless_debugging_or_failing(daemon, caplog
     with caplog.at_level(logging.INFO):
         for path in ("/", "/metrics", "/api/version"):
             httpx.get(daemon.url + path)
-    time.sleep(0.2)
-    assert access_records(caplog, wait=False) == []
+        time.sleep(0.2)
+        assert access_records(caplog, wait=False) == []
     with caplog.at_level(logging.DEBUG):
         httpx.get(daemon.url + "/metrics")
-    assert [r.access["route"] for r in access_records(caplog)] == ["/metrics"]
+        assert [r.access["route"] for r in access_records(caplog)] == ["/metrics"]
