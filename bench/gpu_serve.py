@@ -34,6 +34,17 @@ from daemon.config import Settings, parse_host  # noqa: E402
 QUANT = "{mode: nf4, double_quant: true, compute_dtype: bfloat16}"
 
 
+def nf4_model(root: Path, shape: str, name: str) -> tuple[Path, Path]:
+    """The shape's random checkpoint (written once) and a modelfiles folder naming it `name:nf4`
+    with QUANT: (checkpoint, modelfiles folder)."""
+    checkpoint = write_checkpoint(root / f"{shape}-random", shape=shape)
+    modelfiles = root / f"modelfiles-{name}"
+    modelfiles.mkdir(parents=True, exist_ok=True)
+    (modelfiles / f"{name}.yaml").write_text(
+        f"tags:\n  nf4:\n    source: {{path: '{checkpoint}'}}\n    quantization: {QUANT}\n")
+    return checkpoint, modelfiles
+
+
 def start_daemon(settings: Settings):
     from daemon.server.app import create_app, start_server
 
@@ -109,10 +120,7 @@ def main() -> None:
 
         gemv.load_configs(Path(args.configs).read_text())
     root = Path(args.root)
-    checkpoint = write_checkpoint(root / f"{args.shape}-random", shape=args.shape)
-    mf = root / "modelfiles-serve"
-    mf.mkdir(parents=True, exist_ok=True)
-    (mf / "serve.yaml").write_text(f"tags:\n  nf4:\n    source: {{path: '{checkpoint}'}}\n    quantization: {QUANT}\n")
+    checkpoint, mf = nf4_model(root, args.shape, "serve")
     print(f"{args.shape}: {checkpoint}", flush=True)
     rows = []
     for slots, label, levels in ((args.slots, "batched", args.concurrency),

@@ -36,8 +36,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import aiohttp  # noqa: E402
 
-from bench.dummy_models import write_checkpoint  # noqa: E402
-from bench.gpu_serve import QUANT, start_daemon  # noqa: E402
+from bench.gpu_serve import nf4_model, start_daemon  # noqa: E402
 from daemon.config import Settings, parse_host  # noqa: E402
 
 MODEL = "prefix:nf4"
@@ -179,10 +178,7 @@ def main() -> None:
 
         gemv.load_configs(Path(args.configs).read_text())
     root = Path(args.root)
-    checkpoint = write_checkpoint(root / f"{args.shape}-random", shape=args.shape)
-    mf = root / "modelfiles-prefix"
-    mf.mkdir(parents=True, exist_ok=True)
-    (mf / "prefix.yaml").write_text(f"tags:\n  nf4:\n    source: {{path: '{checkpoint}'}}\n    quantization: {QUANT}\n")
+    _, mf = nf4_model(root, args.shape, "prefix")
     compiles = Compiles()
 
     print("\nattention backends, first and second call (ms), 32 heads x 128, bf16, causal")

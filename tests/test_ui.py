@@ -76,7 +76,10 @@ class Page:
     def wait_done(self, timeout: float = 120) -> None:
         self.page.wait_for_selector("#stop", state="hidden", timeout=timeout * 1000)
 
-    def close(self) -> None:
+    def __enter__(self) -> "Page":
+        return self
+
+    def __exit__(self, *exc) -> None:
         self.context.close()
 
 
@@ -90,18 +93,14 @@ def test_the_page_loads_with_no_console_errors_and_root_still_answers_clients(br
     r = httpx.get(daemon.url + "/ui")
     assert r.status_code == 200 and "default-src 'none'" in r.headers["content-security-policy"]
     assert httpx.get(daemon.url + "/ui/nothing.js").status_code == 404
-    page = Page(browser, daemon.url)
-    try:
+    with Page(browser, daemon.url) as page:
         page.wait_for_model("smollm2:135m")
         assert page.errors == []
-    finally:
-        page.close()
 
 
 @pytest.mark.slow
 def test_a_message_to_smollm2_streams_into_the_page(browser, daemon):
-    page = Page(browser, daemon.url)
-    try:
+    with Page(browser, daemon.url) as page:
         page.choose("smollm2:135m", temperature=0, num_predict=48, seed=1)
         page.say("Write a short poem about the sea.")
         page.page.wait_for_selector(".message.assistant", timeout=30_000)
@@ -123,14 +122,11 @@ def test_a_message_to_smollm2_streams_into_the_page(browser, daemon):
         assert final.split() == answer["message"]["content"].split()
         assert page.errors == []
         shot(page, "chat")
-    finally:
-        page.close()
 
 
 @pytest.mark.slow
 def test_stop_cancels_the_generation_on_the_server(browser, daemon):
-    page = Page(browser, daemon.url)
-    try:
+    with Page(browser, daemon.url) as page:
         page.choose("smollm2:135m", num_predict=100000)
         page.say("Count from one to one million, one number per line.")
         page.page.wait_for_selector(".message.assistant", timeout=60_000)
@@ -146,13 +142,10 @@ def test_stop_cancels_the_generation_on_the_server(browser, daemon):
             time.sleep(0.05)
         assert runners and not any(r.busy for r in runners)  # the slot is free again
         assert page.errors == []
-    finally:
-        page.close()
 
 
 def test_markdown_is_rendered_and_escaped(browser, local):
-    page = Page(browser, local.url)
-    try:
+    with Page(browser, local.url) as page:
         html = page.page.evaluate("""Markdown.render("# Title\\n\\nSome **bold** and `x<y`.\\n\\n```python\\n"""
                                   """print('<b>')\\n```\\n- one\\n- two\\n\\n<script>alert(1)</script> """
                                   """[a](javascript:alert(1)) [b](https://example.org)")""")
@@ -161,13 +154,10 @@ def test_markdown_is_rendered_and_escaped(browser, local):
         assert "<ul><li>one</li><li>two</li></ul>" in html
         assert "<script>" not in html and 'href="javascript' not in html
         assert '<a href="https://example.org" target="_blank" rel="noopener noreferrer">b</a>' in html
-    finally:
-        page.close()
 
 
 def test_conversations_persist_regenerate_and_edit(browser, local):
-    page = Page(browser, local.url)
-    try:
+    with Page(browser, local.url) as page:
         page.choose("tiny:scripted")
         page.say("hello there")
         page.wait_done()
@@ -184,71 +174,64 @@ def test_conversations_persist_regenerate_and_edit(browser, local):
         page.page.click("#new-chat")
         assert page.page.locator("#conversations li").count() == 2
         assert page.errors == []
-    finally:
-        page.close()
 
 
 def test_models_view_pull_bar_unload_and_errors(browser, local, hub, tiny_dirs):
     weights = (tiny_dirs["scripted"] / "model.safetensors").stat().st_size
     hub.throttle["model.safetensors"] = weights / 2.5  # about two and a half seconds
-    page = Page(browser, local.url)
-    try:
-        page.page.click("#tab-models")
-        page.page.fill("#pull-name", "hf.co/org/tiny")
-        page.page.click("#pull-start")
-        values = []
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            value, top = page.page.evaluate("[document.querySelector('#pull-progress').value, "
-                                            "document.querySelector('#pull-progress').max]")
-            if not values or values[-1] != value:
-                values.append(value)
-            if "success" in page.page.inner_text("#pull-status"):
-                break
-            time.sleep(0.05)
-        assert "success" in page.page.inner_text("#pull-status")
-        partial = [v for v in values if 0 < v < top]
-        assert len(partial) >= 3 and partial == sorted(partial), values  # the bar advanced
-        page.page.wait_for_selector('#installed tr[data-model="hf.co/org/tiny:latest"]', timeout=10_000)
+    with Page(browser, local.url) as page:
+        try:
+            page.page.click("#tab-models")
+            page.page.fill("#pull-name", "hf.co/org/tiny")
+            page.page.click("#pull-start")
+            values = []
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                value, top = page.page.evaluate("[document.querySelector('#pull-progress').value, "
+                                                "document.querySelector('#pull-progress').max]")
+                if not values or values[-1] != value:
+                    values.append(value)
+                if "success" in page.page.inner_text("#pull-status"):
+                    break
+                time.sleep(0.05)
+            assert "success" in page.page.inner_text("#pull-status")
+            partial = [v for v in values if 0 < v < top]
+            assert len(partial) >= 3 and partial == sorted(partial), values  # the bar advanced
+            page.page.wait_for_selector('#installed tr[data-model="hf.co/org/tiny:latest"]', timeout=10_000)
 
-        page.page.fill("#pull-name", "hf.co/org/missing")
-        page.page.click("#pull-start")
-        page.page.wait_for_selector("#pull-status.error", timeout=30_000)
-        assert "org/missing" in page.page.inner_text("#pull-status")
+            page.page.fill("#pull-name", "hf.co/org/missing")
+            page.page.click("#pull-start")
+            page.page.wait_for_selector("#pull-status.error", timeout=30_000)
+            assert "org/missing" in page.page.inner_text("#pull-status")
 
-        httpx.post(local.url + "/api/generate", json={"model": "tiny:scripted", "prompt": "hi", "stream": False})
-        page.page.click("#tab-chat")
-        page.page.click("#tab-models")
-        row = '#loaded tr[data-model="tiny:scripted"]'
-        page.page.wait_for_selector(row, timeout=10_000)
-        shot(page, "models")
-        page.page.click(f"{row} button")
-        page.page.wait_for_selector(row, state="detached", timeout=10_000)
-        assert httpx.get(local.url + "/api/ps").json()["models"] == []
-        assert page.errors == []
-    finally:
-        hub.throttle.clear()
-        page.close()
+            httpx.post(local.url + "/api/generate", json={"model": "tiny:scripted", "prompt": "hi", "stream": False})
+            page.page.click("#tab-chat")
+            page.page.click("#tab-models")
+            row = '#loaded tr[data-model="tiny:scripted"]'
+            page.page.wait_for_selector(row, timeout=10_000)
+            shot(page, "models")
+            page.page.click(f"{row} button")
+            page.page.wait_for_selector(row, state="detached", timeout=10_000)
+            assert httpx.get(local.url + "/api/ps").json()["models"] == []
+            assert page.errors == []
+        finally:
+            hub.throttle.clear()
 
 
 def test_a_keyed_daemon_asks_for_the_key(browser, tmp_path, tiny_dirs):
     for keyed in run_daemon(make_settings(tmp_path, tiny_dirs, api_keys=("sk-ui-test",))):
-        page = Page(browser, keyed.url)
-        try:
+        with Page(browser, keyed.url) as page:
             page.page.wait_for_selector("#key-bar", state="visible", timeout=10_000)
             page.page.fill("#key-input", "sk-ui-test")
             page.page.click("#key-save")
             page.wait_for_model("tiny:scripted")
             assert page.page.is_hidden("#key-bar")
-        finally:
-            page.close()
 
 
 def test_a_thinking_model_shows_its_thinking_folded(browser, local):
     from tinymodels import ANSWER_TEXT, THINKING_TEXT
 
-    page = Page(browser, local.url)
-    try:
+    with Page(browser, local.url) as page:
         page.choose("tiny:thinker")
         page.page.wait_for_selector("#think-label", state="visible", timeout=10_000)
         page.say("think first")
@@ -259,5 +242,3 @@ def test_a_thinking_model_shows_its_thinking_folded(browser, local):
         assert folded.strip() == THINKING_TEXT
         assert page.reply().strip() == ANSWER_TEXT.strip()
         assert page.errors == []
-    finally:
-        page.close()

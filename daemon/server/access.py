@@ -69,9 +69,10 @@ def route_of(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def access_fields(request: web.Request, status: int, record: RequestRecord, seconds: float) -> dict[str, Any]:
+def access_fields(request: web.Request, route: str, status: int, record: RequestRecord,
+                  seconds: float) -> dict[str, Any]:
     fields: dict[str, Any] = {"client": request.remote or "", "method": request.method, "path": request.path,
-                              "route": route_of(request), "status": status}
+                              "route": route, "status": status}
     forwarded = request.headers.get("X-Forwarded-For")
     if forwarded:
         fields["forwarded_for"] = forwarded[:200]
@@ -115,7 +116,7 @@ def access_middleware(metrics: Metrics) -> Callable:
             if record.model is not None and record.generated_tokens is not None:
                 metrics.generation_done(record.model, record.ttft, record.prompt_tokens or 0,
                                         record.cached_tokens or 0, record.generated_tokens, record.eval_seconds)
-            fields = access_fields(request, status, record, seconds)
+            fields = access_fields(request, route, status, record, seconds)
             # scrapes and liveness probes come every few seconds: only in the debug log when they pass
             level = logging.DEBUG if route in QUIET_ROUTES and request.method in ("GET", "HEAD") and status < 400 \
                 else logging.INFO

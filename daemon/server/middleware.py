@@ -76,9 +76,8 @@ def same_origin_by_address(request: web.Request, origin: str) -> bool:
     host = request.headers.get("Host", "")
     if not host or origin.lower() not in (f"http://{host}".lower(), f"https://{host}".lower()):
         return False
-    name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
     try:
-        ipaddress.ip_address(name)
+        ipaddress.ip_address(host_name(host))
     except ValueError:
         return False
     return True
@@ -109,6 +108,13 @@ def cors_middleware(policy: OriginPolicy) -> Callable:
     return cors
 
 
+def host_name(host: str) -> str:
+    """A Host header without its port: `[::1]:11434` -> `::1`, `example:80` -> `example`."""
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def _allowed_host(host: str) -> bool:
     host = host.lower()
     if host in ("", "localhost") or host == socket.gethostname().lower():
@@ -129,12 +135,7 @@ def host_check_middleware(bind: BindAddress) -> Callable:
     async def host_check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not bind.is_loopback:
             return await handler(request)
-        host = request.headers.get("Host", "")
-        if host.startswith("["):
-            name = host[1:host.find("]")] if "]" in host else host
-        else:
-            name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-        if not _allowed_host(name):
+        if not _allowed_host(host_name(request.headers.get("Host", ""))):
             return web.Response(status=403)
         if request.method == "OPTIONS" and "Origin" not in request.headers:
             return web.Response(status=204)
