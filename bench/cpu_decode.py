@@ -1,23 +1,36 @@
-"""Decode speed on the CPU: transformers' model.generate() against hfollama's own loop, on the
-same loaded model, in one run. Prints one table.
+"""The embedded default on the CPU against llama.cpp on the same GGUF, the same machine, the
+same run. Prints one table.
 
-    python bench/cpu_decode.py [--model smollm2:135m] [--tokens 128] [--reps 3]
+    python bench/cpu_decode.py [--model smollm2:135m] [--tokens 128] [--reps 5]
+                               [--llama DIR] [--first-answer]
 
-Both are forced to generate the full length (no EOS stop) with greedy decoding. Decode
-tokens/s = (N - 1) / (time for N new tokens - time for 1 new token), so prefill and set-up
-cancel out, measured the same way for both. The median of --reps runs is reported. CPU
-numbers are for regressions: compare the ratio, not the absolute figure, across machines.
+Decode: hfollama's own loop (the runner the daemon serves with) at 1 request and at 8
+concurrent requests, forced to the full length (no EOS), greedy; tokens/s = (N - 1) / (time
+for N new tokens - time for 1), so prefill and set-up cancel out. The peer (--llama: a folder
+holding llama.cpp's `llama-bench` and `llama-batched-bench`, CPU only, built by
+`bench/build_llama_cpp.sh --cpu`) decodes the same file: tg at batch 1, and the aggregate
+S_TG of 8 parallel sequences with the same prompt length. The two take turns, rep by rep,
+so that a noisy neighbour on a shared machine slows both; each row is the median.
+
+Loads: the first load into an empty store (the tokenizer converted, the blocks packed) and a
+second one. --first-answer also starts `hfollama serve` on an empty store in a fresh process
+and times its first /api/chat answer from the process's start (what a new user waits), and
+checks that the answer names Paris.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,20 +48,14 @@ from daemon.server.app import build_catalog  # noqa: E402
 from daemon.store.derived import DerivedCache  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+CONCURRENT = 8
 
 
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
-
-
-def bench_generate(model, ids: torch.Tensor, n: int) -> float:
-    def run(k: int) -> None:
-        with torch.inference_mode():
-            model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
-    run(2)  # warm-up
-    return (n - 1) / (timed(lambda: run(n)) - timed(lambda: run(1)))
 
 
 async def _run_ours(runner: Runner, ids: list[int], n: int, concurrent: int) -> None:
@@ -60,46 +67,124 @@ async def _run_ours(runner: Runner, ids: list[int], n: int, concurrent: int) -> 
     await asyncio.gather(*(one() for _ in range(concurrent)))
 
 
-def bench_ours(runner: Runner, ids: list[int], n: int, concurrent: int = 1) -> float:
+def bench_ours(runner: Runner, ids: list[int], n: int, concurrent: int) -> float:
     def run(k: int) -> None:
         asyncio.run(_run_ours(runner, ids, k, concurrent))
     run(2)
     return concurrent * (n - 1) / (timed(lambda: run(n)) - timed(lambda: run(1)))
 
 
+def llama_batch1(folder: Path, gguf: Path, n: int) -> float:
+    out = subprocess.run([str(folder / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(n), "-t",
+                          str(torch.get_num_threads()), "-r", "1", "-o", "json"], capture_output=True, text=True,
+                         check=True).stdout
+    return float(json.loads(out)[0]["avg_ts"])
+
+
+def llama_parallel(folder: Path, gguf: Path, prompt: int, n: int, sequences: int) -> float:
+    out = subprocess.run([str(folder / "llama-batched-bench"), "-m", str(gguf), "-c", str(sequences * (prompt + n) + 64),
+                          "-npp", str(prompt), "-ntg", str(n), "-npl", str(sequences), "-t",
+                          str(torch.get_num_threads())], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 8 and cells[2] == str(sequences) and re.fullmatch(r"[\d.]+", cells[7]):
+            return float(cells[7])  # S_TG t/s
+    raise RuntimeError("llama-batched-bench printed no S_TG row:\n" + out[-2000:])
+
+
+def first_answer(model: str) -> tuple[float, str]:
+    """Seconds from starting `hfollama serve` on an empty store to its first answer."""
+    with tempfile.TemporaryDirectory() as store:
+        env = dict(os.environ, OLLAMA_MODELS=store, OLLAMA_HOST="127.0.0.1:11498")
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", "serve"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
+        try:
+            body = json.dumps({"model": model, "messages": QUESTION, "stream": False,
+                               "options": {"temperature": 0}}).encode()
+            while True:
+                try:
+                    request = urllib.request.Request("http://127.0.0.1:11498/api/chat", body,
+                                                     {"Content-Type": "application/json"})
+                    with urllib.request.urlopen(request, timeout=300) as response:
+                        answer = json.loads(response.read())["message"]["content"]
+                    return time.perf_counter() - started, answer
+                except (ConnectionError, urllib.error.URLError):
+                    if proc.poll() is not None or time.perf_counter() - started > 300:
+                        raise RuntimeError("the daemon did not answer") from None
+                    time.sleep(0.05)
+        finally:
+            proc.terminate()
+            proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2:135m")
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--store", default=os.environ.get("OLLAMA_MODELS") or str(Path(tempfile.gettempdir()) / "hfollama-bench"))
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--llama", type=Path, help="folder with llama.cpp's llama-bench and llama-batched-bench")
+    parser.add_argument("--first-answer", action="store_true")
     args = parser.parse_args()
 
-    settings = Settings.from_env(models_dir=Path(args.store), device="cpu")
-    resolved = build_catalog(settings).resolve(ModelName.parse(args.model))
-    t = time.perf_counter()
-    loaded = load_causal_lm(resolved, torch.device("cpu"), DerivedCache(Path(args.store) / "derived"))
-    print(f"loaded {args.model} in {time.perf_counter() - t:.1f}s; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    rows: list[tuple[str, str, str]] = []
+    if args.first_answer:
+        seconds, answer = first_answer(args.model)
+        rows.append(("first answer after install (serve start to /api/chat)", f"{seconds:.1f} s",
+                     "Paris" if "Paris" in answer else f"WRONG: {answer!r}"))
+
+    with tempfile.TemporaryDirectory() as store:
+        settings = Settings.from_env(models_dir=Path(store), device="cpu")
+        resolved = build_catalog(settings).resolve(ModelName.parse(args.model))
+        derived = DerivedCache(Path(store) / "derived")
+        loads = []
+        for _ in range(2):
+            t = time.perf_counter()
+            loaded = load_causal_lm(resolved, torch.device("cpu"), derived)
+            loads.append(time.perf_counter() - t)
+        rows.append(("load, first / later", f"{loads[0]:.1f} / {loads[1]:.1f} s", ""))
+
     tok = loaded.tokenizer
     ids = tok.encode(tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False),
                      add_special_tokens=False)
-    # the baseline first: ReferenceForward takes the HF model's layers over
-    base = statistics.median(bench_generate(loaded.model, torch.tensor([ids]), args.tokens) for _ in range(args.reps))
-    forward = ReferenceForward(loaded.model, num_slots=4, max_ctx=len(ids) + args.tokens + 8)
+    question = tok.encode(tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False),
+                          add_special_tokens=False)
+    forward = ReferenceForward(loaded.model, num_slots=CONCURRENT, max_ctx=len(ids) + args.tokens + 8)
+    answer_runner = Runner(forward, tok, eos_token_ids=loaded.eos_token_ids)
+
+    async def answer() -> str:
+        request = GenerationRequest(tuple(question), SamplingParams(temperature=0.0), max_new_tokens=24)
+        return "".join([chunk.text async for chunk in answer_runner.generate(request)])
+    text = asyncio.run(answer())
+    answer_runner.close()
     runner = Runner(forward, tok, eos_token_ids=[])  # no EOS: always the full length
-    rows = []
+    gguf = resolved.location.path
+    samples: dict[str, list[float]] = {"ours1": [], "ours8": [], "peer1": [], "peer8": []}
     try:
-        ours = statistics.median(bench_ours(runner, ids, args.tokens) for _ in range(args.reps))
-        ours4 = statistics.median(bench_ours(runner, ids, args.tokens, 4) for _ in range(args.reps))
-        rows = [("model.generate(), batch 1", base, 1.0), ("hfollama loop, 1 request", ours, ours / base),
-                ("hfollama loop, 4 concurrent (aggregate)", ours4, ours4 / base)]
+        for _ in range(args.reps):
+            samples["ours1"].append(bench_ours(runner, ids, args.tokens, 1))
+            if args.llama:
+                samples["peer1"].append(llama_batch1(args.llama, gguf, args.tokens))
+            samples["ours8"].append(bench_ours(runner, ids, args.tokens, CONCURRENT))
+            if args.llama:
+                samples["peer8"].append(llama_parallel(args.llama, gguf, len(ids), args.tokens, CONCURRENT))
     finally:
         runner.close()
-    print(f"\n{args.model}, prompt {len(ids)} tokens, {args.tokens} new tokens, greedy, median of {args.reps}")
-    print(f"{'path':<42}{'decode tok/s':>14}{'vs generate()':>15}")
-    for name, rate, ratio in rows:
-        print(f"{name:<42}{rate:>14.1f}{ratio:>14.2f}x")
+    med = {k: statistics.median(v) for k, v in samples.items() if v}
+    for n, key in ((1, "1"), (CONCURRENT, "8")):
+        ours = med[f"ours{key}"]
+        peer = med.get(f"peer{key}")
+        label = "batch 1" if n == 1 else f"{n} concurrent, aggregate"
+        rows.append((f"decode tok/s, {label}", f"{ours:.1f}" + (f" vs llama.cpp {peer:.1f}" if peer else ""),
+                     f"{ours / peer:.0%} of llama.cpp" if peer else ""))
+    rows.append(("greedy answer", repr(text.strip())[:60], "Paris" if "Paris" in text else "WRONG"))
+
+    print(f"\n{args.model} on the CPU ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}), "
+          f"prompt {len(ids)} tokens, {args.tokens} new tokens, greedy, median of {args.reps}, "
+          f"torch {torch.__version__}")
+    for name, value, note in rows:
+        print(f"{name:<56}{value:>28}  {note}")
+    print("samples:", {k: [round(x, 1) for x in v] for k, v in samples.items() if v})
 
 
 if __name__ == "__main__":

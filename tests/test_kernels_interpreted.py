@@ -85,7 +85,7 @@ def test_rope_kv_with_qk_norms_and_partial_rotary(D, R, gemma):
     """Qwen3 / Gemma 3 q/k norms (each norm style) before RoPE on the first R dims (Phi-4-mini's
     partial rotary), any head size (Phi-3's 96 is not a power of two): against the reference
     path's own functions."""
-    from daemon.engine.forward import apply_rope, gemma_norm, rms_norm
+    from daemon.engine.forward import apply_rope, gemma_norm, rms_norm, signed_sin
 
     gen = torch.Generator().manual_seed(5)
     H, KV, S, C = 4, 2, 2, 16
@@ -104,8 +104,8 @@ def test_rope_kv_with_qk_norms_and_partial_rotary(D, R, gemma):
     heads = qkv.view(2, H + 2 * KV, D)
     for t in range(2):
         pos, slot = int(positions[t]), int(slots[t])
-        expect_q = apply_rope(norm(heads[t, :H], q_norm, 1e-6), cos[pos], sin[pos])
-        expect_k = apply_rope(norm(heads[t, H:H + KV], k_norm, 1e-6), cos[pos], sin[pos])
+        expect_q = apply_rope(norm(heads[t, :H], q_norm, 1e-6), cos[pos], signed_sin(sin[pos]))
+        expect_k = apply_rope(norm(heads[t, H:H + KV], k_norm, 1e-6), cos[pos], signed_sin(sin[pos]))
         assert rel(q[t], expect_q) < 1e-5 and rel(k_cache[slot, :, pos], expect_k) < 1e-5
         assert torch.equal(v_cache[slot, :, pos], heads[t, H + KV:])
 

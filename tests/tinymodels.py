@@ -136,3 +136,65 @@ def _script(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, script:
     others[chain[:-1]] = False
     head[tokenizer.eos_token_id] += 0.5 * unit[others].sum(0) / others.sum() ** 0.5
     model.lm_head.weight.copy_(head)
+
+
+# GGUF tensor types by name (gguf.GGMLQuantizationType values), for write_llama_gguf
+F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
+MIXED_TYPES = {"token_embd": Q8_0, "attn_q": Q4_1, "attn_k": Q4_0, "attn_v": Q4_1, "attn_output": Q8_0,
+               "ffn_gate": Q4_1, "ffn_up": F16, "ffn_down": Q4_0}
+
+
+def write_llama_gguf(path: Path, types: dict[str, int] = MIXED_TYPES, seed: int = 0, tied: bool = True,
+                     heads: int = 4, kv_heads: int = 2) -> LlamaForCausalLM:
+    """A random tiny Llama written as llama.cpp's convert_hf_to_gguf.py writes one: its
+    tensor names, q and k permuted for ggml's interleaved RoPE, each matrix in the type
+    `types` names (gguf-py quantizes). Returns the HF model it was made from."""
+    import gguf
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                         rms_norm_eps=1e-5, tie_word_embeddings=tied, rope_theta=10000.0)
+    model = LlamaForCausalLM(config).eval()
+    head_dim = 64 // heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((writer.add_block_count, 2), (writer.add_context_length, 256),
+                       (writer.add_embedding_length, 64), (writer.add_feed_forward_length, 128),
+                       (writer.add_head_count, heads), (writer.add_head_count_kv, kv_heads),
+                       (writer.add_rope_freq_base, 10000.0), (writer.add_layer_norm_rms_eps, 1e-5),
+                       (writer.add_rope_dimension_count, head_dim), (writer.add_vocab_size, 256)):
+        add(value)
+
+    def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:  # convert_hf_to_gguf.py's LlamaModel.permute
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    def add_tensor(name: str, tensor: torch.Tensor, kind: int = F32) -> None:
+        values = tensor.detach().float().numpy()
+        if kind == F32 or values.ndim == 1:
+            writer.add_tensor(name, values)
+        elif kind == F16:
+            writer.add_tensor(name, values.astype("float16"))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(values, gguf.GGMLQuantizationType(kind)),
+                              raw_dtype=gguf.GGMLQuantizationType(kind))
+
+    state = model.state_dict()
+    add_tensor("token_embd.weight", state["model.embed_tokens.weight"], types.get("token_embd", F32))
+    add_tensor("output_norm.weight", state["model.norm.weight"])
+    if not tied:
+        add_tensor("output.weight", state["lm_head.weight"], types.get("output", F32))
+    hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+          "ffn_down": "mlp.down_proj"}
+    for i in range(2):
+        for name, module in hf.items():
+            w = state[f"model.layers.{i}.{module}.weight"]
+            w = permute(w, heads) if name == "attn_q" else permute(w, kv_heads) if name == "attn_k" else w
+            add_tensor(f"blk.{i}.{name}.weight", w, types.get(name, F32))
+        add_tensor(f"blk.{i}.attn_norm.weight", state[f"model.layers.{i}.input_layernorm.weight"])
+        add_tensor(f"blk.{i}.ffn_norm.weight", state[f"model.layers.{i}.post_attention_layernorm.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model

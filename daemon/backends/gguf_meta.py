@@ -1,10 +1,11 @@
-"""A header-only GGUF reader: the key/value metadata and tensor shapes, nothing else.
+"""A header-only GGUF reader: the key/value metadata and the tensor table, nothing else.
 
 /api/show and /api/tags need a GGUF's metadata in milliseconds. gguf-py's GGUFReader
 parses every array element into numpy views (about 11 s for a 49k-token vocabulary), and
 transformers reads the file three times when it loads it. This reader walks the header
 once and skips long arrays by their byte lengths, the way Ollama's own loader keeps arrays
-of more than a few items out of model_info.
+of more than a few items out of model_info. The tensor table (type, shape, where the data
+lies) is what backends/gguf_weights.py reads the blocks by.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ FILE_TYPES = {
 }
 
 MAX_ARRAY_ITEMS = 5  # longer arrays come back empty, as in Ollama's non-verbose show
+DEFAULT_ALIGNMENT = 32  # the tensor data starts at a multiple of general.alignment
 
 
 class GGUFFormatError(ValueError):
@@ -38,10 +40,21 @@ class GGUFFormatError(ValueError):
 
 
 @dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]  # ggml order: shape[0] is the contiguous (input) dimension
+    ggml_type: int  # gguf.GGMLQuantizationType
+    offset: int  # from the start of the file
+
+
+@dataclass(frozen=True)
 class GGUFHeader:
     version: int
     metadata: dict[str, Any]
-    tensor_shapes: dict[str, tuple[int, ...]]
+    tensors: dict[str, TensorInfo]
+
+    @property
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: info.shape for name, info in self.tensors.items()}
 
     @property
     def parameter_count(self) -> int:
@@ -116,12 +129,14 @@ def read_gguf_header(path: Path, keep_arrays: bool = False) -> GGUFHeader:
             key = cur.string()
             vtype = cur.unpack("<I", 4)
             metadata[key] = cur.value(vtype, keep_arrays)
-        shapes: dict[str, tuple[int, ...]] = {}
+        table: list[tuple[str, tuple[int, ...], int, int]] = []
         for _ in range(n_tensors):
             name = cur.string()
             n_dims = cur.unpack("<I", 4)
             dims = tuple(cur.unpack("<Q", 8) for _ in range(n_dims))
-            cur.unpack("<I", 4)  # tensor type
-            cur.unpack("<Q", 8)  # offset
-            shapes[name] = dims
-        return GGUFHeader(version=version, metadata=metadata, tensor_shapes=shapes)
+            ggml_type = cur.unpack("<I", 4)
+            table.append((name, dims, ggml_type, cur.unpack("<Q", 8)))
+        alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT)) or DEFAULT_ALIGNMENT
+        data_start = -(-cur.pos // alignment) * alignment
+        tensors = {name: TensorInfo(dims, ggml_type, data_start + offset) for name, dims, ggml_type, offset in table}
+        return GGUFHeader(version=version, metadata=metadata, tensors=tensors)

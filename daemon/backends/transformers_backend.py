@@ -111,6 +111,20 @@ def _check_architecture(folder: Path) -> None:
                             "so hfollama cannot run this model (a newer transformers may)") from None
 
 
+def _load_gguf_packed(resolved: ResolvedModel, derived: DerivedCache) -> LoadedModel | None:
+    """A GGUF on the CPU, its blocks read as they are (backends/gguf_model.py); None for an
+    architecture that module does not read."""
+    from daemon.backends import gguf_model
+    from daemon.backends.gguf_meta import read_gguf_header
+
+    path = resolved.location.path
+    if not gguf_model.readable(read_gguf_header(path)):
+        return None
+    model, tokenizer = gguf_model.load(path, resolved.file_digests[path.name], derived)
+    return LoadedModel(model=model, tokenizer=tokenizer, device=torch.device("cpu"),
+                       eos_token_ids=eos_ids(tokenizer, model), weights_bytes=gguf_model.weights_bytes(model))
+
+
 def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: DerivedCache) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -118,6 +132,10 @@ def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: Deriv
     hf_logging.disable_progress_bar()  # a daemon's log is no place for progress bars
     location = resolved.location
     folder = location.path
+    if location.is_gguf and device.type == "cpu":
+        packed = _load_gguf_packed(resolved, derived)
+        if packed is not None:
+            return packed
     if location.is_gguf:
         folder = converted_gguf_folder(location.path, resolved.file_digests[location.path.name], derived)
     quantization = resolved.modelfile.quantization

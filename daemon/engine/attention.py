@@ -21,28 +21,33 @@ def allowed(q_positions: torch.Tensor, keys: int, window: int | None) -> torch.T
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_positions: torch.Tensor | None, *,
-           scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+           scale: float, window: int | None = None, softcap: float | None = None,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, T, D] at absolute positions q_positions [B, T], or None for a prompt chunk: the
     keys' last T positions; keys / values [B, KV, S, D] holding positions 0..S-1. Returns
     [B, H, T, D]. A chunk without a window needs no mask: causal from the bottom right
-    (`causal_lower_right`), which the flash and memory-efficient kernels take as it is."""
+    (`causal_lower_right`), which the flash and memory-efficient kernels take as it is.
+    `mask`: allowed(q_positions, S, window)[:, None] made once for the layers of a pass."""
     gqa = keys.shape[1] != q.shape[1]
     steps, length = q.shape[2], keys.shape[2]
-    if q_positions is None:
+    if q_positions is None and mask is None:
         if softcap is None and window is None:
-            mask = causal_lower_right(steps, length) if steps != length else None
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                                  enable_gqa=gqa)
+            if steps == 1:  # one query at the end sees every key: no mask (SDPA's fastest kernel)
+                return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=gqa)
+            causal = causal_lower_right(steps, length) if steps != length else None
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, is_causal=causal is None,
+                                                  scale=scale, enable_gqa=gqa)
         q_positions = torch.arange(length - steps, length, device=q.device)[None]
+    if mask is None:
+        mask = allowed(q_positions, length, window)[:, None]
     if softcap is None:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed(q_positions, length, window)[:, None],
-                                              scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
     if gqa:
         group = q.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
     scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale
     scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~allowed(q_positions, length, window)[:, None], float("-inf"))
+    scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     return torch.matmul(probs, values)
 

@@ -20,13 +20,15 @@ phi3); anything else runs through transformers' own forward (engine/generic.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from daemon.engine.attention import attend, copy_slot_prefix
+from daemon.engine.attention import allowed, attend, copy_slot_prefix
+from daemon.engine.packed import PackedLinear, Product
+from daemon.engine.packed import fuse as fuse_products
 from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
 from daemon.engine.spec import rotary_tables, softcap, take_layers
 
@@ -74,18 +76,25 @@ def _is_dense(module: torch.nn.Module) -> bool:
     return type(module) is torch.nn.Linear and module.weight.is_floating_point()
 
 
-def make_linear(modules: list[torch.nn.Module], weight_dtype: torch.dtype) -> DenseLinear | ModuleLinear:
+def make_linear(modules: list[torch.nn.Module], weight_dtype: torch.dtype) -> DenseLinear | ModuleLinear | Product:
     if all(_is_dense(m) for m in modules):
         return DenseLinear(modules, weight_dtype)
+    if all(isinstance(m, PackedLinear) for m in modules):  # a GGUF's blocks on the CPU
+        fused = fuse_products([m.product for m in modules])
+        if fused is not None:
+            return fused
     return ModuleLinear(modules)
+
+
+AnyLinear = DenseLinear | ModuleLinear | Product
 
 
 @dataclass
 class LayerWeights:
-    qkv: DenseLinear | ModuleLinear
-    o: DenseLinear | ModuleLinear
-    gate_up: DenseLinear | ModuleLinear
-    down: DenseLinear | ModuleLinear
+    qkv: AnyLinear
+    o: AnyLinear
+    gate_up: AnyLinear
+    down: AnyLinear
     norms: LayerParts  # the norm weights by role (the modules themselves released)
 
 
@@ -110,25 +119,51 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: HF's rotate_half(x) * sin is roll(x) * signed_sin,
+    bit for bit (-x2 * s1 == x2 * -s1), one op fewer."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """HF's rotate_half RoPE on the first cos.shape[-1] dims of each head (partial rotary
-    leaves the rest as they are)."""
+    leaves the rest as they are); `sin_signed` from signed_sin."""
     dim = cos.shape[-1]
     if dim == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
+        return x * cos + _swap_halves(x) * sin_signed
     rotated, kept = x[..., :dim], x[..., dim:]
-    return torch.cat((rotated * cos + _rotate_half(rotated) * sin, kept), dim=-1)
+    return torch.cat((rotated * cos + _swap_halves(rotated) * sin_signed, kept), dim=-1)
+
+
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)  # torch.roll is slower on the CPU
 
 
 def default_weight_dtype(act_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and act_dtype == torch.float32:
         return torch.float16
     return act_dtype
+
+
+@dataclass
+class _Rows:
+    """Where one pass's rows sit in the KV caches: worked out once per pass, read by every layer."""
+
+    slots: list[int]
+    starts: list[int]
+    end: int  # the longest row's cached length after this pass
+    slot_index: torch.Tensor | None = None  # decode across slots: [B] slots and [B] positions
+    positions: torch.Tensor | None = None
+    read: slice | torch.Tensor | None = None  # the slots' caches: a slice when consecutive
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[B, 1, 1, end] which keys each row sees, per sliding window (computed once a pass)."""
+        if window not in self._masks:
+            self._masks[window] = allowed(self.positions[:, None], self.end, window)[:, None]
+        return self._masks[window]
 
 
 class ReferenceForward:
@@ -153,7 +188,8 @@ class ReferenceForward:
         self.vocab_size = spec.vocab
         self.norm = NORMS[spec.norm]
         self.act = ACTIVATION_FUNCTIONS[spec.activation]
-        self.tables = rotary_tables(model, spec, max_ctx, self.dtype, self.device)
+        self.tables = {kind: (cos, signed_sin(sin))
+                       for kind, (cos, sin) in rotary_tables(model, spec, max_ctx, self.dtype, self.device).items()}
 
         self.lm_head = make_linear([model.lm_head], self.weight_dtype)
         embed = inner.embed_tokens.weight.detach()
@@ -175,7 +211,7 @@ class ReferenceForward:
 
     def _take_layer(self, parts: LayerParts) -> LayerWeights:
         products = {role: make_linear(modules, self.weight_dtype) for role, modules in parts.products.items()}
-        if all(isinstance(p, DenseLinear) for p in products.values()):
+        if not any(isinstance(p, ModuleLinear) for p in products.values()):
             parts.release()  # the fused copies replace the originals: their memory can go
         return LayerWeights(norms=parts, **products)
 
@@ -189,30 +225,34 @@ class ReferenceForward:
         embed = 0 if self.embed is getattr(self.lm_head, "weight", None) else self.embed.numel() * self.embed.element_size()
         return dense + self.lm_head.nbytes + embed
 
-    def _attention(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   slots: list[int], starts: list[int]) -> torch.Tensor:
+    def _attention(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: "_Rows") -> torch.Tensor:
         """Write k/v at each row's positions and attend over each row's cache."""
-        steps = q.shape[2]
         kc, vc = self.k_cache[layer_index], self.v_cache[layer_index]
         options = dict(scale=self.spec.attn_scale, window=self.spec.windows[layer_index],
                        softcap=self.spec.attn_softcap)
-        if len(slots) == 1:  # one sequence: plain slices, no gather
-            slot, start = slots[0], starts[0]
-            end = start + steps
-            if layer_index == 0:
-                self._clean[slot] = max(self._clean[slot], end)
+        if rows.positions is None:  # one sequence: plain slices, no gather
+            slot, start, end = rows.slots[0], rows.starts[0], rows.end
             kc[slot, :, start:end] = k[0]
             vc[slot, :, start:end] = v[0]
             return attend(q, kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end], None, **options)
-        # decode across slots (steps == 1): scatter the new entries, gather the caches
-        if layer_index == 0:
-            self._zero_unwritten(slots, max(starts) + 1)
+        # decode across slots (steps == 1): scatter the new entries, read the caches (a view
+        # when the slots are consecutive, else a gather)
+        kc[rows.slot_index, :, rows.positions] = k[:, :, 0]
+        vc[rows.slot_index, :, rows.positions] = v[:, :, 0]
+        keys, values = kc[rows.read, :, :rows.end], vc[rows.read, :, :rows.end]
+        return attend(q, keys, values, None, mask=rows.mask(options["window"]), **options)
+
+    def _place(self, slots: list[int], starts: list[int], steps: int) -> "_Rows":
+        """Where this pass's rows go, once per pass (and the slots' unwritten positions zeroed)."""
+        end = max(starts) + steps
+        if len(slots) == 1:
+            self._clean[slots[0]] = max(self._clean[slots[0]], end)
+            return _Rows(slots, starts, end)
+        self._zero_unwritten(slots, end)
         slot_t = torch.tensor(slots, device=self.device)
-        start_t = torch.tensor(starts, device=self.device)
-        kc[slot_t, :, start_t] = k[:, :, 0]
-        vc[slot_t, :, start_t] = v[:, :, 0]
-        end = max(starts) + 1
-        return attend(q, kc[slot_t, :, :end], vc[slot_t, :, :end], start_t[:, None], **options)
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        read = slice(slots[0], slots[0] + len(slots)) if consecutive else slot_t
+        return _Rows(slots, starts, end, slot_t, torch.tensor(starts, device=self.device), read)
 
     def _zero_unwritten(self, slots: list[int], end: int) -> None:
         for slot in slots:
@@ -256,12 +296,14 @@ class ReferenceForward:
         x = self._layers(tokens[None], [self.num_slots], [0])
         return self.norm(x[0], self.final_norm, self.eps).float()
 
-    def _rope(self, layer_index: int, batch: int, steps: int, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.tables[self.spec.layer_types[layer_index]]
+    def _rope(self, batch: int, steps: int, starts: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos and signed sin at each row's positions, [B or 1, T, 1, rotary_dim], per layer type:
+        looked up once per pass, not once per layer."""
         if batch == 1:
-            return cos[starts[0]:starts[0] + steps][None, :, None], sin[starts[0]:starts[0] + steps][None, :, None]
+            span = slice(starts[0], starts[0] + steps)
+            return {kind: (cos[span][None, :, None], sin[span][None, :, None]) for kind, (cos, sin) in self.tables.items()}
         index = torch.tensor(starts, device=self.device)
-        return cos[index][:, None, None], sin[index][:, None, None]
+        return {kind: (cos[index][:, None, None], sin[index][:, None, None]) for kind, (cos, sin) in self.tables.items()}
 
     def _layers(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
         """The decoder, layer by layer: the one place to read how a layer runs on this path."""
@@ -272,22 +314,29 @@ class ReferenceForward:
         x = F.embedding(tokens, self.embed).to(self.dtype)
         if self.embed_scale is not None:
             x = x * self.embed_scale
+        ropes = self._rope(batch, steps, starts)
+        rows = self._place(slots, starts, steps)
         for i, w in enumerate(self.layers):
             n = w.norms
             h = norm(x, n.attn_in_norm, eps)
             qkv = w.qkv(h).to(self.dtype).view(batch, steps, heads + 2 * kv_heads, dim)
-            q, k, v = qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], qkv[:, :, heads + kv_heads:]
+            cos, sin = ropes[spec.layer_types[i]]
             if spec.qk_norm:
-                q, k = norm(q, n.q_norm, eps), norm(k, n.k_norm, eps)
-            cos, sin = self._rope(i, batch, steps, starts)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            o = self._attention(i, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), slots, starts)
-            o = w.o(o.transpose(1, 2).reshape(batch, steps, heads * dim)).to(self.dtype)
-            x = x + (norm(o, n.attn_out_norm, eps) if spec.sandwich else o)
+                q = apply_rope(norm(qkv[:, :, :heads], n.q_norm, eps), cos, sin)
+                k = apply_rope(norm(qkv[:, :, heads:heads + kv_heads], n.k_norm, eps), cos, sin)
+            else:  # q and k rotated together: one set of ops for both
+                qk = apply_rope(qkv[:, :, :heads + kv_heads], cos, sin)
+                q, k = qk[:, :, :heads], qk[:, :, heads:]
+            v = qkv[:, :, heads + kv_heads:]
+            o = self._attention(i, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), rows)
+            # a product's output in a narrower dtype is added as it is: the add promotes it exactly
+            o = w.o(o.transpose(1, 2).reshape(batch, steps, heads * dim))
+            x = x + (norm(o.to(self.dtype), n.attn_out_norm, eps) if spec.sandwich else o)
             h = norm(x, n.mlp_in_norm, eps)
-            gate, up = w.gate_up(h).to(self.dtype).chunk(2, dim=-1)
-            m = w.down(self.act(gate) * up).to(self.dtype)
-            x = x + (norm(m, n.mlp_out_norm, eps) if spec.sandwich else m)
+            gate_up = w.gate_up(h).to(self.dtype)
+            half = gate_up.shape[-1] // 2
+            m = w.down(self.act(gate_up[..., :half]) * gate_up[..., half:])
+            x = x + (norm(m.to(self.dtype), n.mlp_out_norm, eps) if spec.sandwich else m)
         return x
 
 
