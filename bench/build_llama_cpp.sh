@@ -10,15 +10,37 @@
 # llama.cpp's source comes from PyPI (the sdist of llama-cpp-python vendors it), cuBLAS from the
 # nvidia-cublas wheel (copied into the toolkit, which lacks it here). libcuda is linked against a stub
 # of the few driver functions ggml calls directly; the real driver is loaded on the GPU machine.
+#
+#     bench/build_llama_cpp.sh --cpu [WORK_DIR]  # the CPU peer of bench/cpu_decode.py, into .llama-cpu/
+#
+# --cpu builds llama-bench and llama-batched-bench for this machine's CPU without CUDA (about 20
+# minutes on two cores): AVX2, and AVX-512 where the CPU has it, as ggml's own CPU variants; not
+# GGML_NATIVE, whose AMX kernels crash llama-batched-bench on this project's machines.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-WORK=${1:-/tmp/llama-build}
+CPU_ONLY=
+if [ "${1:-}" = "--cpu" ]; then CPU_ONLY=1; shift; fi
+WORK=${1:-/tmp/llama-build${CPU_ONLY:+-cpu}}
 CUDA=/usr/local/cuda-13.0
 mkdir -p "$WORK" && cd "$WORK"
 
 if [ ! -d src ]; then
     python3 -m pip download --no-deps --no-binary :all: llama-cpp-python -d sdist
     mkdir src && tar -xzf sdist/llama_cpp_python-*.tar.gz -C src --strip-components=1
+fi
+if [ -n "$CPU_ONLY" ]; then
+    avx512=OFF
+    grep -q avx512f /proc/cpuinfo && avx512=ON
+    cmake -S src/vendor/llama.cpp -B build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF \
+        -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_BUILD_TOOLS=ON -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+        -DGGML_BMI2=ON -DGGML_AVX512=$avx512 -DGGML_AVX512_VBMI=$avx512 -DGGML_AVX512_VNNI=$avx512 \
+        -DGGML_AVX512_BF16=$avx512
+    cmake --build build -j"$(nproc)" --target llama-bench llama-batched-bench
+    mkdir -p "$REPO/.llama-cpu"
+    cp build/bin/llama-bench build/bin/llama-batched-bench "$REPO/.llama-cpu/"
+    ls -la "$REPO/.llama-cpu"
+    exit 0
 fi
 if [ ! -f "$CUDA/include/cublas_v2.h" ]; then
     python3 -m pip download --no-deps nvidia-cublas -d cublas

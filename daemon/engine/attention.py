@@ -32,8 +32,6 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_position
     steps, length = q.shape[2], keys.shape[2]
     if q_positions is None and mask is None:
         if softcap is None and window is None:
-            if steps == 1:  # one query at the end sees every key: no mask (SDPA's fastest kernel)
-                return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=gqa)
             causal = causal_lower_right(steps, length) if steps != length else None
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, is_causal=causal is None,
                                                   scale=scale, enable_gqa=gqa)

@@ -12,7 +12,16 @@ Dtypes: activations (residual stream, norms, attention, KV cache) run in the mod
 dtype; dense linear weights may be stored narrower. On the CPU they are kept in fp16 while
 activations stay fp32: decoding reads every weight once per token, AVX2 CPUs multiply fp16
 weights at full memory bandwidth, and their fp16 elementwise arithmetic is slow. Quantized
-bitsandbytes layers are called as modules.
+bitsandbytes layers are called as modules. A GGUF on the CPU comes with its matrices already
+packed for the CPU's int4 / int8 kernels (engine/packed.py, backends/gguf_model.py): they are
+fused like dense ones, take bf16 activations and give bf16, which the residual adds promote.
+
+On the CPU a decode step is bound by the number of ops more than by bytes (a few microseconds
+each, some thousand per token on a 135M model), so the layer is written with few: RoPE looked
+up once per pass and applied to q and k together, where a pass's rows sit in the caches worked
+out once (`_Rows`). (A lone decode query keeps its causal mask although it sees every key: SDPA
+without a mask takes another kernel, and its roundings would make a request's tokens depend on
+whether it runs alone or batched.)
 
 Covered: the families of spec.FAMILIES (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3,
 phi3); anything else runs through transformers' own forward (engine/generic.py).
