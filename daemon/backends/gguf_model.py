@@ -117,10 +117,12 @@ def weights_bytes(model: torch.nn.Module) -> int:
     return packed + sum(dense.values())
 
 
-def load(path: Path, digest: str, cache: DerivedCache) -> tuple[torch.nn.Module, Any]:
-    """The model and its tokenizer."""
+def load(path: Path, digest: str, cache: DerivedCache) -> tuple[torch.nn.Module, Any] | None:
+    """The model and its tokenizer; None for an architecture this module does not read."""
     from transformers import AutoTokenizer
 
     header = read_gguf_header(path)
+    if not readable(header):
+        return None
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path, digest, cache))
     return build_model(path, header), tokenizer

@@ -115,12 +115,12 @@ def _load_gguf_packed(resolved: ResolvedModel, derived: DerivedCache) -> LoadedM
     """A GGUF on the CPU, its blocks read as they are (backends/gguf_model.py); None for an
     architecture that module does not read."""
     from daemon.backends import gguf_model
-    from daemon.backends.gguf_meta import read_gguf_header
 
     path = resolved.location.path
-    if not gguf_model.readable(read_gguf_header(path)):
+    loaded = gguf_model.load(path, resolved.file_digests[path.name], derived)
+    if loaded is None:
         return None
-    model, tokenizer = gguf_model.load(path, resolved.file_digests[path.name], derived)
+    model, tokenizer = loaded
     return LoadedModel(model=model, tokenizer=tokenizer, device=torch.device("cpu"),
                        eos_token_ids=eos_ids(tokenizer, model), weights_bytes=gguf_model.weights_bytes(model))
 
