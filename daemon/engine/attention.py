@@ -50,6 +50,30 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_position
     return torch.matmul(probs, values)
 
 
+def attend_padded(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, rows: int, *,
+                  scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """`attend` for q [B, H, T, D] in the shape in which the reference path attends on the CPU
+    (engine/forward.py, KEY_BLOCK): the query heads that share a key head folded into one run
+    of rows per key head, head by head ([B, KV, H/KV * T, D]: a decode step's heads make a
+    block of rows together, and no key head is repeated), then padded to `rows` rows by
+    repeating the last one. `mask` [B, 1, rows, S] is made for those rows (`folded_positions`).
+    Returns [B, H, T, D]."""
+    b, h, t, d = q.shape
+    kv = keys.shape[1]
+    folded = q.reshape(b, kv, h // kv * t, d)
+    if rows > folded.shape[2]:
+        folded = torch.cat((folded, folded[:, :, -1:].expand(b, kv, rows - folded.shape[2], d)), dim=2)
+    out = attend(folded, keys, values, None, scale=scale, window=window, softcap=softcap, mask=mask)
+    return out[:, :, :h // kv * t].reshape(b, h, t, d)
+
+
+def folded_positions(positions: torch.Tensor, group: int, rows: int) -> torch.Tensor:
+    """[B, rows]: the position of each row `attend_padded` attends, from the queries' positions
+    [B, T] and the query heads per key head: T positions once per head, then the last again."""
+    tiled = positions.repeat(1, group)
+    return torch.cat((tiled, tiled[:, -1:].expand(-1, rows - tiled.shape[1])), dim=1)
+
+
 def copy_slot_prefix(caches: list[torch.Tensor], source: int, target: int, length: int) -> None:
     """Copy the first `length` positions of slot `source` into slot `target` in every layer's
     [slots, kv_heads, ctx, head_dim] key or value cache: a prefix one prompt reuses from another."""

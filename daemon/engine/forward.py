@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from daemon.engine.attention import allowed, attend, copy_slot_prefix
+from daemon.engine.attention import allowed, attend, attend_padded, copy_slot_prefix, folded_positions
 from daemon.engine.packed import PackedLinear, Product
 from daemon.engine.packed import fuse as fuse_products
 from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
@@ -156,6 +156,25 @@ def default_weight_dtype(act_dtype: torch.dtype, device: torch.device) -> torch.
     return act_dtype
 
 
+# On the CPU a row's attention is computed in a shape that makes it the same bit for bit in any
+# pass: alone or batched, as a decode step or anywhere in a prompt chunk (so greedy text is the
+# same with the prefix cache on and off, and alone or beside other requests). SDPA's CPU kernel
+# works through keys in blocks of up to 512 and query rows in blocks of 32 to 256, and a row's
+# rounding changes with the length of its key blocks and when its query block has fewer than 4
+# rows (measured on torch 2.13: tests/test_forward.py). So keys are read in whole blocks of
+# KEY_BLOCK positions (those past a row's own masked; the cache holds zeros or older finite
+# values there), and the query heads sharing a key head are attended as one run of rows, padded
+# to `padded_query_rows` by repeating the last (attention.attend_padded: a decode step's 3 heads
+# per key head on SmolLM2 take 4 rows, not 3 x 4).
+KEY_BLOCK = 512
+
+
+def padded_query_rows(rows: int) -> int:
+    """Rows of a query block of at least 4 rows in every block SDPA's CPU kernel splits it into:
+    at least 4, and past 32 a multiple of 32 (its block sizes are multiples of 32)."""
+    return 4 if rows < 4 else rows if rows <= 32 else -(-rows // 32) * 32
+
+
 @dataclass
 class _Rows:
     """Where one pass's rows sit in the KV caches: worked out once per pass, read by every layer."""
@@ -163,15 +182,25 @@ class _Rows:
     slots: list[int]
     starts: list[int]
     end: int  # the longest row's cached length after this pass
+    keys: int  # key positions each layer reads: `end`, or whole KEY_BLOCKs on the CPU
     slot_index: torch.Tensor | None = None  # decode across slots: [B] slots and [B] positions
     positions: torch.Tensor | None = None
-    read: slice | torch.Tensor | None = None  # the slots' caches: a slice when consecutive
+    read: slice | torch.Tensor | None = None  # the slots' caches: a slice of slots, else a gather
+    # where each row sits in the slice `read` when that has slots no row uses (or holds them out
+    # of order): attention runs over the whole slice, which costs less than copying the caches
+    spread: torch.Tensor | None = None
+    query_positions: torch.Tensor | None = None  # [B, padded rows] on the CPU: each query row's position
     _masks: dict = field(default_factory=dict)
 
     def mask(self, window: int | None) -> torch.Tensor:
-        """[B, 1, 1, end] which keys each row sees, per sliding window (computed once a pass)."""
+        """[B, 1, rows, keys] which keys each row sees, per sliding window (computed once a pass);
+        B counts the slots of the slice `read` when rows are spread over it."""
         if window not in self._masks:
-            self._masks[window] = allowed(self.positions[:, None], self.end, window)[:, None]
+            positions = self.query_positions if self.query_positions is not None else self.positions[:, None]
+            if self.spread is not None:  # the slots no row uses attend to their first key, unread
+                positions = positions.new_zeros((self.read.stop - self.read.start, *positions.shape[1:])).index_copy_(
+                    0, self.spread, positions)
+            self._masks[window] = allowed(positions, self.keys, window)[:, None]
         return self._masks[window]
 
 
@@ -210,7 +239,10 @@ class ReferenceForward:
         self.layers = [self._take_layer(parts) for parts in take_layers(model, spec)]
 
         # one extra slot for encode() (embeddings), never given to a sequence
-        shape = (num_slots + 1, self.num_kv_heads, max_ctx, self.head_dim)
+        # on the CPU in whole key blocks, which every pass reads (see KEY_BLOCK)
+        self.padded = self.device.type == "cpu"
+        self.cache_len = -(-max_ctx // KEY_BLOCK) * KEY_BLOCK if self.padded else max_ctx
+        shape = (num_slots + 1, self.num_kv_heads, self.cache_len, self.head_dim)
         # torch.empty does not touch the pages, so an idle slot costs address space only.
         self.k_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
@@ -243,25 +275,52 @@ class ReferenceForward:
             slot, start, end = rows.slots[0], rows.starts[0], rows.end
             kc[slot, :, start:end] = k[0]
             vc[slot, :, start:end] = v[0]
-            return attend(q, kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end], None, **options)
-        # decode across slots (steps == 1): scatter the new entries, read the caches (a view
-        # when the slots are consecutive, else a gather)
-        kc[rows.slot_index, :, rows.positions] = k[:, :, 0]
-        vc[rows.slot_index, :, rows.positions] = v[:, :, 0]
-        keys, values = kc[rows.read, :, :rows.end], vc[rows.read, :, :rows.end]
-        return attend(q, keys, values, None, mask=rows.mask(options["window"]), **options)
+            read = slice(slot, slot + 1)
+        else:
+            # decode across slots (steps == 1): scatter the new entries, read the caches (a
+            # view when the slots are consecutive, else a gather)
+            kc[rows.slot_index, :, rows.positions] = k[:, :, 0]
+            vc[rows.slot_index, :, rows.positions] = v[:, :, 0]
+            read = rows.read
+        keys, values = kc[read, :, :rows.keys], vc[read, :, :rows.keys]
+        if rows.spread is not None:
+            q = q.new_zeros((keys.shape[0], *q.shape[1:])).index_copy_(0, rows.spread, q)
+        mask = None if rows.positions is None and rows.query_positions is None else rows.mask(options["window"])
+        if rows.query_positions is not None:
+            o = attend_padded(q, keys, values, mask, rows.query_positions.shape[-1], **options)
+        else:
+            o = attend(q, keys, values, None, mask=mask, **options)
+        return o if rows.spread is None else o.index_select(0, rows.spread)
 
     def _place(self, slots: list[int], starts: list[int], steps: int) -> "_Rows":
         """Where this pass's rows go, once per pass (and the slots' unwritten positions zeroed)."""
         end = max(starts) + steps
-        if len(slots) == 1:
+        keys = min(-(-end // KEY_BLOCK) * KEY_BLOCK, self.cache_len) if self.padded else end
+        query_positions = None
+        if self.padded:  # the rows attend_padded attends: each query head's, then padding
+            group = self.num_heads // self.num_kv_heads
+            rows = padded_query_rows(group * steps)
+            if len(slots) == 1:
+                positions = torch.arange(starts[0], end, device=self.device)[None]
+            else:
+                positions = torch.tensor(starts, device=self.device)[:, None]
+            query_positions = folded_positions(positions, group, rows)
+        if len(slots) == 1 and not self.padded:
             self._clean[slots[0]] = max(self._clean[slots[0]], end)
-            return _Rows(slots, starts, end)
-        self._zero_unwritten(slots, end)
+            return _Rows(slots, starts, end, keys)
+        self._zero_unwritten(slots, keys)
+        if len(slots) == 1:
+            return _Rows(slots, starts, end, keys, query_positions=query_positions)
         slot_t = torch.tensor(slots, device=self.device)
-        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
-        read = slice(slots[0], slots[0] + len(slots)) if consecutive else slot_t
-        return _Rows(slots, starts, end, slot_t, torch.tensor(starts, device=self.device), read)
+        low, high = min(slots), max(slots) + 1
+        read, spread = slot_t, None
+        if slots == list(range(low, high)):
+            read = slice(low, high)
+        elif high - low <= 2 * len(slots):  # attend over the slice, the unused slots' rows wasted
+            read, spread = slice(low, high), slot_t - low
+            self._zero_unwritten(range(low, high), keys)  # so no unused slot's garbage is read as NaN
+        return _Rows(slots, starts, end, keys, slot_t, torch.tensor(starts, device=self.device), read, spread,
+                     query_positions)
 
     def _zero_unwritten(self, slots: list[int], end: int) -> None:
         for slot in slots:
