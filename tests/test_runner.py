@@ -267,3 +267,20 @@ def test_an_exception_in_sampling_fails_its_step_frees_the_slot_and_the_next_req
         assert runner.busy == 0
     finally:
         runner.close()
+
+
+def test_warm_up_serves_its_prompts_and_leaves_the_cache_empty(tiny_dirs):
+    runner = make_runner(tiny_dirs["random"], slots=2)
+    try:
+        calls = []
+        forward, forward_mixed = runner.model.forward, runner.model.forward_mixed
+        runner.model.forward = lambda *a: calls.append("decode") or forward(*a)
+        runner.model.forward_mixed = lambda *a: calls.append("prompt") or forward_mixed(*a)
+        runner.warm_up([[5, 6, 7], list(range(40, 80))])
+        assert "prompt" in calls and "decode" in calls  # both paths ran
+        assert runner.cached_tokens == 0 and runner.busy == 0
+        # nothing of it is reused: a request of the same prompt evaluates all of it
+        _, final = asyncio.run(collect(runner, req(list(range(40, 80)), n=3)))
+        assert final.prompt_eval_count == 40 and final.prompt_cached_count == 0
+    finally:
+        runner.close()

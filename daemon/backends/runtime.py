@@ -22,7 +22,7 @@ from daemon.engine.forward import ReferenceForward
 from daemon.engine.generic import TransformersForward
 from daemon.engine.spec import UnsupportedArchitecture
 from daemon.engine.grammar import GrammarCompiler
-from daemon.engine.prompt import PromptBuilder
+from daemon.engine.prompt import ContextBudget, PromptBuilder
 from daemon.engine.runner import Runner
 from daemon.errors import BadRequest, InternalError
 from daemon.registry.catalog import ResolvedModel
@@ -192,6 +192,24 @@ def make_forward(model: torch.nn.Module, slots: int, num_ctx: int, batch_weights
     return forward
 
 
+# The load's warm-up requests: a short prompt (it rides a captured decode step) and one longer
+# than the largest decode bucket (the prompt pass), side by side.
+WARM_UP_MESSAGES = ("Hello!", " ".join(["Tell me a story about a cat and a dog."] * 8))
+
+
+def _warm_up(runner: Runner, prompts: PromptBuilder, num_ctx: int, name: str) -> None:
+    """Two requests through the whole path (template, tokenizer, prompt pass, sampling, the
+    decode graphs) before the model is handed out; on a GPU only, where first launches load
+    kernel modules. An optimization: a template that cannot render them costs nothing but this."""
+    budget = ContextBudget(num_ctx)
+    try:
+        ids = [prompts.chat_ids([{"role": "user", "content": text}], budget) for text in WARM_UP_MESSAGES]
+    except Exception as exc:
+        log.info("%s: no warm-up request (%s)", name, exc)
+        return
+    runner.warm_up([i for i in ids if i])
+
+
 def _free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -274,6 +292,8 @@ def load_runtime(resolved: ResolvedModel, settings: Settings, num_ctx: int | Non
     modelfile = resolved.modelfile
     prompts = PromptBuilder(loaded.tokenizer, resolved.template, system=modelfile.system,
                             messages=modelfile.messages, fim=modelfile.fim)
+    if device.type == "cuda":
+        _warm_up(runner, prompts, plan.num_ctx, resolved.name.display)
     seconds = time.perf_counter() - started
     log.info("loaded %s on %s in %.1fs (num_ctx %d, %d slots%s)", resolved.name.display, device, seconds,
              plan.num_ctx, plan.slots, ", bf16 batch weights" if plan.batch_weights else "")

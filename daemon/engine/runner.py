@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from daemon.engine.grammar import Masker
-from daemon.engine.params import GenerationRequest
+from daemon.engine.params import GenerationRequest, SamplingParams
 from daemon.engine.prefix import Holder, Reuse, SlotCache, token_array
 from daemon.engine.sampling import SamplingBatch, sample, token_logprobs
 from daemon.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
@@ -232,6 +232,25 @@ class Runner:
         """Tokens kept in free slots for the next requests (the prefix cache's content)."""
         with self._cv:
             return self._slots.cached_tokens()
+
+    def warm_up(self, prompts: Seq[Seq[int]], new_tokens: int = 3) -> None:
+        """Serve these prompts side by side (greedy and sampled in turn) before any request,
+        and keep nothing of them in the cache: what runs only on first use is paid here, not
+        by the first request after a load (CUDA loads a kernel's module at its first launch:
+        sampling's, the prompt pass's logits; 140 ms on an H200, #17). Call it from a thread
+        without a running event loop, before the runner takes requests."""
+
+        async def serve(i: int, ids: Seq[int]) -> None:
+            sampling = SamplingParams(temperature=0.0) if i % 2 == 0 else SamplingParams(seed=i)
+            async for _ in self.generate(GenerationRequest(tuple(ids), sampling, new_tokens)):
+                pass
+
+        async def every() -> None:
+            await asyncio.gather(*(serve(i, ids) for i, ids in enumerate(prompts)))
+
+        asyncio.run(every())
+        with self._cv:
+            self._slots = SlotCache(self.num_slots, enabled=self._slots.enabled)
 
     def close(self) -> None:
         """Stop the loop; pending requests get an error. Returns when the thread is gone."""
