@@ -133,6 +133,84 @@ class Compiles:
         return self.names[mark:]
 
 
+class Timeline:
+    """Where a burst's time goes, seen from inside the daemon (it runs in this process): each
+    request's prompt build (template + tokenizer), its arrival at the runner and its first
+    chunk, and every pass the runner ran, with the prompt tokens and decode rows in it. The
+    runner's methods are wrapped, not changed: the wrappers only read the clock."""
+
+    def __init__(self) -> None:
+        from daemon.engine import runner as R
+        from daemon.server.handlers import inference
+
+        self.events: list[tuple[float, float, str, str]] = []
+        events = self.events
+        generate, prefill, decode = R.Runner.generate, R.Runner._prefill, R.Runner._decode
+        take, build = R.Runner._take_prefixes, inference._build
+
+        async def timed_generate(runner, request):
+            t, first = time.perf_counter(), True
+            async for chunk in generate(runner, request):
+                if first:
+                    events.append((t, time.perf_counter(), "request", f"{len(request.prompt_ids)} tokens"))
+                    first = False
+                yield chunk
+
+        def timed(fn, kind, describe):
+            def wrapper(runner, *args):
+                t, detail = time.perf_counter(), describe(runner, *args)  # before the call changes it
+                try:
+                    return fn(runner, *args)
+                finally:
+                    events.append((t, time.perf_counter(), kind, detail))
+            return wrapper
+
+        def prompt_tokens(runner, seqs, decoding):
+            left = sum(len(q.prompt) - q.prefilled for q in seqs)
+            return f"{min(left, runner.prefill_chunk)} prompt tokens of {len(seqs)}, {len(decoding)} decode rows"
+
+        async def timed_build(*args):
+            t = time.perf_counter()
+            try:
+                return await build(*args)
+            finally:
+                events.append((t, time.perf_counter(), "build", ""))
+
+        R.Runner.generate = timed_generate
+        R.Runner._prefill = timed(prefill, "prefill", prompt_tokens)
+        R.Runner._decode = timed(decode, "decode", lambda runner, seqs: f"{len(seqs)} rows")
+        R.Runner._take_prefixes = timed(take, "prefixes", lambda runner: "")
+        inference._build = timed_build
+
+    def mark(self) -> int:
+        return len(self.events)
+
+    def report(self, mark: int, title: str, passes: int = 40) -> None:
+        """The events since `mark`, in ms from the first: builds and requests summarized,
+        passes (and prefix copies over 1 ms) one a line until the last request's first chunk."""
+        got = sorted(self.events[mark:])
+        if not got:
+            return
+        zero = got[0][0]
+        ms = lambda t: 1000 * (t - zero)  # noqa: E731
+        builds = [e for e in got if e[2] == "build"]
+        requests = [e for e in got if e[2] == "request"]
+        print(f"\ntimeline: {title} (ms from the first event)")
+        if builds:
+            spans = sorted(1000 * (e[1] - e[0]) for e in builds)
+            print(f"  prompt builds: {len(builds)}, started {ms(builds[0][0]):.1f}-{ms(builds[-1][0]):.1f}, "
+                  f"each {spans[0]:.1f}-{spans[-1]:.1f} (median {statistics.median(spans):.1f})")
+        if requests:
+            arrivals = sorted(ms(e[0]) for e in requests)
+            firsts = sorted(ms(e[1]) for e in requests)
+            print(f"  at the runner: {arrivals[0]:.1f}-{arrivals[-1]:.1f} (median {statistics.median(arrivals):.1f});"
+                  f" first chunks {firsts[0]:.1f}-{firsts[-1]:.1f} (median {statistics.median(firsts):.1f})")
+        end = max((e[1] for e in requests), default=got[-1][1])
+        shown = [e for e in got if e[2] in ("prefill", "decode") or (e[2] == "prefixes" and e[1] - e[0] > 1e-3)]
+        for t0, t1, kind, detail in [e for e in shown if e[0] <= end][:passes]:
+            print(f"  {ms(t0):8.1f} {ms(t1):8.1f}  {kind:<9}{detail}")
+
+
 def sdpa_probe(lengths=(1000, 2328, 4320, 8000)) -> list[tuple]:
     """Each backend's first and second call per length (Llama-3-8B heads, bf16, causal)."""
     import torch
@@ -180,6 +258,7 @@ def main() -> None:
     root = Path(args.root)
     _, mf = nf4_model(root, args.shape, "prefix")
     compiles = Compiles()
+    timeline = Timeline()
 
     print("\nattention backends, first and second call (ms), 32 heads x 128, bf16, causal")
     for name, n, first, second in sdpa_probe():
@@ -201,11 +280,12 @@ def main() -> None:
         t = time.perf_counter()
         clients.apply(post, (url, "/api/generate", {"model": MODEL}))
         print(f"\nload: {time.perf_counter() - t:.1f} s", flush=True)
-        mark = compiles.mark()
+        mark, events = compiles.mark(), timeline.mark()
         rng = random.Random(1)
         lengths = [rng.randrange(100, 8001) for _ in range(args.prompts)]
         cold = clients.apply(chats, (url, [([{"role": "user", "content": words(rng, n)}], 4) for n in lengths]))
         cold_compiles = compiles.since(mark)
+        timeline.report(events, "the first prompts after the load", passes=6)
         mark = compiles.mark()
         warm = clients.apply(chats, (url, [([{"role": "user", "content": words(rng, n)}], 4) for n in lengths]))
         warm_compiles = compiles.since(mark)
@@ -233,13 +313,14 @@ def main() -> None:
         print(f"\n{args.slots} concurrent requests sharing a 2,000-token system prompt, 100 tokens of their own")
         print(f"{'system prompt':<15}{'TTFT p50':>10}{'p95':>9}{'max':>9}{'evaluated':>11}{'compiles':>10}")
         for label in ("cold", "warm"):
-            mark = compiles.mark()
+            mark, events = compiles.mark(), timeline.mark()
             requests = [([{"role": "system", "content": system}, {"role": "user", "content": words(rng, 100)}], 16)
                         for _ in range(args.slots)]
             got = clients.apply(chats, (url, requests, True))
             ttfts = sorted(r["ttft_ms"] for r in got)
             print(f"{label:<15}{statistics.median(ttfts):>8.1f}ms{ttfts[int(0.95 * (len(ttfts) - 1))]:>7.1f}ms"
                   f"{ttfts[-1]:>7.1f}ms{sum(r['prompt_eval_count'] for r in got):>11}{len(compiles.since(mark)):>10}")
+            timeline.report(events, f"32 sharing a system prompt, {label}")
         ps = clients.apply(_ps, (url,))
         print(f"\n/api/ps kv_cache: {ps}")
     finally:
