@@ -211,6 +211,24 @@ class Timeline:
             print(f"  {ms(t0):8.1f} {ms(t1):8.1f}  {kind:<9}{detail}")
 
 
+    def per_request(self, mark: int) -> list[tuple[float, ...]]:
+        """For requests sent one at a time, in order: ms spent in the prompt build, from the
+        build to the first pass, in passes, and from the last pass to the first chunk."""
+        got = sorted(self.events[mark:])
+        out = []
+        for t0, t1, kind, detail in got:
+            if kind != "request":
+                continue
+            builds = [e for e in got if e[2] == "build" and e[1] <= t0 + 1e-4]
+            passes = [e for e in got if e[2] in ("prefill", "decode", "prefixes") and t0 <= e[0] and e[1] <= t1]
+            build = builds[-1] if builds else (t0, t0)
+            first = passes[0][0] if passes else t1
+            last = passes[-1][1] if passes else t1
+            out.append(tuple(1000 * x for x in (build[1] - build[0], first - build[1],
+                                                sum(e[1] - e[0] for e in passes), t1 - last)))
+        return out
+
+
 def sdpa_probe(lengths=(1000, 2328, 4320, 8000)) -> list[tuple]:
     """Each backend's first and second call per length (Llama-3-8B heads, bf16, causal)."""
     import torch
@@ -286,9 +304,11 @@ def main() -> None:
         cold = clients.apply(chats, (url, [([{"role": "user", "content": words(rng, n)}], 4) for n in lengths]))
         cold_compiles = compiles.since(mark)
         timeline.report(events, "the first prompts after the load", passes=6)
-        mark = compiles.mark()
+        cold_parts = timeline.per_request(events)
+        mark, events = compiles.mark(), timeline.mark()
         warm = clients.apply(chats, (url, [([{"role": "user", "content": words(rng, n)}], 4) for n in lengths]))
         warm_compiles = compiles.since(mark)
+        warm_parts = timeline.per_request(events)
         samples = [(n, r["ttft_ms"]) for n, r in zip(lengths, warm)]
         print(f"\n{args.prompts} prompts of random lengths right after a load, then the same lengths again")
         print(f"{'tokens':>7}{'cold TTFT':>11}{'warm':>9}{'similar':>9}{'cold/similar':>14}")
@@ -298,6 +318,10 @@ def main() -> None:
             worst = max(worst, ratio)
             print(f"{n:>7}{c['ttft_ms']:>9.1f}ms{w['ttft_ms']:>7.1f}ms{similar_median(n, samples):>7.1f}ms{ratio:>13.2f}x")
         print(f"worst cold TTFT / median of similar lengths: {worst:.2f}x (at most 1.5x)")
+        print("\nwhere the short prompts' TTFT goes (ms): build, build to first pass, passes, last pass to chunk")
+        for n, c, w in sorted(zip(lengths, cold_parts, warm_parts))[:8]:
+            if c and w:
+                print(f"{n:>7}  cold " + " ".join(f"{x:6.1f}" for x in c) + "   warm " + " ".join(f"{x:6.1f}" for x in w))
         print(f"Triton compiles in the request path: cold {len(cold_compiles)} {sorted(set(cold_compiles))}, "
               f"warm {len(warm_compiles)}")
 

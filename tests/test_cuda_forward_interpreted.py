@@ -161,3 +161,12 @@ def test_each_family_on_the_fast_path_decodes_greedy_as_transformers_generate(fa
     alone = torch.cat([reference.forward(torch.tensor([[8]]), [2], [len(families.PROMPT) + 1]),
                        reference.forward(torch.tensor([tail]), [1], [len(chunk)])])
     assert short.shape == alone.shape and rel(short, alone) < 1e-4
+    # prompts taking the rest of a copied prefix in one pass: two from the same start, in slots
+    # out of order (attended together), one from another start (alone)
+    start = len(families.PROMPT)
+    for f in (ours, reference):
+        f.copy_prefix(2, [0, 1], start)
+    chunks = [((families.PROMPT * 2)[:5], 1, start), ([4, 6, 8], 0, start), ([9, 3, 2, 5], 2, start + 2)]
+    together = ours.forward_mixed(torch.empty((0, 1), dtype=torch.long), [], [], chunks)
+    alone = torch.cat([reference.forward(torch.tensor([ids]), [slot], [at]) for ids, slot, at in chunks])
+    assert together.shape == alone.shape and rel(together, alone) < 1e-4

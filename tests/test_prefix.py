@@ -132,6 +132,24 @@ def test_concurrent_prompts_sharing_a_prefix_compute_it_once(runners, tiny_dirs)
     assert sorted(f.prompt_eval_count for _, f in results) == [2, len(a)]
 
 
+def test_prompts_following_one_leader_copy_its_prefix_together(runners, tiny_dirs):
+    _, off = runners
+    shared = [random.Random(2).randrange(3, 200) for _ in range(40)]
+    prompts = [shared + [7 + i, 8 + i] for i in range(4)]
+    expected = [run(off, req(p, n=4))[0][0] for p in prompts]
+    runner = make_runner(tiny_dirs["random"], slots=4, chunk=8)
+    copies, original = [], runner.model.copy_prefix
+    runner.model.copy_prefix = lambda source, targets, length: (copies.append((source, sorted(targets), length)),
+                                                                original(source, targets, length))
+    try:
+        results = run(runner, *(req(p, n=4) for p in prompts))
+    finally:
+        runner.close()
+    assert [t for t, _ in results] == expected
+    assert len(copies) == 1 and len(copies[0][1]) == 3  # the three followers, in one copy
+    assert sorted(f.prompt_eval_count for _, f in results) == [2, 2, 2, len(prompts[0])]
+
+
 def test_eviction_under_slot_pressure_keeps_every_answer_right(runners):
     """Four conversations over two slots, in random order, one or two at a time: the cache keeps
     what fits (least recently used out first), some turns find their history and some do not,

@@ -6,6 +6,9 @@ be soft-capped, which SDPA cannot do."""
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
@@ -74,8 +77,85 @@ def folded_positions(positions: torch.Tensor, group: int, rows: int) -> torch.Te
     return torch.cat((tiled, tiled[:, -1:].expand(-1, rows - tiled.shape[1])), dim=1)
 
 
-def copy_slot_prefix(caches: list[torch.Tensor], source: int, target: int, length: int) -> None:
-    """Copy the first `length` positions of slot `source` into slot `target` in every layer's
-    [slots, kv_heads, ctx, head_dim] key or value cache: a prefix one prompt reuses from another."""
+@dataclass
+class _Group:
+    """Prompt segments of one pass that start at the same position: attended in one call, each
+    padded at its end to the longest (`steps` rows), over keys [start + steps) of its slot."""
+
+    start: int
+    steps: int
+    read: slice | torch.Tensor  # the batch's slots: a slice (spanning unused ones) or a gather
+    gather: torch.Tensor | None  # [batch * steps]: the pass row of each padded row (None: one segment)
+    rows: slice  # a lone segment's rows in the pass
+
+
+class PromptSegments:
+    """Attention for a pass's prompt segments (slot, start, length), rows in that order, over
+    slot caches [slots, kv_heads, ctx, head_dim] whose segments' keys are written: segments
+    with the same start in one call, e.g. 31 prompts taking the rest of a shared system prompt
+    after its copy (one SDPA call per layer, not 31, which the host could not launch fast
+    enough). A segment padded at its end attends under the causal mask from the bottom right
+    as it would alone: its row r sees keys up to start + r; the padding rows see keys past its
+    end (finite: the caches start zeroed) and are dropped."""
+
+    def __init__(self, segments: list[tuple[int, int, int]], device: torch.device) -> None:
+        offsets = list(itertools.accumulate((n for _, _, n in segments), initial=0))
+        by_start: dict[int, list[int]] = {}
+        for i, (_, start, _) in enumerate(segments):
+            by_start.setdefault(start, []).append(i)
+        self.groups: list[_Group] = []
+        place, padded = [0] * offsets[-1], 0  # each pass row's row in the groups' outputs
+        for start, members in by_start.items():
+            slots = [segments[i][0] for i in members]
+            steps = max(segments[i][2] for i in members)
+            low, high = min(slots), max(slots) + 1
+            if len(members) == 1:
+                read, batch, where = slice(low, high), 1, [0]
+            elif high - low <= 2 * len(members):  # unused slots in the span: wasted rows, no copy
+                read, batch, where = slice(low, high), high - low, [slot - low for slot in slots]
+            else:
+                read, batch, where = torch.tensor(slots, device=device), len(members), list(range(len(members)))
+            gather = None
+            if len(members) > 1:
+                rows = [offsets[members[0]]] * (batch * steps)
+                for i, b in zip(members, where):
+                    rows[b * steps:b * steps + segments[i][2]] = range(offsets[i], offsets[i + 1])
+                gather = torch.tensor(rows, device=device)
+            for i, b in zip(members, where):
+                place[offsets[i]:offsets[i + 1]] = range(padded + b * steps, padded + b * steps + segments[i][2])
+            first = members[0]
+            self.groups.append(_Group(start, steps, read, gather, slice(offsets[first], offsets[first + 1])))
+            padded += batch * steps
+        identity = padded == offsets[-1] and place == list(range(padded))
+        self.order = None if identity else torch.tensor(place, device=device)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, scale: float,
+               window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        """q [rows, heads, head_dim] of the pass's segments -> [rows, heads * head_dim]."""
+        heads, dim = q.shape[1], q.shape[2]
+        outs = []
+        for g in self.groups:
+            if g.gather is None:
+                part = q[g.rows].transpose(0, 1)[None]
+            else:
+                part = q.index_select(0, g.gather).view(-1, g.steps, heads, dim).transpose(1, 2)
+            length = g.start + g.steps
+            o = attend(part, k_cache[g.read, :, :length], v_cache[g.read, :, :length], None,
+                       scale=scale, window=window, softcap=softcap)
+            outs.append(o.transpose(1, 2).reshape(-1, heads * dim))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out if self.order is None else out.index_select(0, self.order)
+
+
+def copy_slot_prefix(caches: list[torch.Tensor], source: int, targets: list[int], length: int) -> None:
+    """Copy the first `length` positions of slot `source` into each of slots `targets` in every
+    layer's [slots, kv_heads, ctx, head_dim] key or value cache: a prefix prompts reuse from
+    another. One copy per cache however many targets (31 prompts sharing a system prompt cost
+    64 launches on Llama-3-8B, not 31 x 64)."""
+    if len(targets) == 1:
+        for cache in caches:
+            cache[targets[0], :, :length].copy_(cache[source, :, :length])
+        return
+    index = torch.tensor(targets, device=caches[0].device) if caches else None
     for cache in caches:
-        cache[target, :, :length].copy_(cache[source, :, :length])
+        cache[index, :, :length] = cache[source, :, :length]

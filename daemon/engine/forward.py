@@ -347,10 +347,11 @@ class ReferenceForward:
         parts += [self.forward(torch.tensor([ids]), [slot], [start]) for ids, slot, start in chunks]
         return torch.cat(parts)
 
-    def copy_prefix(self, source: int, target: int, length: int) -> None:
-        """Slot `target` takes the keys and values of slot `source`'s first `length` positions."""
-        copy_slot_prefix([*self.k_cache, *self.v_cache], source, target, length)
-        self._clean[target] = max(self._clean[target], length)
+    def copy_prefix(self, source: int, targets: list[int], length: int) -> None:
+        """Slots `targets` take the keys and values of slot `source`'s first `length` positions."""
+        copy_slot_prefix([*self.k_cache, *self.v_cache], source, targets, length)
+        for target in targets:
+            self._clean[target] = max(self._clean[target], length)
 
     def release(self) -> None:
         """Drop the KV caches (the model is unloading)."""

@@ -101,19 +101,20 @@ class TransformersForward:
         return torch.cat(parts)
 
     @torch.inference_mode()
-    def copy_prefix(self, source: int, target: int, length: int) -> None:
-        """Slot `target` takes slot `source`'s first `length` tokens: a copy of its cache,
+    def copy_prefix(self, source: int, targets: list[int], length: int) -> None:
+        """Slots `targets` take slot `source`'s first `length` tokens: a copy of its cache,
         cropped (or rebuilt where the cache cannot be cropped)."""
         ids = self._held[source][:length]
         if len(ids) != length:
             raise ValueError(f"slot {source} holds {len(self._held[source])} tokens, not {length}")
         cache = self._caches[source]
-        if getattr(cache, "is_croppable", True) and hasattr(cache, "crop"):
-            self._caches[target], self._held[target] = copy.deepcopy(cache), list(self._held[source])
-            self._cache_at(target, length)
-        else:
-            self._caches[target], self._held[target] = None, []
-            self._run(target, ids, 0)
+        for target in targets:
+            if getattr(cache, "is_croppable", True) and hasattr(cache, "crop"):
+                self._caches[target], self._held[target] = copy.deepcopy(cache), list(self._held[source])
+                self._cache_at(target, length)
+            else:
+                self._caches[target], self._held[target] = None, []
+                self._run(target, ids, 0)
 
     @torch.inference_mode()
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:

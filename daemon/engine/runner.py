@@ -57,7 +57,7 @@ class ForwardModel(Protocol):
     def forward_mixed(self, tokens: torch.Tensor, slots: list[int], starts: list[int],
                       chunks: list[tuple[list[int], int, int]]) -> torch.Tensor: ...
 
-    def copy_prefix(self, source: int, target: int, length: int) -> None: ...
+    def copy_prefix(self, source: int, targets: list[int], length: int) -> None: ...
 
 
 @dataclass
@@ -328,7 +328,8 @@ class Runner:
     def _take_prefixes(self) -> None:
         """Copy the prefixes planned at admission into their slots; a prompt that waits for a
         prefix another one is computing takes it once that is in (or plans again if the
-        other one is gone)."""
+        other one is gone). Prompts copying the same prefix from the same slot copy together."""
+        copies: dict[tuple[int, int], list[_Sequence]] = {}
         for seq in list(self._active):
             reuse = seq.reuse
             if reuse is None or seq.cancelled:
@@ -346,15 +347,17 @@ class Runner:
                         seq.reuse = reuse
                         continue
             seq.reuse = None
-            if not reuse.copies:
-                continue
+            if reuse.copies:
+                copies.setdefault((reuse.source, reuse.length), []).append(seq)
+        for (source, length), seqs in copies.items():  # one copy per source and length
             try:
-                self.model.copy_prefix(reuse.source, seq.slot, reuse.length)
-            except Exception as exc:  # this prompt fails; the others go on
+                self.model.copy_prefix(source, [seq.slot for seq in seqs], length)
+            except Exception as exc:  # these prompts fail; the others go on
                 log.exception("copying a cached prefix failed")
-                self._fail([seq], exc)
+                self._fail(seqs, exc)
                 continue
-            seq.prefilled = seq.reused = reuse.length
+            for seq in seqs:
+                seq.prefilled = seq.reused = length
 
     def _release(self, seq: _Sequence, keep: bool = True) -> None:
         """The sequence ends; its slot is free again, holding what the sequence fed through

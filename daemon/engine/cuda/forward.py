@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from daemon.engine.attention import attend as prompt_attention, copy_slot_prefix
+from daemon.engine.attention import PromptSegments, copy_slot_prefix
 from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
 from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
@@ -352,7 +352,8 @@ class FastForward:
                       chunks: list[tuple[list[int], int, int]]) -> torch.Tensor:
         """A decode step (tokens [B, 1] at `starts` of `slots`; B may be 0) and prompt chunks
         (token ids, slot, start) in one pass: the matrix products run over all their tokens
-        together; attention is the decode kernel for the B rows and PyTorch's per chunk.
+        together; attention is the decode kernel for the B rows and PyTorch's for the chunks
+        (attention.PromptSegments).
         Returns the B rows' logits, then each chunk's last, [B + len(chunks), vocab] float32."""
         batch = tokens.shape[0]
         ids = tokens[:, 0].tolist() + [t for chunk, _, _ in chunks for t in chunk]
@@ -374,10 +375,10 @@ class FastForward:
         rows = torch.tensor(list(range(batch)) + [end - 1 for end in list(ends)[1:]], device=self.device)
         return self._logits(out[rows], x[rows], pending)
 
-    def copy_prefix(self, source: int, target: int, length: int) -> None:
-        """Slot `target` takes the keys and values of slot `source`'s first `length` positions
+    def copy_prefix(self, source: int, targets: list[int], length: int) -> None:
+        """Slots `targets` take the keys and values of slot `source`'s first `length` positions
         (queued on the stream: after every step launched before, before every step after)."""
-        copy_slot_prefix([*self.k_cache, *self.v_cache], source, target, length)
+        copy_slot_prefix([*self.k_cache, *self.v_cache], source, targets, length)
 
     def release(self) -> None:
         """Drop the KV caches and graphs (the model is unloading)."""
@@ -396,7 +397,7 @@ class FastForward:
                        decoding: list[tuple[int, int]] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """tokens [T]: the `decoding` rows first ((slot, position) each), then the segments
         (slot, start, length): `_layers` with the decode kernel for the former and PyTorch's
-        attention per segment."""
+        attention for the latter, segments that start at the same position together."""
         batch = len(decoding)
         positions = torch.cat([torch.tensor([p for _, p in decoding], dtype=torch.int32)]
                               + [torch.arange(start, start + n, dtype=torch.int32) for _, start, n in segments])
@@ -410,19 +411,13 @@ class FastForward:
             decode_slots = torch.tensor([s for s, _ in decoding], dtype=torch.int32).to(self.device, non_blocking=True)
             lengths = torch.tensor([p + 1 for _, p in decoding], dtype=torch.int32).to(self.device, non_blocking=True)
             decode_attend = self._decode_attend(self._graph_for(batch).attention, decode_slots, lengths)
-        spec, width = self.spec, self.num_heads * self.head_dim
+        spec = self.spec
+        prompts = PromptSegments(segments, self.device)
 
         def attend(i: int, q: torch.Tensor) -> torch.Tensor:
-            parts = [decode_attend(i, q[:batch])] if decode_attend is not None else []
-            offset = batch
-            for slot, start, n in segments:
-                keys = self.k_cache[i][slot:slot + 1, :, :start + n]
-                values = self.v_cache[i][slot:slot + 1, :, :start + n]
-                o = prompt_attention(q[offset:offset + n].transpose(0, 1)[None], keys, values, None,
-                                     scale=spec.attn_scale, window=spec.windows[i], softcap=spec.attn_softcap)
-                parts.append(o[0].transpose(0, 1).reshape(n, width))
-                offset += n
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
+            o = prompts.attend(q[batch:], self.k_cache[i], self.v_cache[i], scale=spec.attn_scale,
+                               window=spec.windows[i], softcap=spec.attn_softcap)
+            return o if decode_attend is None else torch.cat([decode_attend(i, q[:batch]), o])
 
         with sdpa_kernel(PROMPT_ATTENTION_BACKENDS):
             return self._layers(self._embed(tokens), positions, slots, attend)
