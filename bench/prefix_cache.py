@@ -268,6 +268,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--uncached", action="store_true", help="the conversation again with the cache off")
     parser.add_argument("--shape", default="llama3-8b")
+    parser.add_argument("--profile", action="store_true",
+                        help="the cold shared-prompt burst under torch.profiler: its top ops, host and device")
     args = parser.parse_args()
     if args.configs:
         from daemon.engine.cuda import gemv
@@ -340,7 +342,19 @@ def main() -> None:
             mark, events = compiles.mark(), timeline.mark()
             requests = [([{"role": "system", "content": system}, {"role": "user", "content": words(rng, 100)}], 16)
                         for _ in range(args.slots)]
+            profiler = None
+            if args.profile and label == "cold":
+                import torch
+
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                              torch.profiler.ProfilerActivity.CUDA])
+                profiler.__enter__()
             got = clients.apply(chats, (url, requests, True))
+            if profiler is not None:
+                profiler.__exit__(None, None, None)
+                averages = profiler.key_averages()
+                print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+                print(averages.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
             ttfts = sorted(r["ttft_ms"] for r in got)
             print(f"{label:<15}{statistics.median(ttfts):>8.1f}ms{ttfts[int(0.95 * (len(ttfts) - 1))]:>7.1f}ms"
                   f"{ttfts[-1]:>7.1f}ms{sum(r['prompt_eval_count'] for r in got):>11}{len(compiles.since(mark)):>10}")

@@ -170,3 +170,20 @@ def test_each_family_on_the_fast_path_decodes_greedy_as_transformers_generate(fa
     together = ours.forward_mixed(torch.empty((0, 1), dtype=torch.long), [], [], chunks)
     alone = torch.cat([reference.forward(torch.tensor([ids]), [slot], [at]) for ids, slot, at in chunks])
     assert together.shape == alone.shape and rel(together, alone) < 1e-4
+
+
+def test_every_product_of_a_prompt_pass_meets_a_bucketed_row_count(tiny_dirs, cpu_fast_path, monkeypatch):
+    """cuBLAS's first meeting with a row count costs milliseconds on a GPU: a prompt pass's rows
+    and the rows it takes logits of come in multiples of PROMPT_ROWS, whatever its lengths, and
+    the padding changes no result."""
+    load = lambda: AutoModelForCausalLM.from_pretrained(tiny_dirs["random"], dtype=torch.float32).eval()  # noqa: E731
+    ours = fast.FastForward(load(), num_slots=3, max_ctx=64, graphs=False, prompt_rows=fast.PROMPT_ROWS)
+    reference = ReferenceForward(load(), num_slots=3, max_ctx=64, weight_dtype=torch.float32)
+    seen, call = [], fast.Linear.__call__
+    monkeypatch.setattr(fast.Linear, "__call__", lambda self, x, *a, **k: (seen.append(x.shape[0]), call(self, x, *a, **k))[1])
+    torch.manual_seed(1)
+    for n in (7, 13, 29):
+        ids = torch.randint(0, 300, (n,))
+        got = ours.forward(ids[None], [0], [0])
+        torch.testing.assert_close(got, reference.forward(ids[None], [0], [0]), atol=1e-4, rtol=1e-4)
+    assert seen and all(rows % fast.PROMPT_ROWS == 0 for rows in seen), sorted(set(seen))

@@ -431,3 +431,23 @@ def test_an_architecture_transformers_does_not_know_is_named(family_daemon, capl
     assert post(family_daemon, "/api/chat", {"model": "fam:llama", "stream": False,
                                              "messages": [{"role": "user", "content": "hi"}],
                                              "options": {"num_predict": 2}}).status_code == 200
+
+
+def test_small_prompts_are_built_on_the_event_loop_large_ones_on_a_worker(daemon, monkeypatch):
+    """A burst of small requests building on worker threads convoys on the GIL (the H200 bench:
+    32 requests reached the runner only after 90 ms); a large prompt stays off the loop."""
+    import threading
+
+    from daemon.engine.prompt import PromptBuilder
+    from daemon.server.handlers import inference
+
+    threads, chat_ids = [], PromptBuilder.chat_ids
+    monkeypatch.setattr(PromptBuilder, "chat_ids",
+                        lambda self, *a, **k: (threads.append(threading.current_thread().name), chat_ids(self, *a, **k))[1])
+    big = "word " * (inference.INLINE_BUILD_BYTES // 4)
+    for content in ("hi", big):
+        body = {"model": RANDOM, "messages": [{"role": "user", "content": content}], "stream": False,
+                "options": {"num_predict": 1, "num_ctx": 1 << 15}}
+        assert post(daemon, "/api/chat", body).status_code == 200
+    loop_thread, worker = threads[-2], threads[-1]
+    assert not loop_thread.startswith("asyncio_") and worker.startswith("asyncio_"), threads

@@ -145,3 +145,15 @@ def test_gemma_norms_sandwich_and_gelu():
     gate_up = torch.randn(2, 2 * 300, generator=gen)
     act = K.gated_act(gate_up, torch.float32, gelu=True)
     assert rel(act, ACTIVATION_FUNCTIONS["gelu_tanh"](gate_up[:, :300]) * gate_up[:, 300:]) < 1e-5
+
+
+def test_copy_prefix_into_several_slots():
+    from daemon.engine.attention import copy_slot_prefix
+
+    gen = torch.Generator().manual_seed(2)
+    caches = [torch.randn(5, 2, 40, 8, generator=gen).to(torch.bfloat16) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    K.copy_prefix(caches, 3, [0, 4, 1], 17)
+    copy_slot_prefix(expected, 3, [0, 4, 1], 17)
+    assert all(torch.equal(c, e) for c, e in zip(caches, expected))
+    assert not torch.equal(caches[0][2], caches[0][3])  # a slot not named is left alone

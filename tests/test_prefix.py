@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from daemon.engine.prefix import FOLLOW_MIN_TOKENS, Holder, Reuse, SlotCache, common_prefix
+from daemon.engine.prefix import (FOLLOW_MIN_TOKENS, PROBE_TOKENS, Holder, Reuse, SlotCache, common_prefix,
+                                  common_prefixes)
 from test_runner import collect, make_runner, req
 
 
@@ -23,6 +24,17 @@ from test_runner import collect, make_runner, req
 ])
 def test_common_prefix(a, b, n):
     assert common_prefix(a, b) == n
+
+
+def test_common_prefixes_with_many_as_with_each():
+    """The vectorized probe of the first PROBE_TOKENS, then full compares where it agrees."""
+    long = list(range(3, 3 + 3 * PROBE_TOKENS))
+    cut = lambda n, tail=(): long[:n] + list(tail)  # noqa: E731
+    others = [[], [3], cut(PROBE_TOKENS - 1), cut(PROBE_TOKENS), cut(PROBE_TOKENS + 1), long, long + [1],
+              cut(10, [0]), cut(PROBE_TOKENS, [0]), cut(2 * PROBE_TOKENS, [0]), [0] + long, (3, 4, 5)]
+    for prompt in (long, cut(5), cut(PROBE_TOKENS), cut(PROBE_TOKENS + 7, [2, 2])):
+        assert common_prefixes(prompt, others) == [common_prefix(prompt, o) for o in others]
+    assert common_prefixes(long, []) == []
 
 
 OWNER = object()

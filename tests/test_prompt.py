@@ -27,6 +27,13 @@ def test_go_and_jinja_templates_render(tok):
     assert b.render(msgs, template="[{{ .Prompt }}]") == "[hi]"
 
 
+def test_prepare_pays_the_first_requests_costs_and_survives_a_strict_template(tok):
+    for template in (CHATML, "{{ raise_exception('roles must alternate') }}"):
+        b = PromptBuilder(tok, template)
+        b.prepare()
+        assert "_chars_per_token" in b.__dict__  # computed, not left to the first request
+
+
 def test_template_errors_are_bad_requests(tok):
     b = PromptBuilder(tok, "{{ raise_exception('roles must alternate') }}")
     with pytest.raises(BadRequest, match="roles must alternate"):

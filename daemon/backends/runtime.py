@@ -292,6 +292,7 @@ def load_runtime(resolved: ResolvedModel, settings: Settings, num_ctx: int | Non
     modelfile = resolved.modelfile
     prompts = PromptBuilder(loaded.tokenizer, resolved.template, system=modelfile.system,
                             messages=modelfile.messages, fim=modelfile.fim)
+    prompts.prepare()
     if device.type == "cuda":
         _warm_up(runner, prompts, plan.num_ctx, resolved.name.display)
     seconds = time.perf_counter() - started

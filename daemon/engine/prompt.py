@@ -74,6 +74,15 @@ class PromptBuilder:
         self.history = [dict(m) for m in messages]
         self.fim = fim
 
+    def prepare(self) -> None:
+        """Pay the first request's one-time costs now (at load, off the event loop, where small
+        prompts are built): the vocabulary scan behind the length bound, the template's compile."""
+        _ = self._chars_per_token
+        try:
+            self.render([{"role": "user", "content": "Hello!"}])
+        except BadRequest:  # a template that needs more than this: compiled at its first request
+            pass
+
     # ---- rendering ----------------------------------------------------------------------
 
     def render(self, messages: list[dict[str, Any]], *, template: str | None = None, tools: list | None = None,

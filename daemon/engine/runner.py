@@ -106,12 +106,15 @@ class _Sequence:
             return self.prefilled
         return len(self.prompt) + max(0, len(self.generated) - 1)
 
-    def holder(self) -> Holder:
+    def prompt_array(self) -> np.ndarray:
         if self._prompt_array is None:  # converted once: every later admission compares with it
             self._prompt_array = token_array(self.prompt)
+        return self._prompt_array
+
+    def holder(self) -> Holder:
         if self.prefilled < len(self.prompt):  # the whole prompt, of which `prefilled` are in
-            return Holder(self.slot, self._prompt_array, self.prefilled, self)
-        tokens = np.concatenate([self._prompt_array, token_array(self.generated[:-1])])
+            return Holder(self.slot, self.prompt_array(), self.prefilled, self)
+        tokens = np.concatenate([self.prompt_array(), token_array(self.generated[:-1])])
         return Holder(self.slot, tokens, len(tokens), self)
 
     def position(self) -> int:
@@ -312,7 +315,7 @@ class Runner:
     def _admit(self) -> None:
         while self._waiting and self._free_slots:
             seq = self._waiting.popleft()
-            reuse = self._slots.plan(seq.prompt, self._free_slots, self._busy_holders())
+            reuse = self._slots.plan(seq.prompt_array(), self._free_slots, self._busy_holders())
             self._free_slots.remove(reuse.slot)
             self._slots.take(reuse.slot)
             seq.slot = reuse.slot
@@ -323,7 +326,12 @@ class Runner:
             self._active.append(seq)
 
     def _busy_holders(self, but: _Sequence | None = None) -> list[Holder]:
-        return [s.holder() for s in self._active if s is not but and not s.cancelled and s.slot is not None]
+        """What running prompts hold or are computing. A prompt still waiting to copy a prefix
+        from another is left out: it computes nothing of that prefix, and a new prompt sharing
+        it follows the one that does (31 followers of one system prompt are not compared with
+        each of the others when they arrive together)."""
+        return [s.holder() for s in self._active
+                if s is not but and not s.cancelled and s.slot is not None and s.reuse is None]
 
     def _take_prefixes(self) -> None:
         """Copy the prefixes planned at admission into their slots; a prompt that waits for a
@@ -342,7 +350,7 @@ class Runner:
                     reuse = Reuse(seq.slot, reuse.length, leader.slot)
                 else:  # the leader ended or failed: what is there now
                     with self._cv:
-                        reuse = self._slots.plan(seq.prompt, [seq.slot], self._busy_holders(but=seq))
+                        reuse = self._slots.plan(seq.prompt_array(), [seq.slot], self._busy_holders(but=seq))
                     if reuse.leader is not None:
                         seq.reuse = reuse
                         continue

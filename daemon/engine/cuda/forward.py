@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from daemon.engine.attention import PromptSegments, copy_slot_prefix
+from daemon.engine.attention import PromptSegments
 from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
 from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
@@ -45,6 +45,12 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 # an execution plan for each new shape (hundreds of ms), so a prompt of a length not seen before
 # would pay for it in the request path.
 PROMPT_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# A prompt pass's rows (and the rows it takes logits of) are padded to a multiple of this: cuBLAS
+# spends 2-20 ms the first time it meets a row count (its choice of kernel for the shape; H200,
+# bench/prompt_shapes.py: 9 ms a pass in the median over Llama-3-8B's five products), which a
+# prompt of a never-seen length paid in its TTFT. With buckets, every row count a pass can have
+# is met at load (capture_all). The padding rows write their keys into the scratch slot.
+PROMPT_ROWS = 64
 # Devices the fast path takes. Tests add "cpu" to run it in Triton's interpreter (graphs=False).
 RUNS_ON = frozenset({"cuda"})
 
@@ -219,7 +225,8 @@ class FastForward:
     path = "fast"
 
     def __init__(self, model: torch.nn.Module, num_slots: int, max_ctx: int, graphs: bool = True,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, batch_weights: bool = False) -> None:
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, batch_weights: bool = False,
+                 prompt_rows: int | None = None) -> None:
         spec = ModelSpec.of(model)
         inner = decoder(model)
         device, dtype = inner.embed_tokens.weight.device, inner.embed_tokens.weight.dtype
@@ -246,6 +253,8 @@ class FastForward:
         self.max_ctx = max_ctx
         self.vocab_size = spec.vocab
         self.use_graphs = graphs
+        # PROMPT_ROWS on a GPU; 1 (no padding) in Triton's interpreter, where rows cost time
+        self.prompt_rows = prompt_rows or (PROMPT_ROWS if device.type == "cuda" else 1)
         self.tables = rotary_tables(model, spec, max_ctx, dtype, device)
         rotary_dim = next(iter(self.tables.values()))[0].shape[-1]
         # the QKV GEMV's RoPE epilogue rotates whole heads of a power-of-two size, without q/k norms
@@ -282,6 +291,9 @@ class FastForward:
         return dense + self.lm_head.nbytes + self.embed.numel() * self.embed.element_size()
 
     # ---- the decoder, any number of rows --------------------------------------------------
+
+    def _padded(self, rows: int) -> int:
+        return -(-rows // self.prompt_rows) * self.prompt_rows
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = F.embedding(tokens.long(), self.embed)
@@ -372,13 +384,14 @@ class FastForward:
         out, x, pending = self._prompt_layers(torch.tensor(ids, device=self.device), segments,
                                               list(zip(slots, starts)))
         ends = itertools.accumulate((len(chunk) for chunk, _, _ in chunks), initial=batch)
-        rows = torch.tensor(list(range(batch)) + [end - 1 for end in list(ends)[1:]], device=self.device)
-        return self._logits(out[rows], x[rows], pending)
+        rows = list(range(batch)) + [end - 1 for end in list(ends)[1:]]
+        index = torch.tensor(rows + rows[-1:] * (self._padded(len(rows)) - len(rows)), device=self.device)
+        return self._logits(out[index], x[index], pending)[:len(rows)]
 
     def copy_prefix(self, source: int, targets: list[int], length: int) -> None:
         """Slots `targets` take the keys and values of slot `source`'s first `length` positions
         (queued on the stream: after every step launched before, before every step after)."""
-        copy_slot_prefix([*self.k_cache, *self.v_cache], source, targets, length)
+        K.copy_prefix([*self.k_cache, *self.v_cache], source, targets, length)
 
     def release(self) -> None:
         """Drop the KV caches and graphs (the model is unloading)."""
@@ -389,20 +402,27 @@ class FastForward:
     @torch.inference_mode()
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final hidden states [T, hidden] of one sequence (embeddings), in the scratch slot."""
-        out, x, pending = self._prompt_layers(tokens.to(self.device), [(self.num_slots, 0, tokens.shape[0])])
-        h, _ = self._norm(out, self.final_norm, residual=x, pre_weight=pending)
+        n = tokens.shape[0]
+        out, x, pending = self._prompt_layers(tokens.to(self.device), [(self.num_slots, 0, n)])
+        h, _ = self._norm(out[:n], self.final_norm, residual=x[:n], pre_weight=pending)
         return h.float()
 
     def _prompt_layers(self, tokens: torch.Tensor, segments: list[tuple[int, int, int]],
                        decoding: list[tuple[int, int]] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """tokens [T]: the `decoding` rows first ((slot, position) each), then the segments
         (slot, start, length): `_layers` with the decode kernel for the former and PyTorch's
-        attention for the latter, segments that start at the same position together."""
-        batch = len(decoding)
+        attention for the latter, segments that start at the same position together. The rows
+        are padded to a multiple of `prompt_rows` (the padding's keys go to the scratch slot, its
+        attention is zero): the results have that many rows, the first T are these."""
+        batch, rows = len(decoding), tokens.shape[0]
+        pad = self._padded(rows) - rows
         positions = torch.cat([torch.tensor([p for _, p in decoding], dtype=torch.int32)]
-                              + [torch.arange(start, start + n, dtype=torch.int32) for _, start, n in segments])
+                              + [torch.arange(start, start + n, dtype=torch.int32) for _, start, n in segments]
+                              + [torch.zeros(pad, dtype=torch.int32)])
         slots = torch.cat([torch.tensor([s for s, _ in decoding], dtype=torch.int32)]
-                          + [torch.full((n,), slot, dtype=torch.int32) for slot, _, n in segments])
+                          + [torch.full((n,), slot, dtype=torch.int32) for slot, _, n in segments]
+                          + [torch.full((pad,), self.num_slots, dtype=torch.int32)])
+        tokens = F.pad(tokens, (0, pad))
         positions, slots = positions.to(self.device, non_blocking=True), slots.to(self.device, non_blocking=True)
         decode_attend = None
         if batch:
@@ -415,9 +435,10 @@ class FastForward:
         prompts = PromptSegments(segments, self.device)
 
         def attend(i: int, q: torch.Tensor) -> torch.Tensor:
-            o = prompts.attend(q[batch:], self.k_cache[i], self.v_cache[i], scale=spec.attn_scale,
+            o = prompts.attend(q[batch:rows], self.k_cache[i], self.v_cache[i], scale=spec.attn_scale,
                                window=spec.windows[i], softcap=spec.attn_softcap)
-            return o if decode_attend is None else torch.cat([decode_attend(i, q[:batch]), o])
+            parts = ([decode_attend(i, q[:batch])] if decode_attend is not None else []) + [o]
+            return torch.cat(parts + [o.new_zeros(pad, o.shape[1])]) if pad or len(parts) > 1 else o
 
         with sdpa_kernel(PROMPT_ATTENTION_BACKENDS):
             return self._layers(self._embed(tokens), positions, slots, attend)
@@ -459,28 +480,33 @@ class FastForward:
 
     @torch.inference_mode()
     def capture_all(self, prefill_tokens: int = 512) -> None:
-        """Capture every bucket now (at load), and run the prompt path's kernel variants by
-        prefilling the scratch slot, so that no request pays for a compile (a Triton compile
-        takes up to a second): chunks of 1-5 tokens (the GEMV) and longer ones (the dequantized
-        GEMM), token counts of each of Triton's integer specializations (1, multiples of 16,
-        the rest), a whole pass of `prefill_tokens`, a chunk that starts past position 0 and one
-        beside a decode row."""
+        """Capture every bucket now (at load), and run the prompt path's kernels by prefilling
+        the scratch slot, so that no request pays for a compile (a Triton compile takes up to a
+        second) or for cuBLAS's first meeting with a row count: a prompt pass (its rows are a
+        multiple of `prompt_rows`: one of Triton's integer specializations), a whole pass of
+        `prefill_tokens`, a chunk that starts past position 0, one beside a decode row, and
+        each product at every row count a pass can have."""
         for b in self.buckets:
             self._graph_for(b)
-        for n in (1, 2, 3, 4, 5):
-            self.encode(torch.zeros(n, dtype=torch.long))
+        self.encode(torch.zeros(1, dtype=torch.long))
         if self.device.type != "cuda":
             return  # Triton's interpreter (the tests) compiles nothing: the long passes only cost time
         full = max(2, min(prefill_tokens, self.max_ctx))
-        for n in sorted({16, 17, full}):
-            if n <= self.max_ctx:
-                self.encode(torch.zeros(n, dtype=torch.long))
+        self.encode(torch.zeros(full, dtype=torch.long))
         half = full // 2
         self._prompt_layers(torch.zeros(full, dtype=torch.long, device=self.device),
                             [(self.num_slots, 0, half), (self.num_slots, half, full - half)])
         # a decode row beside a chunk (a prompt admitted while others decode)
         self._prompt_layers(torch.zeros(half + 1, dtype=torch.long, device=self.device),
                             [(self.num_slots, 1, half)], [(self.num_slots, 0)])
+        # every row count a pass's products can meet: a prompt chunk beside every decode row
+        largest = self._padded(prefill_tokens + self.num_slots)
+        products = {(lin.n, lin.k, lin.quantized is None, lin.batch_weight is None): lin
+                    for layer in self.layers for lin in (*layer.products, self.lm_head)}
+        inputs = {k: torch.zeros(largest, k, dtype=self.dtype, device=self.device) for _, k, _, _ in products}
+        for rows in range(self.prompt_rows, largest + 1, self.prompt_rows):
+            for lin in products.values():
+                lin(inputs[lin.k][:rows], self.scratch)
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()

@@ -12,6 +12,7 @@ flags (engine/spec.py), so one kernel serves every family.
   tensor, so the launch is graph-capturable), split over the sequence, GQA-aware, with the
   layer's sliding window and soft-capped scores; any head size (masked to a power of two).
 - gated_act: act(gate) * up, SiLU or GELU (tanh).
+- copy_prefix: a slot's cached prefix into other slots (prompts sharing it), one launch a cache.
 """
 
 from __future__ import annotations
@@ -345,3 +346,33 @@ def gated_act(gate_up: torch.Tensor, dtype: torch.dtype | None = None, gelu: boo
     _gated_act_kernel[(rows, triton.cdiv(i, 1024))](gate_up, out, i, BLOCK=1024, GELU=gelu, PDL=pdl, num_warps=4,
                                                     launch_pdl=pdl)
     return out
+
+
+# ---- prefix copies ----------------------------------------------------------------------
+
+@triton.jit
+def _copy_prefix_kernel(cache_ptr, target_ptr, source, span, stride_slot, stride_head, BLOCK: tl.constexpr):
+    target = tl.load(target_ptr + tl.program_id(0)).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < span
+    values = tl.load(cache_ptr + source.to(tl.int64) * stride_slot + head * stride_head + offs, mask=ok)
+    tl.store(cache_ptr + target * stride_slot + head * stride_head + offs, values, mask=ok)
+
+
+def copy_prefix(caches: list[torch.Tensor], source: int, targets: list[int], length: int) -> None:
+    """attention.copy_slot_prefix in one launch per cache: the first `length` positions of slot
+    `source` into each of `targets` in [slots, kv_heads, ctx, head_dim] caches (each head's
+    positions are one contiguous run). PyTorch's broadcast index_put took 300 us a cache for 31
+    targets of a 2,000-token prefix on an H200 (19 ms of a 32-request burst); a plain copy moves
+    as many bytes a few times faster."""
+    if not caches or not targets or length <= 0:
+        return
+    index = torch.tensor(targets, dtype=torch.int32).to(caches[0].device, non_blocking=True)
+    block = 4096
+    for cache in caches:
+        assert cache.is_contiguous()
+        span = length * cache.shape[3]
+        grid = (len(targets), cache.shape[1], triton.cdiv(span, block))
+        _copy_prefix_kernel[grid](cache, index, source, span, cache.stride(0), cache.stride(1), BLOCK=block,
+                                  num_warps=4)

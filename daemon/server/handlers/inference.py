@@ -174,6 +174,11 @@ class OutputPlan:
             parser = ToolCallParser(model.tool_dialect, [(t.get("function") or {}).get("name", "") for t in self.tools])
         return OutputReader(splitter, parser)
 
+    @property
+    def constrained(self) -> bool:
+        """Whether `constraint` may compile a grammar (else it is None, at no cost)."""
+        return self.format is not None or bool(self.tools and self.tool_choice not in (None, "auto", "none"))
+
     def constraint(self, model: ResolvedModel, runtime: Any) -> Constraint | None:
         """Compiled off the event loop (the tokenizer's grammar tables build once per model)."""
         answer = None
@@ -234,10 +239,11 @@ async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name:
             return json_response(line)
         budget = ContextBudget(num_ctx=min(options.num_ctx or runtime.num_ctx, runtime.num_ctx),
                                num_keep=options.num_keep, num_predict=options.num_predict, truncate=req.truncate)
-        prompt_ids = await _build(build_prompt, runtime.prompts, budget)
+        prompt_ids = await _build(build_prompt, runtime.prompts, budget, request.content_length or 0)
         tail = runtime.loaded.tokenizer.decode(prompt_ids[-4:], skip_special_tokens=False)
         plan = _output_plan(req, model, tail, tools, tool_choice)
-        constraint = await asyncio.to_thread(plan.constraint, model, runtime)
+        # no thread hop for a request without a grammar: a burst of them would convoy (_build)
+        constraint = await asyncio.to_thread(plan.constraint, model, runtime) if plan.constrained else None
         generation = GenerationRequest.from_options(prompt_ids, options, logprobs=req.logprobs,
                                                     top_logprobs=req.top_logprobs, constraint=constraint)
         chunks = runtime.runner.generate(generation)
@@ -247,10 +253,22 @@ async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name:
         return await respond(request, lines, stream=req.stream, reduce=shape.reduce)
 
 
-async def _build(build_prompt: PromptFn, prompts: PromptBuilder, budget: ContextBudget) -> list[int]:
-    """The prompt, built on a worker thread that stops when the client goes away (a thread
-    cannot be cancelled: it is told to stop, and does at its next render)."""
+# Requests with bodies up to this size build their prompt on the event loop (well under a
+# millisecond of template and tokenizer for 32 KB). Larger ones go to a worker thread, which the
+# loop's other requests would otherwise wait behind; small ones do not, because a burst of them
+# on threads convoys on the GIL: 32 requests sharing a 2,000-token system prompt reached the
+# runner together only after 85-95 ms on the H200's host, each build's 0.3 ms of work spread
+# over the whole burst.
+INLINE_BUILD_BYTES = 32 << 10
+
+
+async def _build(build_prompt: PromptFn, prompts: PromptBuilder, budget: ContextBudget, body_bytes: int) -> list[int]:
+    """The prompt: on the loop for a small request, else on a worker thread that stops when
+    the client goes away (a thread cannot be cancelled: it is told to stop, and does at its
+    next render)."""
     cancel = Cancel()
+    if 0 < body_bytes <= INLINE_BUILD_BYTES:
+        return build_prompt(prompts, budget, cancel)
     try:
         return await asyncio.to_thread(build_prompt, prompts, budget, cancel)
     except asyncio.CancelledError:
