@@ -33,3 +33,15 @@ def test_fused_norm_rope_attention():
         ref = torch.nn.functional.scaled_dot_product_attention(q[b:b + 1, :, None], kc[s_:s_ + 1, :, :n],
                                                                vc[s_:s_ + 1, :, :n], enable_gqa=True)[0, :, 0]
         assert rel(o[b], ref) < 1e-2
+
+
+def test_copy_prefix_into_many_slots_as_pytorch_does():
+    from daemon.engine.attention import copy_slot_prefix
+
+    torch.manual_seed(3)
+    caches = [torch.randn(33, 8, 4096, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    targets = list(range(1, 32))
+    K.copy_prefix(caches, 0, targets, 2010)
+    copy_slot_prefix(expected, 0, targets, 2010)
+    assert all(torch.equal(c, e) for c, e in zip(caches, expected))
