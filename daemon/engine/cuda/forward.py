@@ -482,13 +482,14 @@ class FastForward:
     def capture_all(self, prefill_tokens: int = 512) -> None:
         """Capture every bucket now (at load), and run the prompt path's kernels by prefilling
         the scratch slot, so that no request pays for a compile (a Triton compile takes up to a
-        second) or for cuBLAS's first meeting with a row count: a prompt pass (its rows are a
+        second) or for cuBLAS's first meeting with a row count: a prefix copy, a prompt pass (its rows are a
         multiple of `prompt_rows`: one of Triton's integer specializations), a whole pass of
         `prefill_tokens`, a chunk that starts past position 0, one beside a decode row, and
         each product at every row count a pass can have."""
         for b in self.buckets:
             self._graph_for(b)
         self.encode(torch.zeros(1, dtype=torch.long))
+        self.copy_prefix(self.num_slots, [self.num_slots], 1)  # the prefix-copy kernel: onto itself
         if self.device.type != "cuda":
             return  # Triton's interpreter (the tests) compiles nothing: the long passes only cost time
         full = max(2, min(prefill_tokens, self.max_ctx))

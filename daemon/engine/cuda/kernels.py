@@ -350,13 +350,16 @@ def gated_act(gate_up: torch.Tensor, dtype: torch.dtype | None = None, gelu: boo
 
 # ---- prefix copies ----------------------------------------------------------------------
 
-@triton.jit
-def _copy_prefix_kernel(cache_ptr, target_ptr, source, span, stride_slot, stride_head, BLOCK: tl.constexpr):
-    target = tl.load(target_ptr + tl.program_id(0)).to(tl.int64)
+# `span` is not specialized (nor are the slots, read from `slot_ptr`: the source, then the
+# targets), so one compile, at load (FastForward.capture_all), serves every copy.
+@triton.jit(do_not_specialize=["span"])
+def _copy_prefix_kernel(cache_ptr, slot_ptr, span, stride_slot, stride_head, BLOCK: tl.constexpr):
+    source = tl.load(slot_ptr).to(tl.int64)
+    target = tl.load(slot_ptr + 1 + tl.program_id(0)).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < span
-    values = tl.load(cache_ptr + source.to(tl.int64) * stride_slot + head * stride_head + offs, mask=ok)
+    values = tl.load(cache_ptr + source * stride_slot + head * stride_head + offs, mask=ok)
     tl.store(cache_ptr + target * stride_slot + head * stride_head + offs, values, mask=ok)
 
 
@@ -368,11 +371,10 @@ def copy_prefix(caches: list[torch.Tensor], source: int, targets: list[int], len
     as many bytes a few times faster."""
     if not caches or not targets or length <= 0:
         return
-    index = torch.tensor(targets, dtype=torch.int32).to(caches[0].device, non_blocking=True)
+    index = torch.tensor([source, *targets], dtype=torch.int32).to(caches[0].device, non_blocking=True)
     block = 4096
     for cache in caches:
         assert cache.is_contiguous()
         span = length * cache.shape[3]
         grid = (len(targets), cache.shape[1], triton.cdiv(span, block))
-        _copy_prefix_kernel[grid](cache, index, source, span, cache.stride(0), cache.stride(1), BLOCK=block,
-                                  num_warps=4)
+        _copy_prefix_kernel[grid](cache, index, span, cache.stride(0), cache.stride(1), BLOCK=block, num_warps=4)
