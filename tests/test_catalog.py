@@ -47,3 +47,28 @@ def test_list_local_lists_every_name_that_resolves(catalog):
     assert listed["t:b"].digest == listed["t:a"].digest
     assert listed["smollm2:latest"].digest == listed["smollm2:135m"].digest
     assert "t:gone" not in listed and "t:remote" not in listed
+
+
+def test_a_burst_resolves_a_name_once_and_a_write_or_the_window_ends_that(catalog, monkeypatch, tmp_path):
+    from daemon.registry import catalog as module
+
+    class Pulled:  # a store holding nothing, whose writes are counted
+        generation = 0
+
+        def stored(self, name):
+            return None
+
+        def location_of(self, modelfile):
+            return None
+
+    catalog.pulled = Pulled()
+    name = ModelName.parse("t:a")
+    first = catalog.resolve(name)
+    assert catalog.resolve(name) is first  # within the window: not looked up again
+    catalog.pulled.generation += 1  # a pull, create, copy or delete in this process
+    second = catalog.resolve(name)
+    assert second is not first and second.digest == first.digest
+    (tmp_path / "mf" / "t.yaml").write_text("tags:\n  other: {alias: a}\n")  # an edit by hand
+    monkeypatch.setattr(module, "RESOLVE_REUSE_SECONDS", 0.0)  # ... seen once the window is over
+    with pytest.raises(NotFound):
+        catalog.resolve(name)

@@ -157,6 +157,7 @@ class ManifestStore:
     def __init__(self, root: Path) -> None:
         self.root = root  # $OLLAMA_MODELS/manifests
         self._reported: set[tuple[str, int]] = set()  # damaged files already logged
+        self.generation = 0  # counts this process's writes and deletes (the catalog's memo)
 
     def path_of(self, name: ModelName) -> Path:
         return self.root.joinpath(*name.path_parts())
@@ -179,9 +180,11 @@ class ManifestStore:
 
     def write(self, name: ModelName, manifest: Manifest) -> None:
         write_atomic(self.path_of(name), manifest.to_bytes())
+        self.generation += 1
 
     def delete(self, name: ModelName) -> bool:
         path = self.path_of(name)
+        self.generation += 1
         try:
             path.unlink()
         except FileNotFoundError:

@@ -229,6 +229,11 @@ class Store:
     def stored(self, name: ModelName) -> StoredManifest | None:
         return self.manifests.read(name)
 
+    @property
+    def generation(self) -> int:
+        """Changes with every manifest this process writes or deletes (pull, create, copy, delete)."""
+        return self.manifests.generation
+
     def all(self) -> list[StoredManifest]:
         return list(self.manifests.all())
 
