@@ -187,3 +187,15 @@ def test_every_product_of_a_prompt_pass_meets_a_bucketed_row_count(tiny_dirs, cp
         got = ours.forward(ids[None], [0], [0])
         torch.testing.assert_close(got, reference.forward(ids[None], [0], [0]), atol=1e-4, rtol=1e-4)
     assert seen and all(rows % fast.PROMPT_ROWS == 0 for rows in seen), sorted(set(seen))
+
+
+def test_padding_rows_leave_an_embedding_in_the_scratch_slot_alone(tiny_dirs, cpu_fast_path):
+    """encode() runs in the scratch slot, where a pass's padding rows write their keys: they go
+    to its last position, which an encode of fewer tokens never reads, and none when it does."""
+    load = lambda: AutoModelForCausalLM.from_pretrained(tiny_dirs["random"], dtype=torch.float32).eval()  # noqa: E731
+    padded = fast.FastForward(load(), num_slots=2, max_ctx=70, graphs=False, prompt_rows=fast.PROMPT_ROWS)
+    plain = fast.FastForward(load(), num_slots=2, max_ctx=70, graphs=False)
+    torch.manual_seed(2)
+    for n in (5, 70):
+        ids = torch.randint(0, 300, (n,))
+        torch.testing.assert_close(padded.encode(ids), plain.encode(ids), atol=1e-4, rtol=1e-4)

@@ -412,13 +412,17 @@ class FastForward:
         """tokens [T]: the `decoding` rows first ((slot, position) each), then the segments
         (slot, start, length): `_layers` with the decode kernel for the former and PyTorch's
         attention for the latter, segments that start at the same position together. The rows
-        are padded to a multiple of `prompt_rows` (the padding's keys go to the scratch slot, its
-        attention is zero): the results have that many rows, the first T are these."""
+        are padded to a multiple of `prompt_rows` (the padding's keys go to the scratch slot's last
+        position, its attention is zero): the results have that many rows, the first T are these.
+        No padding where a row of the pass itself sits there (an encode() of max_ctx tokens)."""
         batch, rows = len(decoding), tokens.shape[0]
-        pad = self._padded(rows) - rows
+        sink = self.max_ctx - 1  # where the padding's keys go, in the scratch slot
+        taken = any(slot == self.num_slots and start + n > sink for slot, start, n in segments) or any(
+            slot == self.num_slots and position == sink for slot, position in decoding)
+        pad = 0 if taken else self._padded(rows) - rows
         positions = torch.cat([torch.tensor([p for _, p in decoding], dtype=torch.int32)]
                               + [torch.arange(start, start + n, dtype=torch.int32) for _, start, n in segments]
-                              + [torch.zeros(pad, dtype=torch.int32)])
+                              + [torch.full((pad,), sink, dtype=torch.int32)])
         slots = torch.cat([torch.tensor([s for s, _ in decoding], dtype=torch.int32)]
                           + [torch.full((n,), slot, dtype=torch.int32) for slot, _, n in segments]
                           + [torch.full((pad,), self.num_slots, dtype=torch.int32)])
