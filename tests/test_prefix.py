@@ -162,6 +162,37 @@ def test_prompts_following_one_leader_copy_its_prefix_together(runners, tiny_dir
     assert sorted(f.prompt_eval_count for _, f in results) == [2, 2, 2, len(prompts[0])]
 
 
+def test_a_prompt_whose_copy_is_still_to_run_leads_one_admitted_beside_it(runners, tiny_dirs):
+    """A copies the start of its prompt from a free slot and computes the rest; B, admitted in
+    the same round and sharing all of A's prompt, waits for A instead of computing it too."""
+    import threading
+
+    _, off = runners
+    shared = [random.Random(3).randrange(3, 200) for _ in range(60)]
+    a, b = shared + [7, 8], shared + [9]
+    expected = [run(off, req(p, n=2))[0][0] for p in (a, b)]
+    runner = make_runner(tiny_dirs["random"], slots=4, chunk=8)
+    run(runner, req(shared[:10] + [250] * 30, n=1))  # a free slot holding A's first 10 tokens
+    passes, restore = counting(runner)
+    gate = threading.Event()
+
+    async def main():  # the loop thread waits in a task while A and B arrive: one admission
+        blocker = asyncio.ensure_future(runner.run_exclusive(gate.wait))
+        await asyncio.sleep(0.05)
+        both = [asyncio.ensure_future(collect(runner, r)) for r in (req(a, n=2), req(b, n=2))]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await blocker
+        return await asyncio.gather(*both)
+    try:
+        results = asyncio.run(main())
+    finally:
+        restore()
+        runner.close()
+    assert [t for t, _ in results] == expected
+    assert [f.prompt_eval_count for _, f in results] == [len(a) - 10, 1]
+
+
 def test_eviction_under_slot_pressure_keeps_every_answer_right(runners):
     """Four conversations over two slots, in random order, one or two at a time: the cache keeps
     what fits (least recently used out first), some turns find their history and some do not,

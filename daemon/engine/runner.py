@@ -326,12 +326,13 @@ class Runner:
             self._active.append(seq)
 
     def _busy_holders(self, but: _Sequence | None = None) -> list[Holder]:
-        """What running prompts hold or are computing. A prompt still waiting to copy a prefix
-        from another is left out: it computes nothing of that prefix, and a new prompt sharing
+        """What running prompts hold or are computing. A prompt waiting for a prefix another
+        one computes is left out: it computes nothing of that prefix, and a new prompt sharing
         it follows the one that does (31 followers of one system prompt are not compared with
-        each of the others when they arrive together)."""
-        return [s.holder() for s in self._active
-                if s is not but and not s.cancelled and s.slot is not None and s.reuse is None]
+        each of the others when they arrive together). One whose copy from a free slot is still
+        to run stays: it computes the rest."""
+        return [s.holder() for s in self._active if s is not but and not s.cancelled and s.slot is not None
+                and (s.reuse is None or s.reuse.leader is None)]
 
     def _take_prefixes(self) -> None:
         """Copy the prefixes planned at admission into their slots; a prompt that waits for a
