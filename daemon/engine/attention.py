@@ -150,12 +150,7 @@ class PromptSegments:
 def copy_slot_prefix(caches: list[torch.Tensor], source: int, targets: list[int], length: int) -> None:
     """Copy the first `length` positions of slot `source` into each of slots `targets` in every
     layer's [slots, kv_heads, ctx, head_dim] key or value cache: a prefix prompts reuse from
-    another. One copy per cache however many targets (31 prompts sharing a system prompt cost
-    64 launches on Llama-3-8B, not 31 x 64)."""
-    if len(targets) == 1:
-        for cache in caches:
-            cache[targets[0], :, :length].copy_(cache[source, :, :length])
-        return
-    index = torch.tensor(targets, device=caches[0].device) if caches else None
+    another (the reference path's; the GPU path copies in one launch a cache: kernels.copy_prefix)."""
     for cache in caches:
-        cache[index, :, :length] = cache[source, :, :length]
+        for target in targets:
+            cache[target, :, :length].copy_(cache[source, :, :length])

@@ -278,7 +278,7 @@ class ReferenceForward:
             read = slice(slot, slot + 1)
         else:
             # decode across slots (steps == 1): scatter the new entries, read the caches (a
-            # view when the slots are consecutive, else a gather)
+            # slice of slots, else a gather: _place)
             kc[rows.slot_index, :, rows.positions] = k[:, :, 0]
             vc[rows.slot_index, :, rows.positions] = v[:, :, 0]
             read = rows.read
@@ -308,8 +308,8 @@ class ReferenceForward:
         if len(slots) == 1 and not self.padded:
             self._clean[slots[0]] = max(self._clean[slots[0]], end)
             return _Rows(slots, starts, end, keys)
-        self._zero_unwritten(slots, keys)
         if len(slots) == 1:
+            self._zero_unwritten(slots, keys)
             return _Rows(slots, starts, end, keys, query_positions=query_positions)
         slot_t = torch.tensor(slots, device=self.device)
         low, high = min(slots), max(slots) + 1
@@ -318,7 +318,8 @@ class ReferenceForward:
             read = slice(low, high)
         elif high - low <= 2 * len(slots):  # attend over the slice, the unused slots' rows wasted
             read, spread = slice(low, high), slot_t - low
-            self._zero_unwritten(range(low, high), keys)  # so no unused slot's garbage is read as NaN
+        # the slice's unused slots too, so that no garbage in them is read as NaN
+        self._zero_unwritten(slots if spread is None else range(low, high), keys)
         return _Rows(slots, starts, end, keys, slot_t, torch.tensor(starts, device=self.device), read, spread,
                      query_positions)
 

@@ -175,9 +175,13 @@ class OutputPlan:
         return OutputReader(splitter, parser)
 
     @property
+    def requires_tool_call(self) -> bool:
+        return bool(self.tools and self.tool_choice not in (None, "auto", "none"))
+
+    @property
     def constrained(self) -> bool:
         """Whether `constraint` may compile a grammar (else it is None, at no cost)."""
-        return self.format is not None or bool(self.tools and self.tool_choice not in (None, "auto", "none"))
+        return self.format is not None or self.requires_tool_call
 
     def constraint(self, model: ResolvedModel, runtime: Any) -> Constraint | None:
         """Compiled off the event loop (the tokenizer's grammar tables build once per model)."""
@@ -185,7 +189,7 @@ class OutputPlan:
         literal = runtime.grammars.literal
         if self.format is not None:
             answer = json_answer(self.format)
-        elif self.tools and self.tool_choice not in (None, "auto", "none"):
+        elif self.requires_tool_call:
             only = None
             if isinstance(self.tool_choice, dict):
                 only = (self.tool_choice.get("function") or {}).get("name") or self.tool_choice.get("name")
