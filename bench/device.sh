@@ -13,6 +13,8 @@
 #         background (the benches share them)
 # tests   the GPU tests (kernels against bitsandbytes, fast path against eager, SmolLM2 greedy)
 # sweep   bench/nf4_kernel.py: NF4 GEMV settings on this card -> $OUT/configs.json
+# batched bench/batched_kernel.py: the batched products' settings and table -> $OUT/batched.json
+#         (SETTLED=1: the checked-in settings at 1-512 rows, no sweep)
 # decode  bench/gpu_decode.py with those settings (NF4+DQ, NF4, int8, bf16) on SHAPES (default
 #         llama3-8b; others: qwen3-8b gemma3-12b phi4, NF4+DQ, compared by bytes per token, each
 #         other checkpoint deleted after it unless KEEP=1), with a profile and one setting of the
@@ -67,12 +69,19 @@ for what in "$@"; do
         WRITER=$!
         ;;
     tests)
-        step tests python3 -m pytest -p no:cacheprovider -q -x -m gpu ${TESTS_K:+-k "$TESTS_K"} ${TESTS:-tests/test_cuda_kernels.py tests/test_cuda_gemv.py tests/test_cuda_forward.py}
+        step tests python3 -m pytest -p no:cacheprovider -q -x -m gpu ${TESTS_K:+-k "$TESTS_K"} ${TESTS:-tests/test_cuda_kernels.py tests/test_cuda_gemv.py tests/test_cuda_batched.py tests/test_cuda_forward.py}
         ;;
     sweep)
         step sweep python3 bench/nf4_kernel.py --rows ${SWEEP_ROWS:-1 2 4} --int8 --models ${MODELS:-llama3-8b} --out "$OUT/configs.json"
         cp "$OUT/configs.json" /tmp/bench/configs.json 2>/dev/null
         CONFIGS=$OUT/configs.json
+        ;;
+    batched)
+        if [ -n "${SETTLED:-}" ]; then  # the checked-in settings, 1-512 rows, no sweep
+            TAIL=${TAIL:-80} step batched python3 bench/batched_kernel.py --settled --rows 1 2 4 8 16 32 64 128 256 512
+        else
+            TAIL=${TAIL:-70} step batched python3 bench/batched_kernel.py --out "$OUT/batched.json"
+        fi
         ;;
     decode)
         [ -n "${WRITER:-}" ] && wait "$WRITER"  # the checkpoint, whole, before it is read

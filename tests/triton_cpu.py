@@ -151,8 +151,10 @@ _original_cast = interpreter.InterpreterBuilder.cast_impl
 
 
 def _cast(self, src, dst_type):
-    """fp32 -> bf16 rounded to nearest even, as the GPU converts (the interpreter truncates)."""
-    if src.dtype.scalar == triton.language.float32 and dst_type.scalar == triton.language.bfloat16:
+    """fp32 or an integer -> bf16 rounded to nearest even, as the GPU converts (the interpreter
+    truncates fp32, and writes an integer's value as bf16's raw bits)."""
+    if dst_type.scalar == triton.language.bfloat16 and (src.dtype.scalar == triton.language.float32
+                                                         or src.dtype.scalar.is_int()):
         rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
         return interpreter.TensorHandle(rounded.view(torch.uint16).numpy(), dst_type.scalar)
     return _original_cast(self, src, dst_type)
