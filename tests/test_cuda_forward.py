@@ -79,6 +79,27 @@ def test_logits_match_the_eager_path(tiny_dirs, four_bit, batch_weights, gemv_se
         assert rel(b, a) < tolerance
 
 
+@pytest.mark.parametrize("four_bit", ["nf4", "int8"])
+def test_captured_batched_decode_matches_the_eager_path(tiny_dirs, four_bit):
+    """12 sequences decoding at once: the batched product (a bucket of 16 rows, its split-K
+    sums in the graph's zeroed output buffer) inside the captured graph, against PyTorch."""
+    eager = ReferenceForward(load(tiny_dirs["random"], four_bit), num_slots=16, max_ctx=128)
+    fast = FastForward(load(tiny_dirs["random"], four_bit), num_slots=16, max_ctx=128)
+    fast.capture_all()
+    assert fast.layers[0].down.route(16) == "batched" and fast._graphs[16].graph is not None
+    torch.manual_seed(3)
+    lengths = list(range(3, 15))
+    for slot, n in enumerate(lengths):
+        prompt = torch.randint(0, 300, (1, n)).cuda()
+        eager.forward(prompt, [slot], [0])
+        fast.forward(prompt, [slot], [0])
+    tolerance = 5e-2 if four_bit == "int8" else 3e-2
+    for step in range(3):
+        tokens = torch.randint(0, 300, (12, 1))
+        starts = [n + step for n in lengths]
+        assert rel(fast.forward(tokens, list(range(12)), starts), eager.forward(tokens, list(range(12)), starts)) < tolerance
+
+
 def test_one_pass_of_decode_rows_and_prompt_chunks_equals_them_apart(tiny_dirs):
     """A pass with running sequences' decode rows and several prompts' chunks (a later chunk
     of one prompt among them) gives each the logits, and the KV cache, that it gets alone."""

@@ -2,7 +2,7 @@
 (tests/triton_cpu.py), on the tiny Llama with its products quantized by bitsandbytes' CPU
 functions: the fast path's logits against PyTorch's own forward (ReferenceForward) on the same model
 with the dequantized weights, through prompts, decode steps (GEMV epilogues or split-K), a pass
-that mixes both, and the load-time warm-up. On a GPU, test_cuda_forward runs the real thing."""
+that mixes both (the batched product from 5 rows, 3 for int8), and the load-time warm-up. On a GPU, test_cuda_forward runs the real thing."""
 
 import copy
 
@@ -111,7 +111,11 @@ def test_fast_path_logits_match_pytorch_on_the_same_weights(tiny_dirs, cpu_fast_
     assert all(lin.quantized is not None for lin in (ours.layers[0].qkv, ours.layers[1].down))
     first = ours.layers[0]  # gate/up (K = 64) never splits: SiLU is fused in both settings
     assert first.qkv.fuses_rope(2, 16) == (setting == "epilogues") and first.gate_up.fuses_act(2)
-    assert first.down.gemv_adds(2) == (setting == "split-K")
+    assert first.down.adds(2) == (setting == "split-K")
+    # the 9-token prompt and the 7-row mixed pass multiply through the batched product (no scratch
+    # dequantization); int8 takes it from 3 rows, 4-bit from 5
+    assert [first.qkv.route(rows) for rows in (2, 3, 7, 9)] == (["gemv", "batched", "batched", "batched"]
+                                                             if kind == "int8" else ["gemv", "gemv", "batched", "batched"])
     ours.capture_all()  # as a load does (graphs off: the buckets' buffers, and the prompt path's kernels)
     got, expected = run(ours), run(ReferenceForward(reference, num_slots=3, max_ctx=64))
     assert [g.shape for g in got] == [e.shape for e in expected]

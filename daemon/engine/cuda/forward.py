@@ -8,11 +8,13 @@ split-K (RoPE and the activation in its epilogues; RoPE only where a layer has n
 and rotates whole heads), replayed from a captured graph, so Python does one replay per
 token. Sandwich norms (Gemma 2/3) ride in the add+RMSNorm launches, sliding windows and
 soft-caps in the attention kernel: a family costs no launch more than Llama.
-Products use cuBLAS for dense bf16/fp16 weights and the quantized GEMVs for bitsandbytes 4-bit
-weights (NF4 or FP4; bitsandbytes' layout, the codes relabeled) and int8 at 1-4 rows. More
-rows (batched decode, prefill) multiply by a bf16 copy of each 4-bit matrix where the load
-plan keeps one (`batch_weights`), else dequantize each matrix into a scratch buffer per
-product and run one GEMM. Prompt attention is PyTorch's (engine/attention.py).
+Products use cuBLAS for dense bf16/fp16 weights; bitsandbytes 4-bit weights (NF4 or FP4;
+bitsandbytes' layout, the codes relabeled) and int8 go through the quantized GEMVs at 1-4 rows
+(1-2 for int8), the batched product on the tensor cores from there to 64 rows (batched decode,
+short prompt passes; batched.py), both reading the packed weights as they are. Longer prompt
+passes dequantize each matrix into a scratch buffer and run one GEMM, or multiply by a bf16 copy
+of each 4-bit matrix where the load plan keeps one (`batch_weights`, off by default). Prompt
+attention is PyTorch's (engine/attention.py).
 
 The decoder layer is written once, in `_layers`, for decode steps and prompts alike; the
 two differ only in where q attends (the `attend` they pass). The interface is
@@ -33,6 +35,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from daemon.engine.attention import PromptSegments
+from daemon.engine.cuda import batched as B
 from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
 from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
@@ -77,21 +80,28 @@ def _kind(module: torch.nn.Module) -> str | None:
 
 # what each quantized kind of layer becomes for the kernels
 QUANTIZED_WEIGHTS = {"4bit": G.NF4Weights, "int8": G.Int8Weights}
-# Rows from which a 4-bit matrix with a bf16 batch copy multiplies by that copy (cuBLAS)
-# rather than by the NF4 GEMV: bench/nf4_kernel.py on an H100, Llama-3-8B shapes.
-BATCH_WEIGHT_ROWS = 3
+# Rows up to which each quantized kind multiplies through its GEMV (fastest there, and its
+# epilogues fuse RoPE and the activation); from there to batched.MAX_ROWS through the batched
+# product; beyond, a bf16 copy where one is kept, else the matrix dequantized into the scratch
+# buffer and one GEMM. H200, Llama-3-8B's four products, 32 layers (bench/README.md): NF4+DQ
+# GEMV 2.10 / 2.40 / 3.38 ms a step at 1 / 2 / 4 rows against the batched product's 3.31 / 3.32
+# / 3.32 (even at 4, where the GEMV's fusions tip it); int8 GEMV 2.16 / 2.95 / 5.65 against
+# 2.86 / 2.88 / 2.88.
+GEMV_ROWS = {"4bit": 4, "int8": 2}
 
 
 class Linear:
     """A fused matrix product: dense (cuBLAS), or quantized (bitsandbytes' 4-bit or int8 weights
-    through a Triton GEMV), with an optional bf16 copy of 4-bit weights for batches
-    (`batch_weights`)."""
+    through a Triton GEMV or the batched product by row count, see GEMV_ROWS), with an optional
+    bf16 copy of 4-bit weights for prompt passes (`batch_weights`)."""
 
     def __init__(self, modules: list[torch.nn.Module], dtype: torch.dtype, batch_weights: bool = False) -> None:
         self.quantized: G.NF4Weights | G.Int8Weights | None = None
         self.batch_weight: torch.Tensor | None = None
         kinds = {_kind(m) for m in modules}
         kind = kinds.pop() if len(kinds) == 1 else None
+        self.gemv_rows = GEMV_ROWS.get(kind, 0)
+        self._batched: dict[int, tuple] = {}  # the batched product's setting by tile rows (batched.block_m)
         if kind in QUANTIZED_WEIGHTS:
             self.quantized = QUANTIZED_WEIGHTS[kind](modules)
             self.n, self.k = self.quantized.n, self.quantized.k
@@ -108,18 +118,38 @@ class Linear:
         else:
             raise UnsupportedArchitecture("the fast path handles dense, 4-bit and int8 layers, one kind per product")
 
-    def uses_gemv(self, rows: int) -> bool:
-        """Whether this many rows go through the GEMV (an fp32 result)."""
-        return self.quantized is not None and rows <= 4 and (self.batch_weight is None or rows < BATCH_WEIGHT_ROWS)
+    def route(self, rows: int) -> str:
+        """Which product this many rows take: "dense" (cuBLAS on the weights), "gemv",
+        "batched" (both fp32 results), "copy" (cuBLAS on the bf16 copy) or "scratch"."""
+        if self.quantized is None:
+            return "dense"
+        if rows <= self.gemv_rows:
+            return "gemv"
+        if rows <= B.MAX_ROWS:
+            return "batched"
+        return "copy" if self.batch_weight is not None else "scratch"
 
-    def gemv_adds(self, rows: int) -> bool:
-        """Whether the GEMV runs split-K programs that add into a zeroed output."""
-        return self.uses_gemv(rows) and self.quantized.gemv_setting(rows)[1] > 1
+    def uses_gemv(self, rows: int) -> bool:
+        return self.route(rows) == "gemv"
+
+    def adds(self, rows: int) -> bool:
+        """Whether this many rows run split-K programs that add into a zeroed fp32 output."""
+        route = self.route(rows)
+        if route == "gemv":
+            return self.quantized.gemv_setting(rows)[1] > 1
+        return route == "batched" and self.batched_setting(rows)[3] > 1
+
+    def batched_setting(self, rows: int) -> tuple:
+        """batched.setting, looked up once per tile size (prompt passes ask for it per product)."""
+        tile = B.block_m(rows)
+        if tile not in self._batched:
+            self._batched[tile] = B.setting(self.quantized, rows)
+        return self._batched[tile]
 
     def fuses_act(self, rows: int) -> bool:
         """Whether act(gate) * up of this [gate; up] product comes from the GEMV's epilogue
         (the GEMV without split-K: its sums are final when stored)."""
-        return self.uses_gemv(rows) and not self.gemv_adds(rows)
+        return self.uses_gemv(rows) and not self.adds(rows)
 
     def fuses_rope(self, rows: int, head_dim: int) -> bool:
         """Whether RoPE and the KV write of this [q; k; v] product come from the GEMV's epilogue
@@ -128,15 +158,18 @@ class Linear:
 
     def __call__(self, x: torch.Tensor, scratch: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W^T. `out`: a zeroed fp32 buffer [rows, n] for a split-K GEMV."""
-        if self.quantized is None:
+        """x @ W^T. `out`: a zeroed fp32 buffer [rows, n] where the product adds (`adds`)."""
+        route = self.route(x.shape[0])
+        if route == "dense":
             return F.linear(x, self.weight, self.bias)
-        if self.uses_gemv(x.shape[0]):
+        if route == "gemv":
             return self.quantized.matmul(x, out=out)
+        if route == "batched":
+            return B.matmul(x, self.quantized, out=out, config=self.batched_setting(x.shape[0]))
         bias = None if self.quantized.bias is None else self.quantized.bias.to(x.dtype)
-        if self.batch_weight is not None:
+        if route == "copy":
             return F.linear(x, self.batch_weight.view(self.n, self.k), bias)
-        if scratch is not None:  # batches and prefill: dequantize into the scratch buffer, one GEMM
+        if scratch is not None:  # long prompt passes: dequantize into the scratch buffer, one GEMM
             return F.linear(x, self.quantized.dequantize(scratch[:self.n * self.k]), bias)
         return self.quantized.matmul(x)
 
@@ -149,8 +182,9 @@ class Linear:
 
 
 class _Outputs:
-    """One zeroed fp32 buffer for a decode step's split-K NF4 GEMV outputs (their programs add
-    into them): one memset per step instead of one per product; GEMVs without split-K store."""
+    """One zeroed fp32 buffer for a decode step's split-K products' outputs (GEMV or batched:
+    their programs add into them): one memset per step instead of one per product; products
+    without split-K store."""
 
     def __init__(self, rows: int, widths: int, device: torch.device) -> None:
         self.buffer = torch.zeros(rows * widths, dtype=torch.float32, device=device)
@@ -161,7 +195,7 @@ class _Outputs:
         self.used = 0
 
     def take(self, linear: Linear, rows: int) -> torch.Tensor | None:
-        if not linear.gemv_adds(rows):
+        if not linear.adds(rows):
             return None
         size = rows * linear.n
         view = self.buffer[self.used:self.used + size].view(rows, linear.n)
@@ -206,7 +240,7 @@ class _Graph:
         self.turn = 0
         self.attention = K.DecodeAttention(batch, owner.num_heads, owner.num_kv_heads, owner.head_dim,
                                            owner.max_ctx, dev, owner.dtype)
-        widths = sum(lin.n for layer in owner.layers for lin in layer.products if lin.gemv_adds(batch))
+        widths = sum(lin.n for layer in owner.layers for lin in layer.products if lin.adds(batch))
         self.outputs = _Outputs(batch, widths, dev) if widths else None
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
