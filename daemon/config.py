@@ -167,7 +167,9 @@ class Settings:
     max_loaded_models: int = 0  # 0: 3 per GPU, 3 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     gpu_memory: str = ""  # the memory budget: bytes with a unit, or a fraction of the device
-    batch_weights: str = "auto"  # auto | on | off: a bf16 copy of 4-bit weights for batched decoding
+    # on | off: a bf16 copy of 4-bit weights for long prompt passes (batches multiply the 4-bit
+    # weights themselves: engine/cuda/batched.py)
+    batch_weights: str = "off"
     prefix_cache: bool = True  # a new prompt reuses the KV of the longest cached prefix (HFOLLAMA_PREFIX_CACHE)
     # API keys (HFOLLAMA_API_KEYS, HFOLLAMA_API_KEYS_FILE): none leaves every route open, as Ollama
     api_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -198,7 +200,7 @@ class Settings:
             max_loaded_models=max(0, _int(env, "OLLAMA_MAX_LOADED_MODELS", 0)),
             device=env_var(env, "HFOLLAMA_DEVICE") or "auto",
             gpu_memory=env_var(env, "HFOLLAMA_GPU_MEMORY"),
-            batch_weights=_choice(env, "HFOLLAMA_BATCH_WEIGHTS", ("auto", "on", "off"), "auto"),
+            batch_weights=_choice(env, "HFOLLAMA_BATCH_WEIGHTS", ("on", "off"), "off"),
             prefix_cache=_choice(env, "HFOLLAMA_PREFIX_CACHE", ("on", "off"), "on") == "on",
             api_keys=keys,
             metrics_auth=_choice(env, "HFOLLAMA_METRICS_AUTH", ("on", "off"), "on") == "on",

@@ -62,7 +62,7 @@ def test_debug_levels(text, level):
     assert log_level(text) == level
 
 
-@pytest.mark.parametrize("text,value", [("", "auto"), ("on", "on"), ("OFF", "off"), (" auto ", "auto"), ("maybe", "auto")])
+@pytest.mark.parametrize("text,value", [("", "off"), ("on", "on"), ("OFF", "off"), (" on ", "on"), ("auto", "off"), ("maybe", "off")])
 def test_batch_weights_setting(text, value):
     assert Settings.from_env({"HFOLLAMA_BATCH_WEIGHTS": text}).batch_weights == value
 

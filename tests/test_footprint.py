@@ -4,6 +4,7 @@ engine really holds for the tiny model."""
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from daemon.backends.metadata import ModelShape
 from daemon.registry.modelfile import Quantization
@@ -40,6 +41,7 @@ class FakeModel:
     modelfile: FakeModelfile
     quantization_level: str = "BF16"
     size: int = 0
+    context_length: int = 8192
 
 
 def test_gpu_nf4_total_for_8b():
@@ -93,18 +95,17 @@ def test_quantized_models_count_the_dequantize_scratch_on_a_gpu(mode, scratch):
     assert on_gpu.workspace == chunk + 128256 * 4 * 2 + (32 << 20) + scratch
 
 
-GIB = 1 << 30
-
-
-@pytest.mark.parametrize("setting,slots,footprint,card,keep", [
-    ("auto", 32, 28 * GIB, 80 * GIB, True),    # 8B NF4, 32 slots of 2k, on an H100: the copy fits
-    ("auto", 32, 28 * GIB, 24 * GIB, False),   # the same on a 24 GB card: NF4 alone
-    ("auto", 1, 20 * GIB, 80 * GIB, False),    # one slot never batches
-    ("auto", 4, 41 * GIB, 80 * GIB, False),    # more than half the card
-    ("on", 1, 90 * GIB, 24 * GIB, True),
-    ("off", 32, 1 * GIB, 80 * GIB, False),
+@pytest.mark.parametrize("setting, mode, keep", [
+    ("off", "nf4", False),   # the default: batches multiply the 4-bit weights themselves
+    ("on", "nf4", True), ("on", "fp4", True),
+    ("on", "int8", False),   # int8 has no copy: its batched product runs at int8's bytes
+    ("on", "none", False),
 ])
-def test_when_the_bf16_batch_copy_is_kept(setting, slots, footprint, card, keep):
-    from daemon.backends.runtime import wants_batch_weights
+def test_the_bf16_batch_copy_is_kept_only_when_asked_for(setting, mode, keep, monkeypatch):
+    from daemon.backends import runtime
+    from daemon.config import Settings
 
-    assert wants_batch_weights(setting, slots, footprint, card) is keep
+    monkeypatch.setattr(runtime, "pick_device", lambda _: torch.device("cuda"))
+    model = FakeModel(FakeMetadata(LLAMA3_8B), FakeModelfile(Quantization(mode, True, "bfloat16")))
+    settings = Settings.from_env({"HFOLLAMA_BATCH_WEIGHTS": setting, "OLLAMA_CONTEXT_LENGTH": "2048"})
+    assert runtime.plan_load(model, settings, num_parallel=32).batch_weights is keep

@@ -57,7 +57,7 @@ class LoadPlan:
     num_ctx: int
     default_num_ctx: int
     slots: int
-    batch_weights: bool = False  # a bf16 copy of 4-bit matrices for batched decoding and prefill
+    batch_weights: bool = False  # a bf16 copy of 4-bit matrices for long prompt passes
     prefill_tokens: int = 512  # prompt tokens per prefill pass (several prompts share one)
 
 
@@ -65,35 +65,20 @@ class LoadPlan:
 # and a long prompt stalls running streams for one pass of this size at a time.
 GPU_PREFILL_TOKENS = 2048
 
-# "auto" keeps the bf16 copy when the whole model with it takes at most this share of the card:
-# one 8B NF4 model with 32 slots on an 80 GB card, not on a 24 GB one.
-BATCH_WEIGHTS_SHARE = 0.5
-
-
-def wants_batch_weights(setting: str, slots: int, footprint_with_copy: int, device_memory: int) -> bool:
-    """Keep a bf16 copy of an NF4 model's matrices? "on"/"off" decide; "auto" keeps it for a
-    model that serves several slots and still fits in BATCH_WEIGHTS_SHARE of the card."""
-    if setting in ("on", "off"):
-        return setting == "on"
-    return slots > 1 and footprint_with_copy <= BATCH_WEIGHTS_SHARE * device_memory
-
-
 def plan_load(resolved: ResolvedModel, settings: Settings, num_ctx: int | None = None,
               num_parallel: int | None = None) -> LoadPlan:
     """Where and how large a model loads: the one place the scheduler's estimate and the
     loader agree on."""
-    from daemon.scheduler.footprint import estimate, quantized_mode
+    from daemon.scheduler.footprint import quantized_mode
 
     device = pick_device(settings.device)
     default_ctx = default_num_ctx(settings, device, resolved.context_length)
     ctx = min(num_ctx, resolved.context_length or num_ctx) if num_ctx else default_ctx
     slots = num_parallel or default_num_parallel(settings, device)
     prefill = GPU_PREFILL_TOKENS if device.type == "cuda" else 512
-    batch_weights = False
-    if device.type == "cuda" and quantized_mode(resolved, "cuda") == "nf4" and resolved.metadata.shape is not None:
-        with_copy = estimate(resolved, ctx, slots, "cuda", prefill, batch_weights=True).total
-        batch_weights = wants_batch_weights(settings.batch_weights, slots, with_copy,
-                                            torch.cuda.get_device_properties(device).total_memory)
+    # off by default: batches and short prompt passes multiply the 4-bit weights as they are
+    batch_weights = (settings.batch_weights == "on" and device.type == "cuda"
+                     and quantized_mode(resolved, "cuda") in ("nf4", "fp4"))
     return LoadPlan(device, ctx, default_ctx, slots, batch_weights, prefill)
 
 
