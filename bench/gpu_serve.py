@@ -5,9 +5,11 @@ random weights, full-length generations), against sequential serving (one slot) 
 
 Per concurrency: aggregate tokens/s (all tokens / wall time), per-stream tokens/s (the
 daemon's eval_count / eval_duration), time to first token p50 / p95 (first content line).
-Each level starts with a short warm-up wave at its concurrency (new shapes' one-time costs),
-then runs `--repeats` times; the table gives the run with the median aggregate, and the lowest
-and highest aggregate beside it (one run says little on a shared machine).
+Each level runs `--repeats` times; the table gives the run with the median aggregate, and the
+lowest and highest aggregate beside it (one run says little on a shared machine). No warm-up
+but the load (one 8-token request): the first wave at each level is the first burst of that
+shape after the load, printed beside the second. GPU memory after the load and at the end
+(PyTorch's allocated and peak reserved, and what /api/ps reports).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import statistics
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -98,6 +101,17 @@ async def wave(url, model, concurrency, tokens):
     return total / wall, per_stream, statistics.median(ttfts) * 1000, p95 * 1000
 
 
+def memory(url: str) -> str:
+    """The GPU memory the daemon (this process) holds, and /api/ps's account of the model."""
+    import torch
+
+    with urllib.request.urlopen(url + "/api/ps") as r:
+        models = json.loads(r.read())["models"]
+    ps = ", ".join(f"{m['name']} size {m['size'] / 2**30:.2f} GiB (vram {m['size_vram'] / 2**30:.2f})" for m in models)
+    return (f"allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB, peak reserved "
+            f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB; /api/ps: {ps}")
+
+
 def run_wave(url: str, model: str, concurrency: int, tokens: int) -> tuple:
     return asyncio.run(wave(url, model, concurrency, tokens))
 
@@ -109,8 +123,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--sequential", type=int, default=8, help="requests for the one-slot baseline (0: skip)")
-    parser.add_argument("--batch-weights", default="auto", choices=("auto", "on", "off"),
-                        help="HFOLLAMA_BATCH_WEIGHTS: a bf16 copy of the NF4 matrices for batches")
+    parser.add_argument("--batch-weights", default="off", choices=("on", "off"),
+                        help="HFOLLAMA_BATCH_WEIGHTS: a bf16 copy of the NF4 matrices for long prompt passes")
     parser.add_argument("--configs", default="", help="NF4 launch settings from bench/nf4_kernel.py --out")
     parser.add_argument("--repeats", type=int, default=3, help="waves per concurrency level")
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES), help="bench/dummy_models.py")
@@ -122,7 +136,7 @@ def main() -> None:
     root = Path(args.root)
     checkpoint, mf = nf4_model(root, args.shape, "serve")
     print(f"{args.shape}: {checkpoint}", flush=True)
-    rows = []
+    rows, first = [], []
     for slots, label, levels in ((args.slots, "batched", args.concurrency),
                                  (1, "one slot (sequential)", [args.sequential] if args.sequential else [])):
         if not levels:
@@ -135,18 +149,17 @@ def main() -> None:
         # for its GIL
         clients = multiprocessing.get_context("spawn").Pool(1)
         try:
-            clients.apply(run_wave, (url, "serve:nf4", 1, 8))  # load, capture
-            clients.apply(run_wave, (url, "serve:nf4", min(4, slots), 8))  # warm up: a step with new prompts
+            clients.apply(run_wave, (url, "serve:nf4", 1, 8))  # the load (and its capture)
+            print(label, "after the load:", memory(url), flush=True)
             for c in levels:
-                # a short wave at this concurrency first: its prefill and batch shapes are new
-                # (one-time costs are not what a steady load sees; the first wave is printed)
-                print(label, c, "warm-up", tuple(round(v, 1) for v in clients.apply(run_wave, (url, "serve:nf4", c, 8))),
-                      flush=True)
-                runs = sorted(clients.apply(run_wave, (url, "serve:nf4", c, args.tokens))
-                              for _ in range(max(1, args.repeats)))
-                for run in runs:
-                    print(label, c, tuple(round(v, 1) for v in run), flush=True)
+                in_order = [clients.apply(run_wave, (url, "serve:nf4", c, args.tokens))
+                            for _ in range(max(2, args.repeats))]
+                for i, run in enumerate(in_order):
+                    print(label, c, f"wave {i + 1}", tuple(round(v, 1) for v in run), flush=True)
+                first.append((label, c, in_order[0], in_order[1]))
+                runs = sorted(in_order)
                 rows.append((label, c) + runs[len(runs) // 2] + (runs[0][0], runs[-1][0]))
+            print(label, "at the end:", memory(url), flush=True)
         finally:
             clients.terminate()
             stop()
@@ -155,6 +168,10 @@ def main() -> None:
           f"{'aggregate range':>18}")
     for label, c, agg, per, p50, p95, low, high in rows:
         print(f"{label:<24}{c:>11}{agg:>17.0f}{per:>12.1f}{p50:>9.0f}ms{p95:>6.0f}ms{low:>10.0f}-{high:.0f}")
+    print("\nthe first burst after the load against the second (aggregate tok/s, TTFT p50 / p95)")
+    for label, c, one, two in first:
+        print(f"{label:<24}{c:>11}   {one[0]:.0f} / {one[2]:.0f} / {one[3]:.0f} ms   against   "
+              f"{two[0]:.0f} / {two[2]:.0f} / {two[3]:.0f} ms")
 
 
 if __name__ == "__main__":
