@@ -28,7 +28,7 @@
 # peer    bench/llama_cpp_peer.py with that llama.cpp
 #
 # Knobs: VARIANTS, SHAPES, KEEP and ABLATE (decode; ABLATE= for none), SHAPE, CONCURRENCY,
-# SEQUENTIAL and REPEATS (serve), UNCACHED (prefix), SWEEP_ROWS and MODELS (sweep), TESTS (the GPU test files),
+# SEQUENTIAL and REPEATS (serve), PEER_TYPES (peer), SETTLED (batched), UNCACHED (prefix), SWEEP_ROWS and MODELS (sweep), TESTS (the GPU test files),
 # TESTS_K (pytest -k), TAIL.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -115,7 +115,7 @@ for what in "$@"; do
     peer)  # llama.cpp from the llama step (this call or an earlier one on the same machine)
         cuda_libs=$(python3 -c "import nvidia.cu13 as m; print(list(m.__path__)[0] + '/lib')" 2>/dev/null)
         LD_LIBRARY_PATH=/root/llama/lib:$cuda_libs:${LD_LIBRARY_PATH:-} \
-            step peer python3 bench/llama_cpp_peer.py --bin /root/llama/llama-both --root /tmp/bench
+            step peer python3 bench/llama_cpp_peer.py --bin /root/llama/llama-both --root /tmp/bench --types ${PEER_TYPES:-q4_0 f16}
         ;;
     *)
         echo "unknown step $what" >&2
