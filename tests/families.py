@@ -8,7 +8,9 @@ What each keeps from its real config is what makes the family differ: Qwen3's q/
 Qwen2's q/k/v biases, Gemma 2's soft-caps, sandwich norms, GELU and alternating windows,
 Gemma 3's 5:1 local/global layers with their two rotary bases and linear scaling, Phi-3's
 fused projections (with a head size that is not a power of two) and Phi-4-mini's partial
-rotary, Mistral v0.1's sliding window. Windows are scaled down with everything else, so the
+rotary, Mistral v0.1's sliding window; the mixtures of experts' routers (Mixtral's renormalized
+top 2 in fp32, Qwen3-MoE's renormalized top k cast to the compute dtype, Qwen2-MoE's
+unnormalized weights and shared expert behind a sigmoid gate). Windows are scaled down with everything else, so the
 tests' prompts run past them.
 """
 
@@ -79,6 +81,35 @@ def configs(vocab: int, tok) -> dict[str, object]:
     }
 
 
+def moe_configs(vocab: int, tok) -> dict[str, object]:
+    """Mixtures of experts (engine/spec.py's Experts), scaled down like the rest."""
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    c = _common(vocab, tok)
+    return {
+        # Mixtral-8x7B-Instruct-v0.1: 8 experts, top 2 renormalized, GQA 4:1, rope_theta 1e6, no window
+        "mixtral": MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=1, num_local_experts=8, num_experts_per_tok=2,
+                                 rope_theta=1000000.0, sliding_window=None, rms_norm_eps=1e-5,
+                                 tie_word_embeddings=False, **c),
+        # Qwen3-30B-A3B: 128 experts (here 16), top 8 (here 4) renormalized, narrow experts
+        # (moe_intermediate_size 768, here 64), q/k norms, head_dim 128 (here 16)
+        "qwen3-moe": Qwen3MoeConfig(hidden_size=64, intermediate_size=192, moe_intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    num_experts=16, num_experts_per_tok=4, norm_topk_prob=True,
+                                    decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1000000.0,
+                                    rms_norm_eps=1e-6, tie_word_embeddings=False, **c),
+        # Qwen1.5-MoE-A2.7B: 60 experts (here 8), top 4 (here 2) not renormalized, a shared expert
+        # behind a sigmoid gate, q/k/v biases; its second layer dense here (mlp_only_layers, as
+        # models with dense first layers have them)
+        "qwen2-moe": Qwen2MoeConfig(hidden_size=64, intermediate_size=192, moe_intermediate_size=64,
+                                    shared_expert_intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
+                                    norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1],
+                                    use_sliding_window=False, rms_norm_eps=1e-6, tie_word_embeddings=False, **c),
+    }
+
+
 def _with_multimodal(table: dict) -> dict:
     """gemma-3-4b-it as Google ships it ("gemma3-mm"): the multimodal checkpoint (a SigLIP tower,
     tiny here) around "gemma3", whose text runs on its language model."""
@@ -108,12 +139,14 @@ def generic_configs(vocab: int, tok) -> dict[str, object]:
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-mm", "phi3", "phi4-mini")
 GENERIC = ("gpt2", "opt", "falcon")
+MOE = ("mixtral", "qwen3-moe", "qwen2-moe")
 
 
 def build(out: Path, family: str, seed: int = 0) -> Path:
     """A tiny random model of `family` saved at `out` (weights scaled so that logits spread)."""
     tok = build_tokenizer(template=CHATML)
-    table = {**_with_multimodal(configs(len(tok), tok)), **generic_configs(len(tok), tok)}
+    table = {**_with_multimodal(configs(len(tok), tok)), **generic_configs(len(tok), tok),
+             **moe_configs(len(tok), tok)}
     config = table[family]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

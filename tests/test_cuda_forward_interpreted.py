@@ -14,6 +14,7 @@ from triton_cpu import interpreted  # skips this module where the interpreter ca
 from daemon.engine.cuda import forward as fast
 from daemon.engine.cuda import gemv as G
 from daemon.engine.forward import ReferenceForward
+from daemon.engine.spec import UnsupportedArchitecture
 
 functional = pytest.importorskip("bitsandbytes.functional")
 
@@ -203,3 +204,15 @@ def test_padding_rows_leave_an_embedding_in_the_scratch_slot_alone(tiny_dirs, cp
     for n in (5, 70):
         ids = torch.randint(0, 300, (n,))
         torch.testing.assert_close(padded.encode(ids), plain.encode(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_a_mixture_of_experts_is_left_to_the_reference_path_by_name(tmp_path, cpu_fast_path):
+    """No fast MoE layer yet: the fast path says so before taking anything over, so the runtime
+    falls back to the reference path with the model intact."""
+    import families
+
+    model = AutoModelForCausalLM.from_pretrained(families.build(tmp_path / "mixtral", "mixtral"),
+                                                 dtype=torch.float32).eval()
+    with pytest.raises(UnsupportedArchitecture, match="mixtures of experts have no fast path yet"):
+        fast.FastForward(model, num_slots=1, max_ctx=32, graphs=False)
+    assert hasattr(model.model.layers[0].mlp, "experts") and hasattr(model.model.layers[0].self_attn, "q_proj")

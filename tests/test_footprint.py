@@ -44,6 +44,42 @@ class FakeModel:
     context_length: int = 8192
 
 
+MIXTRAL_8X7B = dict(model_type="mixtral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, intermediate_size=14336, vocab_size=32000, num_local_experts=8,
+                    num_experts_per_tok=2, tie_word_embeddings=False)
+QWEN3_30B_A3B = dict(model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                     num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768,
+                     vocab_size=151936, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1,
+                     mlp_only_layers=[], tie_word_embeddings=False)
+
+
+def _shape_of(config: dict, tmp_path) -> ModelShape:
+    import json
+
+    from daemon.backends.metadata import read_metadata
+
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["XForCausalLM"]}))
+    metadata = read_metadata(tmp_path)
+    arch = config["model_type"]  # Ollama's model_info keys, as llama.cpp names them
+    assert (metadata.info[f"{arch}.expert_count"], metadata.info[f"{arch}.expert_used_count"]) == (
+        config.get("num_local_experts") or config["num_experts"], config["num_experts_per_tok"])
+    return metadata.shape
+
+
+@pytest.mark.parametrize("config,norms,total", [
+    (MIXTRAL_8X7B, 65 * 4096, 46_702_792_704),  # the checkpoint's parameter count
+    (QWEN3_30B_A3B, 97 * 2048 + 48 * 2 * 128, 30_532_122_624),
+])
+def test_a_mixture_of_experts_counts_every_expert(config, norms, total, tmp_path):
+    shape = _shape_of(config, tmp_path)
+    assert shape.linear_params + shape.expert_params + 2 * shape.embedding_params + norms == total
+    # bitsandbytes quantizes the attention, not the stacked experts: they stay in bf16
+    model = FakeModel(FakeMetadata(shape), FakeModelfile(Quantization("nf4", True, "bfloat16")))
+    weights = estimate(model, num_ctx=4096, slots=1, device_type="cuda").weights
+    assert weights == pytest.approx(shape.expert_params * 2 + 2 * shape.embedding_params * 2
+                                    + shape.linear_params * NF4_DOUBLE_QUANT_BYTES, rel=0.01)
+
+
 def test_gpu_nf4_total_for_8b():
     model = FakeModel(FakeMetadata(LLAMA3_8B), FakeModelfile(Quantization("nf4", True, "bfloat16")))
     f = estimate(model, num_ctx=8192, slots=4, device_type="cuda")

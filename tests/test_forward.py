@@ -61,10 +61,11 @@ def family_dirs(tmp_path_factory):
     import families
 
     root = tmp_path_factory.mktemp("families")
-    return {f: families.build(root / f, f) for f in families.FAMILIES + families.GENERIC}
+    return {f: families.build(root / f, f) for f in families.FAMILIES + families.GENERIC + families.MOE}
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-mm", "phi3", "phi4-mini"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-mm", "phi3", "phi4-mini",
+                                    "mixtral", "qwen3-moe", "qwen2-moe"])
 def test_each_family_decodes_greedy_as_transformers_generate(family_dirs, family):
     """The reference path, driven by the family's spec, against transformers' own generate():
     32 greedy tokens after a prompt longer than the sliding windows, decoded beside another
@@ -79,3 +80,63 @@ def test_each_family_decodes_greedy_as_transformers_generate(family_dirs, family
 def test_a_family_without_a_definition_is_named(family_dirs):
     with pytest.raises(UnsupportedArchitecture, match="no model definition for 'gpt2'"):
         ReferenceForward(load(family_dirs["gpt2"]), num_slots=1, max_ctx=8)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "qwen2-moe"])
+def test_a_mixture_of_experts_in_the_runner_alone_and_beside_another_request(family_dirs, family):
+    """Routing is per token: a request's greedy text is the same alone and batched beside another
+    (whose tokens pick other experts in the same step), with the prompt in chunks."""
+    import asyncio
+
+    import families
+    from transformers import AutoTokenizer
+
+    from daemon.engine.runner import Runner
+
+    path = family_dirs[family]
+    expected = families.hf_greedy(path, n=24)
+    runner = Runner(ReferenceForward(load(path), num_slots=2, max_ctx=128, weight_dtype=torch.float32),
+                    AutoTokenizer.from_pretrained(path), [], prefill_chunk=4)
+    other = [40, 41, 42, 43, 44]
+    try:
+        alone_other = asyncio.run(families.runner_greedy(runner, other, 30))
+
+        async def together():
+            return await asyncio.gather(families.runner_greedy(runner, families.PROMPT, 24),
+                                        families.runner_greedy(runner, other, 30))
+        assert asyncio.run(together()) == [expected, alone_other]
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize("changes,sparse,error", [
+    ({}, (True, True), None),
+    ({"mlp_only_layers": [0]}, (False, True), None),
+    ({"decoder_sparse_step": 2}, (False, True), None),
+    ({"num_experts_per_tok": 17}, None, "17 of 16 experts per token"),
+])
+def test_the_experts_spec_reads_the_config(family_dirs, changes, sparse, error):
+    from transformers import AutoConfig
+
+    from daemon.engine.spec import FAMILIES, Experts
+
+    config = AutoConfig.from_pretrained(family_dirs["qwen3-moe"])
+    for key, value in changes.items():
+        setattr(config, key, value)
+    if error:
+        with pytest.raises(UnsupportedArchitecture, match=error):
+            Experts.of(config, FAMILIES["qwen3_moe"], 2)
+        return
+    experts = Experts.of(config, FAMILIES["qwen3_moe"], 2)
+    assert (experts.count, experts.top_k, experts.normalize, experts.shared, experts.sparse) == (16, 4, True, False,
+                                                                                                 sparse)
+
+
+def test_a_mixture_of_experts_takes_its_experts_over_and_counts_them(family_dirs):
+    model = load(family_dirs["mixtral"])
+    f = ReferenceForward(model, num_slots=1, max_ctx=32)
+    layer = f.layers[0]
+    experts = 8 * 3 * 64 * 128 * 2  # 8 experts of 64 x 128 (gate, up, down), fp16 on the CPU
+    assert layer.experts.gate_up.dtype == torch.float16 and layer.gate_up is None
+    assert layer.nbytes == layer.qkv.nbytes + layer.o.nbytes + experts
+    assert not hasattr(model.model.layers[0].mlp, "experts")  # the fp32 originals are gone

@@ -393,7 +393,7 @@ def family_daemon(tmp_path_factory, tiny_dirs):
     from conftest import make_settings, run_daemon
 
     root = tmp_path_factory.mktemp("family-daemon")
-    dirs = {f: families.build(root / "models" / f, f) for f in families.FAMILIES + families.GENERIC}
+    dirs = {f: families.build(root / "models" / f, f) for f in families.FAMILIES + families.GENERIC + families.MOE}
     import json
     import shutil
 
@@ -409,7 +409,7 @@ def family_daemon(tmp_path_factory, tiny_dirs):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-mm", "phi3",
-                                    "phi4-mini", "gpt2", "opt", "falcon"])
+                                    "phi4-mini", "gpt2", "opt", "falcon", "mixtral", "qwen3-moe", "qwen2-moe"])
 def test_every_family_answers_chat_and_says_which_decoder_runs_it(family_daemon, family):
     r = post(family_daemon, "/api/chat", {"model": f"fam:{family}", "stream": False,
                                           "messages": [{"role": "user", "content": "Hello world"}],

@@ -28,12 +28,25 @@ class ModelShape:
     intermediate: int
     vocab: int
     tied_embeddings: bool
+    # a mixture of experts: `sparse_layers` of the layers route each token over `experts` MLPs of
+    # `expert_intermediate` (plus a shared one of `shared_intermediate`); the rest are dense
+    experts: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    sparse_layers: int = 0
 
     @property
     def linear_params(self) -> int:
-        """Parameters of the per-layer matrix products (what bitsandbytes quantizes)."""
+        """Parameters of the per-layer matrix products (what bitsandbytes quantizes): the
+        attention, dense MLPs, shared experts; not the experts (expert_params)."""
         attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
-        return self.layers * (attention + 3 * self.hidden * self.intermediate)
+        dense = (self.layers - self.sparse_layers) * 3 * self.hidden * self.intermediate
+        return self.layers * attention + dense + self.sparse_layers * 3 * self.hidden * self.shared_intermediate
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of every expert and router: stacked tensors that bitsandbytes leaves as they are."""
+        return self.sparse_layers * self.experts * self.hidden * (3 * self.expert_intermediate + 1)
 
     @property
     def largest_product_params(self) -> int:
@@ -190,7 +203,24 @@ _INFO_KEYS = {
     "rms_norm_eps": "attention.layer_norm_rms_epsilon",
     "layer_norm_eps": "attention.layer_norm_epsilon",
     "vocab_size": "vocab_size",
+    "num_local_experts": "expert_count",
+    "num_experts": "expert_count",
+    "num_experts_per_tok": "expert_used_count",
 }
+
+
+def _expert_shape(config: dict[str, Any]) -> dict[str, int]:
+    """ModelShape's expert fields from an HF config (engine/spec.py's Experts reads the same keys)."""
+    experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    if not experts:
+        return {}
+    layers = int(config.get("num_hidden_layers", 0))
+    dense_only = set(config.get("mlp_only_layers") or ())
+    step = int(config.get("decoder_sparse_step") or 1)
+    sparse = sum(1 for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
+    return dict(experts=experts, sparse_layers=sparse,
+                expert_intermediate=int(config.get("moe_intermediate_size") or config.get("intermediate_size", 0)),
+                shared_intermediate=int(config.get("shared_expert_intermediate_size") or 0))
 
 
 def _from_hf_dir(directory: Path) -> ModelMetadata:
@@ -226,7 +256,7 @@ def _from_hf_dir(directory: Path) -> ModelMetadata:
             kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
             intermediate=int(config.get("intermediate_size", 0)), vocab=int(config.get("vocab_size", 0)),
-            tied_embeddings=bool(config.get("tie_word_embeddings", False)))
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)), **_expert_shape(config))
     return ModelMetadata(
         format="safetensors",
         architecture=arch,

@@ -24,7 +24,8 @@ without a mask takes another kernel, and its roundings would make a request's to
 whether it runs alone or batched.)
 
 Covered: the families of spec.FAMILIES (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3,
-phi3); anything else runs through transformers' own forward (engine/generic.py).
+phi3, and the mixtures of experts mixtral, qwen2_moe, qwen3_moe); anything else runs through
+transformers' own forward (engine/generic.py).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ import torch.nn.functional as F
 from daemon.engine.attention import allowed, attend, attend_padded, copy_slot_prefix, folded_positions
 from daemon.engine.packed import PackedLinear, Product
 from daemon.engine.packed import fuse as fuse_products
-from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
-from daemon.engine.spec import rotary_tables, softcap, take_layers
+from daemon.engine.spec import Experts, ExpertWeights, LayerParts, ModelSpec, UnsupportedArchitecture, decoder
+from daemon.engine.spec import embed_scale_tensor, rotary_tables, softcap, take_layers
 
 
 
@@ -102,9 +103,17 @@ AnyLinear = DenseLinear | ModuleLinear | Product
 class LayerWeights:
     qkv: AnyLinear
     o: AnyLinear
-    gate_up: AnyLinear
-    down: AnyLinear
-    norms: LayerParts  # the norm weights by role (the modules themselves released)
+    norms: LayerParts  # the norm weights (and a MoE layer's router) by role, the modules released
+    gate_up: AnyLinear | None = None  # the MLP's, or a MoE layer's shared expert's
+    down: AnyLinear | None = None
+    experts: ExpertWeights | None = None  # a MoE layer's, in the weight dtype
+
+    @property
+    def nbytes(self) -> int:
+        products = sum(p.nbytes for p in (self.qkv, self.o, self.gate_up, self.down) if p is not None)
+        experts = 0 if self.experts is None else sum(t.numel() * t.element_size() for t in (self.experts.gate_up,
+                                                                                          self.experts.down))
+        return products + experts
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -252,9 +261,13 @@ class ReferenceForward:
 
     def _take_layer(self, parts: LayerParts) -> LayerWeights:
         products = {role: make_linear(modules, self.weight_dtype) for role, modules in parts.products.items()}
+        experts = None
+        if parts.experts is not None:  # stacked dense weights (bitsandbytes leaves experts as they are)
+            experts = ExpertWeights(*(t.to(self.weight_dtype).contiguous() for t in (parts.experts.gate_up,
+                                                                                    parts.experts.down)))
         if not any(isinstance(p, ModuleLinear) for p in products.values()):
             parts.release()  # the fused copies replace the originals: their memory can go
-        return LayerWeights(norms=parts, **products)
+        return LayerWeights(norms=parts, experts=experts, **products)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -262,7 +275,7 @@ class ReferenceForward:
 
     @property
     def weights_bytes(self) -> int:
-        dense = sum(w.qkv.nbytes + w.o.nbytes + w.gate_up.nbytes + w.down.nbytes for w in self.layers)
+        dense = sum(w.nbytes for w in self.layers)
         embed = 0 if self.embed is getattr(self.lm_head, "weight", None) else self.embed.numel() * self.embed.element_size()
         return dense + self.lm_head.nbytes + embed
 
@@ -403,10 +416,46 @@ class ReferenceForward:
             o = w.o(o.transpose(1, 2).reshape(batch, steps, heads * dim))
             x = x + (norm(o.to(self.dtype), n.attn_out_norm, eps) if spec.sandwich else o)
             h = norm(x, n.mlp_in_norm, eps)
-            gate_up = w.gate_up(h).to(self.dtype)
-            half = gate_up.shape[-1] // 2
-            m = w.down(self.act(gate_up[..., :half]) * gate_up[..., half:])
+            m = self._mlp(h, w) if w.experts is None else self._experts(h, w)
             x = x + (norm(m.to(self.dtype), n.mlp_out_norm, eps) if spec.sandwich else m)
         return x
+
+    def _mlp(self, h: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+        gate_up = w.gate_up(h).to(self.dtype)
+        half = gate_up.shape[-1] // 2
+        return w.down(self.act(gate_up[..., :half]) * gate_up[..., half:])
+
+    def _experts(self, h: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+        """A MoE layer as transformers computes it: each token's top-k experts by the router's
+        softmax, each expert hit run once over its tokens in expert order, outputs scaled by the
+        routing weights and summed into zeros (so the sums round as HF's do), plus the shared
+        expert. One expert at a time: this path is the CPU's and the check of the fast one."""
+        moe, experts = self.spec.experts, w.experts
+        flat = h.reshape(-1, h.shape[-1])
+        weights, chosen = route(flat, w.norms.router, moe)
+        out = torch.zeros_like(flat)
+        by_slot = chosen.T  # [top_k, tokens]: HF walks each expert's tokens by rank, then position
+        for expert in chosen.unique().tolist():
+            rank, rows = torch.where(by_slot == expert)
+            gate_up = F.linear(flat[rows].to(experts.gate_up.dtype), experts.gate_up[expert]).to(self.dtype)
+            half = gate_up.shape[-1] // 2
+            y = F.linear((self.act(gate_up[:, :half]) * gate_up[:, half:]).to(experts.down.dtype),
+                         experts.down[expert]).to(self.dtype)
+            out.index_add_(0, rows, (y * weights[rows, rank, None]).to(out.dtype))
+        if moe.shared:
+            shared = self._mlp(flat, w).to(self.dtype)
+            out = out + torch.sigmoid(w.norms.shared_gate(flat)) * shared
+        return out.view(h.shape)
+
+
+def route(x: torch.Tensor, router: torch.Tensor, moe: Experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's top-k experts and their weights, [rows, top_k] each: softmax over every
+    expert's logit in fp32, the top k kept (renormalized where the family does), the weights
+    left in fp32 or cast to the activations' dtype as the family does."""
+    logits = F.linear(x, router)
+    top, chosen = torch.topk(torch.softmax(logits.float(), dim=-1), moe.top_k, dim=-1)
+    if moe.normalize:
+        top = top / top.sum(dim=-1, keepdim=True)
+    return (top if moe.route_in_fp32 else top.to(logits.dtype)), chosen
 
 

@@ -10,6 +10,11 @@ window of each layer, and what the projections are called (Phi-3 stores q/k/v an
 fused). Everything numeric comes from the config; rotary embeddings come from the model's
 own rotary module (llama3, yarn, linear, dynamic, longrope and partial rotary included).
 
+Mixtures of experts are rows too: the MLP of some layers is a router over `Experts.count`
+expert MLPs of which each token takes `top_k` (softmax over all experts, the top weights
+renormalized where the config says, in fp32 or cast to the compute dtype as the family does),
+plus a shared expert gated by a sigmoid where the family has one (Qwen2-MoE).
+
 `ModelSpec.of(model)` is the description both decode paths read; `take_layers(model, spec)`
 is the one place that takes the weights over from the HF modules. The paths never branch on
 a family's name, only on the spec's fields. A model whose family is not in the table, or
@@ -39,6 +44,9 @@ class Family:
     scaled_embedding: bool = False  # embeddings times sqrt(hidden), rounded to the dtype as HF does
     qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # the attention's input projections
     gate_up: tuple[str, ...] = ("gate_proj", "up_proj")  # the MLP's gate and up projections
+    moe: bool = False  # some layers' MLP is a router over experts (Experts)
+    route_in_fp32: bool = False  # experts' outputs scaled by the fp32 weights (Mixtral), else cast first
+    shared_expert: bool = False  # beside the experts, a dense MLP scaled by sigmoid(a gate) (Qwen2-MoE)
 
 
 GEMMA = dict(norm="gemma", scaled_embedding=True)
@@ -52,9 +60,36 @@ FAMILIES: dict[str, Family] = {
     "gemma3_text": Family(**GEMMA, sandwich=True, qk_norm=True),
     "gemma3": Family(**GEMMA, sandwich=True, qk_norm=True),  # the text model inside the multimodal one
     "phi3": Family(qkv=("qkv_proj",), gate_up=("gate_up_proj",)),
+    "mixtral": Family(moe=True, route_in_fp32=True),
+    "qwen2_moe": Family(moe=True, shared_expert=True),  # q/k/v biases: they come with the weights
+    "qwen3_moe": Family(qk_norm=True, moe=True),
 }
 # config.hidden_act (or hidden_activation) -> the activation the kernels compute
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts MLP, as the family routes it."""
+
+    count: int
+    top_k: int
+    normalize: bool  # the top-k weights divided by their sum
+    route_in_fp32: bool  # Family.route_in_fp32
+    shared: bool  # Family.shared_expert
+    sparse: tuple[bool, ...]  # per layer: experts, or a dense MLP (Qwen's mlp_only_layers, decoder_sparse_step)
+
+    @classmethod
+    def of(cls, config: Any, family: Family, layers: int) -> "Experts":
+        count = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+        top_k = getattr(config, "num_experts_per_tok", 0) or 0
+        if not 0 < top_k <= count:
+            raise UnsupportedArchitecture(f"{top_k} of {count} experts per token")
+        dense_only = set(getattr(config, "mlp_only_layers", None) or ())
+        step = getattr(config, "decoder_sparse_step", 1) or 1
+        sparse = tuple(i not in dense_only and (i + 1) % step == 0 for i in range(layers))
+        return cls(count=count, top_k=top_k, normalize=bool(getattr(config, "norm_topk_prob", True)),
+                   route_in_fp32=family.route_in_fp32, shared=family.shared_expert, sparse=sparse)
 
 
 @dataclass(frozen=True)
@@ -79,6 +114,7 @@ class ModelSpec:
     layer_types: tuple[str, ...]  # per layer: which rotary table ("full_attention", "sliding_attention")
     qkv_names: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj"))
     gate_up_names: tuple[str, ...] = field(default=("gate_proj", "up_proj"))
+    experts: Experts | None = None  # a mixture of experts
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelSpec":
@@ -116,6 +152,7 @@ class ModelSpec:
             attn_softcap=getattr(config, "attn_logit_softcapping", None) or None,
             final_softcap=getattr(config, "final_logit_softcapping", None) or None,
             windows=windows, layer_types=layer_types, qkv_names=family.qkv, gate_up_names=family.gate_up,
+            experts=Experts.of(config, family, layers) if family.moe else None,
         )
 
     @property
@@ -136,7 +173,7 @@ class LayerParts:
 
     qkv: list[torch.nn.Module]  # [q, k, v], or one fused [q; k; v]
     o: list[torch.nn.Module]
-    gate_up: list[torch.nn.Module]  # [gate, up], or one fused [gate; up]
+    gate_up: list[torch.nn.Module]  # [gate, up], or one fused [gate; up]; a MoE layer's shared expert's, or none
     down: list[torch.nn.Module]
     attn_in_norm: torch.Tensor  # before attention
     mlp_in_norm: torch.Tensor  # before the MLP
@@ -144,19 +181,43 @@ class LayerParts:
     mlp_out_norm: torch.Tensor | None = None  # sandwich: on the MLP's output
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+    router: torch.Tensor | None = None  # a MoE layer: [experts, hidden]
+    experts: ExpertWeights | None = None
+    shared_gate: torch.nn.Module | None = None  # hidden -> 1: the shared expert's output times sigmoid(gate(h))
     _layer: Any = None
 
     @property
     def products(self) -> dict[str, list[torch.nn.Module]]:
-        return {"qkv": self.qkv, "o": self.o, "gate_up": self.gate_up, "down": self.down}
+        roles = {"qkv": self.qkv, "o": self.o, "gate_up": self.gate_up, "down": self.down}
+        return {role: modules for role, modules in roles.items() if modules}
 
     def release(self) -> None:
         """Drop the HF modules once a path holds its own copies (their memory can go)."""
         attn, mlp = self._layer.self_attn, self._layer.mlp
-        for holder in (attn, mlp):
-            for name in [n for n, _ in holder.named_children() if n.endswith("_proj")]:
+        for holder in (attn, mlp, getattr(mlp, "shared_expert", None)):
+            for name in [n for n, _ in holder.named_children() if n.endswith("_proj")] if holder is not None else ():
                 delattr(holder, name)
+        if self.experts is not None:
+            delattr(mlp, "experts")
         self.qkv = self.o = self.gate_up = self.down = []
+
+
+@dataclass
+class ExpertWeights:
+    """A MoE layer's experts as HF holds them: every expert's [gate; up] and down stacked."""
+
+    gate_up: torch.Tensor  # [experts, 2 * intermediate, hidden]
+    down: torch.Tensor  # [experts, hidden, intermediate]
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> "ExpertWeights":
+        import torch
+
+        gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3
+                and down.dim() == 3 and gate_up.shape[1] == 2 * down.shape[2]):
+            raise UnsupportedArchitecture(f"experts stored as {type(module).__name__}")
+        return cls(gate_up.detach(), down.detach())
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:
@@ -166,7 +227,7 @@ def _weight(module: torch.nn.Module) -> torch.Tensor:
 def take_layers(model: torch.nn.Module, spec: ModelSpec) -> list[LayerParts]:
     """Every decoder layer's weights by role (the one place that knows the HF names)."""
     out = []
-    for layer in decoder(model).layers:
+    for i, layer in enumerate(decoder(model).layers):
         attn, mlp = layer.self_attn, layer.mlp
         if spec.sandwich:
             norms = dict(attn_in_norm=_weight(layer.input_layernorm), attn_out_norm=_weight(layer.post_attention_layernorm),
@@ -176,9 +237,16 @@ def take_layers(model: torch.nn.Module, spec: ModelSpec) -> list[LayerParts]:
             norms = dict(attn_in_norm=_weight(layer.input_layernorm), mlp_in_norm=_weight(layer.post_attention_layernorm))
         if spec.qk_norm:
             norms.update(q_norm=_weight(attn.q_norm), k_norm=_weight(attn.k_norm))
-        out.append(LayerParts(
-            qkv=[getattr(attn, n) for n in spec.qkv_names], o=[attn.o_proj],
-            gate_up=[getattr(mlp, n) for n in spec.gate_up_names], down=[mlp.down_proj], _layer=layer, **norms))
+        if spec.experts is not None and spec.experts.sparse[i]:
+            shared = getattr(mlp, "shared_expert", None) if spec.experts.shared else None
+            mlp_parts = dict(router=_weight(mlp.gate), experts=ExpertWeights.of(mlp.experts),
+                             gate_up=[shared.gate_proj, shared.up_proj] if shared is not None else [],
+                             down=[shared.down_proj] if shared is not None else [],
+                             shared_gate=mlp.shared_expert_gate if shared is not None else None)
+        else:
+            mlp_parts = dict(gate_up=[getattr(mlp, n) for n in spec.gate_up_names], down=[mlp.down_proj])
+        out.append(LayerParts(qkv=[getattr(attn, n) for n in spec.qkv_names], o=[attn.o_proj], _layer=layer,
+                              **mlp_parts, **norms))
     return out
 
 

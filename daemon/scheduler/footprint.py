@@ -4,7 +4,8 @@ Weights: the per-layer matrix products at the bytes per parameter of their quant
 (bitsandbytes NF4/FP4: 4 bits plus one fp32 absmax per 64 weights, or an 8-bit absmax with
 a second-level fp32 scale per 256 blocks under double quantization; int8: a byte plus an
 fp32 scale per row); embeddings and the LM head stay in the compute dtype (bitsandbytes
-skips them). On the CPU the engine keeps dense weights in fp16 and activations in fp32.
+skips them), as do a mixture of experts' stacked experts. On the CPU the engine keeps dense
+weights in fp16 and activations in fp32.
 KV cache: every slot's full context. Workspace: activations of one prefill chunk, the
 logits, and allocator slack. Batch weights: where the GPU path keeps a bf16 copy of 4-bit
 matrices for batched decoding and prefill, that copy too.
@@ -70,7 +71,7 @@ def estimate(model: ResolvedModel, num_ctx: int, slots: int, device_type: str, p
         weights += shape.linear_params * dense_bytes
     head = shape.embedding_params * dense_bytes
     embed = 0 if shape.tied_embeddings else shape.embedding_params * (act_bytes if not on_gpu else dense_bytes)
-    weights += head + embed + shape.layers * 2 * shape.hidden * act_bytes
+    weights += head + embed + shape.layers * 2 * shape.hidden * act_bytes + shape.expert_params * dense_bytes
     kv = shape.kv_bytes_per_token(act_bytes) * num_ctx * slots
     chunk = min(prefill_chunk, num_ctx)
     workspace = chunk * (4 * shape.hidden + 2 * shape.intermediate + shape.head_dim * (shape.heads + 2 * shape.kv_heads)) * act_bytes

@@ -266,6 +266,8 @@ class FastForward:
         device, dtype = inner.embed_tokens.weight.device, inner.embed_tokens.weight.dtype
         if device.type not in RUNS_ON or dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise UnsupportedArchitecture("the fast path needs a CUDA device and float activations")
+        if spec.experts is not None:
+            raise UnsupportedArchitecture("mixtures of experts have no fast path yet (the reference path runs them)")
         parts = take_layers(model, spec)
         for layer in parts:  # check everything before taking anything over
             kinds = {_kind(m) for group in layer.products.values() for m in group}
