@@ -214,10 +214,10 @@ def _expert_shape(config: dict[str, Any]) -> dict[str, int]:
     experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
     if not experts:
         return {}
-    layers = int(config.get("num_hidden_layers", 0))
-    dense_only = set(config.get("mlp_only_layers") or ())
-    step = int(config.get("decoder_sparse_step") or 1)
-    sparse = sum(1 for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
+    from daemon.engine.spec import sparse_layers
+
+    sparse = sum(sparse_layers(int(config.get("num_hidden_layers", 0)), config.get("mlp_only_layers"),
+                               config.get("decoder_sparse_step")))
     return dict(experts=experts, sparse_layers=sparse,
                 expert_intermediate=int(config.get("moe_intermediate_size") or config.get("intermediate_size", 0)),
                 shared_intermediate=int(config.get("shared_expert_intermediate_size") or 0))

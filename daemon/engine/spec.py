@@ -68,6 +68,13 @@ FAMILIES: dict[str, Family] = {
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
+def sparse_layers(layers: int, mlp_only_layers: list[int] | None, step: int | None) -> tuple[bool, ...]:
+    """Which layers' MLP is a mixture of experts (Qwen-MoE's mlp_only_layers and decoder_sparse_step;
+    every layer where neither is set): the model definition and the memory estimate both read it."""
+    dense_only, step = set(mlp_only_layers or ()), step or 1
+    return tuple(i not in dense_only and (i + 1) % step == 0 for i in range(layers))
+
+
 @dataclass(frozen=True)
 class Experts:
     """A mixture-of-experts MLP, as the family routes it."""
@@ -85,9 +92,7 @@ class Experts:
         top_k = getattr(config, "num_experts_per_tok", 0) or 0
         if not 0 < top_k <= count:
             raise UnsupportedArchitecture(f"{top_k} of {count} experts per token")
-        dense_only = set(getattr(config, "mlp_only_layers", None) or ())
-        step = getattr(config, "decoder_sparse_step", 1) or 1
-        sparse = tuple(i not in dense_only and (i + 1) % step == 0 for i in range(layers))
+        sparse = sparse_layers(layers, getattr(config, "mlp_only_layers", None), getattr(config, "decoder_sparse_step", 1))
         return cls(count=count, top_k=top_k, normalize=bool(getattr(config, "norm_topk_prob", True)),
                    route_in_fp32=family.route_in_fp32, shared=family.shared_expert, sparse=sparse)
 
