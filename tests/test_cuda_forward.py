@@ -216,3 +216,62 @@ def test_each_family_on_the_gpu_matches_the_reference_path(family_dirs, family, 
         eager_kernels = families.our_greedy(FastForward(load(path), num_slots=4, max_ctx=128, graphs=False), n=16,
                                             slot=1)
         assert graphs == eager_kernels
+
+
+def _quantize_dequantize_experts(model):
+    """The model's experts as the fast path stands for them: each expert's matrices through
+    bitsandbytes' NF4 (double quant, blocks of 64) and back, in place."""
+    import bitsandbytes.functional as BF
+
+    for layer in model.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        for stack in (experts.gate_up_proj, experts.down_proj) if experts is not None else ():
+            for matrix in stack.data:
+                packed, state = BF.quantize_4bit(matrix.contiguous(), blocksize=64, quant_type="nf4",
+                                                 compress_statistics=True)
+                matrix.copy_(BF.dequantize_4bit(packed, state))
+
+
+def _decisive(model):
+    """Routers scaled up, as trained ones are decisive: near-tied experts flip on 4-bit noise."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "experts"):
+                layer.mlp.gate.weight.mul_(4)
+    return model
+
+
+@pytest.fixture(scope="module")
+def moe_dirs(tmp_path_factory):
+    import families
+
+    root = tmp_path_factory.mktemp("gpu-moe")
+    return {f: families.build(root / f, f) for f in families.MOE}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "qwen2-moe"])
+def test_4bit_experts_on_the_gpu_match_the_reference_path(moe_dirs, family):
+    """A bitsandbytes NF4 MoE model on the fast path (its experts quantized at take-over, routed
+    GEMVs captured in graphs for decode, by expert for a long prompt) against the reference path
+    on the same weights; then greedy tokens with graphs equal the eager kernels'."""
+    import families
+
+    path = moe_dirs[family]
+    reference = _decisive(load(path, "nf4"))
+    _quantize_dequantize_experts(reference)
+    eager = ReferenceForward(reference, num_slots=4, max_ctx=256)
+    fast = FastForward(_decisive(load(path, "nf4")), num_slots=4, max_ctx=256)
+    assert all(layer.experts.quantized for layer in fast.layers if layer.experts is not None)
+    fast.capture_all()
+    prompts = [families.PROMPT, families.PROMPT[::-1] * 8, [3, 4, 5]]  # the second past 64 rows: by expert
+    slots = [2, 0, 3]
+    for s, p in zip(slots, prompts):
+        assert rel(fast.forward(torch.tensor([p]).cuda(), [s], [0]), eager.forward(torch.tensor([p]).cuda(), [s], [0])) < 3e-2
+    for step in range(12):
+        tokens = torch.tensor([[5 + step], [9 + step], [11 + step]])
+        starts = [len(p) + step for p in prompts]
+        assert rel(fast.forward(tokens, slots, starts), eager.forward(tokens, slots, starts)) < 3e-2
+    graphs = families.our_greedy(fast, n=16, slot=1)
+    eager_kernels = families.our_greedy(FastForward(_decisive(load(path, "nf4")), num_slots=4, max_ctx=256,
+                                                    graphs=False), n=16, slot=1)
+    assert graphs == eager_kernels

@@ -135,10 +135,11 @@ def family_dirs(tmp_path_factory):
     import families
 
     root = tmp_path_factory.mktemp("fast-families")
-    return {f: families.build(root / f, f) for f in families.FAMILIES}
+    return {f: families.build(root / f, f) for f in families.FAMILIES + families.MOE}
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-mm", "phi3", "phi4-mini"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-mm", "phi3", "phi4-mini",
+                                    "mixtral", "qwen3-moe", "qwen2-moe"])
 def test_each_family_on_the_fast_path_decodes_greedy_as_transformers_generate(family_dirs, cpu_fast_path, family):
     """The fast path's kernels (norms with the family's style, q/k norms, partial rotary, windows,
     soft-caps, GELU; a head size of 24 for Phi-3) in the interpreter, in fp32 so that greedy
@@ -206,13 +207,57 @@ def test_padding_rows_leave_an_embedding_in_the_scratch_slot_alone(tiny_dirs, cp
         torch.testing.assert_close(padded.encode(ids), plain.encode(ids), atol=1e-4, rtol=1e-4)
 
 
-def test_a_mixture_of_experts_is_left_to_the_reference_path_by_name(tmp_path, cpu_fast_path):
-    """No fast MoE layer yet: the fast path says so before taking anything over, so the runtime
-    falls back to the reference path with the model intact."""
-    import families
 
-    model = AutoModelForCausalLM.from_pretrained(families.build(tmp_path / "mixtral", "mixtral"),
-                                                 dtype=torch.float32).eval()
-    with pytest.raises(UnsupportedArchitecture, match="mixtures of experts have no fast path yet"):
-        fast.FastForward(model, num_slots=1, max_ctx=32, graphs=False)
-    assert hasattr(model.model.layers[0].mlp, "experts") and hasattr(model.model.layers[0].self_attn, "q_proj")
+def moe_models(path):
+    """A MoE model as bitsandbytes loads it in 4-bit (attention, shared expert and its gate
+    quantized, and the dense MLP of any layer that is not sparse; the stacked experts left in bf16), and the same model on the weights that stands
+    for, its experts quantized and dequantized as the fast path quantizes them (each on its own)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    with torch.no_grad():  # decisive routers, as trained ones are: near-tied experts would flip on bf16 noise
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "experts"):
+                layer.mlp.gate.weight.mul_(4)
+    reference = copy.deepcopy(model)
+    for layer, ref_layer in zip(model.model.layers, reference.model.layers):
+        linears = [(layer.self_attn, ref_layer.self_attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        shared = getattr(layer.mlp, "shared_expert", None)
+        if not hasattr(layer.mlp, "experts"):  # a dense layer between sparse ones (decoder_sparse_step)
+            linears += [(layer.mlp, ref_layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        elif shared is not None:
+            linears += [(shared, ref_layer.mlp.shared_expert, n) for n in ("gate_proj", "up_proj", "down_proj")]
+            linears.append((layer.mlp, ref_layer.mlp, "shared_expert_gate"))
+        for holder, ref_holder, name in linears:
+            quantized, weights = quantize(getattr(holder, name), "nf4")
+            setattr(holder, name, quantized)
+            getattr(ref_holder, name).weight.data.copy_(weights)
+        experts = getattr(ref_layer.mlp, "experts", None)
+        for stack in (experts.gate_up_proj, experts.down_proj) if experts is not None else ():
+            for matrix in stack.data:
+                packed, state = functional.quantize_4bit(matrix.contiguous(), blocksize=64, quant_type="nf4",
+                                                         compress_statistics=True)
+                matrix.copy_(functional.dequantize_4bit(packed, state))
+    return model, reference
+
+
+@pytest.mark.parametrize("routed_rows", [64, 4], ids=["routed GEMVs", "by expert past 4 rows"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "qwen2-moe"])
+def test_4bit_experts_match_pytorch_on_the_same_weights(family_dirs, cpu_fast_path, monkeypatch, family, routed_rows):
+    """The fast path quantizes the experts bitsandbytes left in bf16 and multiplies each token's
+    experts from their 4-bit bytes (decode rows and short passes: the routed GEMVs; long passes:
+    by expert over the dequantized stack), within bf16 tolerance of PyTorch on the weights that
+    stands for; the experts cost 4-bit bytes."""
+    from daemon.engine.cuda import moe
+
+    monkeypatch.setattr(moe, "ROUTED_ROWS", routed_rows)
+    model, reference = moe_models(family_dirs[family])
+    ours = fast.FastForward(model, num_slots=3, max_ctx=64, graphs=False)
+    experts = next(layer.experts for layer in ours.layers if layer.experts is not None)
+    # double-quantized where an expert's blocks fill whole groups of 256 (Mixtral's here, every real shape)
+    assert experts.quantized and experts.gate_up.double == (family == "mixtral")
+    bf16_bytes = experts.count * 3 * experts.intermediate * experts.hidden * 2
+    assert experts.nbytes < bf16_bytes * 0.3
+    ours.capture_all()
+    got, expected = run(ours), run(ReferenceForward(reference, num_slots=3, max_ctx=64))
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    for g, e in zip(got, expected):
+        assert rel(g, e) < 3e-2

@@ -68,6 +68,31 @@ def test_nf4_gemv_activation_epilogue(config, rows, act):
     assert rel(fused, reference * up) < 2e-2
 
 
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[1], CONFIGS[3]], ids=["packed", "split-K", "fp32 weights"])
+@pytest.mark.parametrize("double", [True, False])
+def test_a_routed_gemv_multiplies_each_pair_by_its_expert(config, double):
+    """A MoE layer's experts stacked into one 4-bit matrix (as moe.py quantizes them: whole
+    256-block groups per expert), each (token, expert) pair one output row: the down product
+    (a row per pair) and [gate; up] with its activation (each token's row read by its top k)."""
+    gen = torch.Generator().manual_seed(11)
+    experts, n, k, top_k = 4, 128, 256, 2
+    stacked = _Module(experts * n, k, double, gen)
+    w = G.NF4Weights([stacked])
+    chosen = torch.tensor([[2, 0], [3, 2], [1, 3]], dtype=torch.int32)  # 3 tokens, their top 2
+    x = torch.randn(3 * top_k, k, generator=gen).to(torch.bfloat16)
+    ref = stacked.ref.float().view(experts, n, k)
+    got = G.nf4_matmul(x, w, config=config, routed=G.Routed(chosen.flatten(), n))
+    want = torch.stack([x[p].float() @ ref[e].T for p, e in enumerate(chosen.flatten().tolist())])
+    assert got.shape == (6, n) and rel(got, want) < 1e-2
+    if config[3] > 1:
+        return  # the activation epilogue needs whole sums in one program
+    tokens = x[:3]
+    gated = G.nf4_matmul(tokens, w, config=config, act="silu", routed=G.Routed(chosen.flatten(), n, per_x=top_k))
+    both = torch.stack([tokens[p // top_k].float() @ ref[e].T for p, e in enumerate(chosen.flatten().tolist())])
+    assert gated.shape == (6, n // 2)
+    assert rel(gated, torch.nn.functional.silu(both[:, :n // 2]) * both[:, n // 2:]) < 2e-2
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_nf4_dequantize_is_bitsandbytes_bit_for_bit(quant_type):
     gen = torch.Generator().manual_seed(3)

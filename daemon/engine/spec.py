@@ -205,6 +205,7 @@ class LayerParts:
         if self.experts is not None:
             delattr(mlp, "experts")
         self.qkv = self.o = self.gate_up = self.down = []
+        self.experts = None  # a MoE model's bf16 experts go layer by layer, as each is quantized
 
 
 @dataclass

@@ -38,6 +38,7 @@ from daemon.engine.attention import PromptSegments
 from daemon.engine.cuda import batched as B
 from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
+from daemon.engine.cuda.moe import RoutedExperts
 from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
 from daemon.engine.spec import rotary_tables, softcap, take_layers
 
@@ -72,6 +73,19 @@ def _is_int8(module: torch.nn.Module) -> bool:
 
 def _dense(module: torch.nn.Module) -> bool:
     return type(module) is torch.nn.Linear and module.weight.is_floating_point()
+
+
+def _dense_weight(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A small layer's weight in `dtype`, dequantized where bitsandbytes quantized it (Qwen2-MoE's
+    one-row shared-expert gate: one F.linear, no bitsandbytes call in a captured graph)."""
+    weight = module.weight
+    if _is_4bit(module):
+        import bitsandbytes.functional as BF
+
+        return BF.dequantize_4bit(weight.data, weight.quant_state).to(dtype).view(weight.quant_state.shape)
+    if _is_int8(module):
+        return (weight.float() * (weight.SCB.float()[:, None] / 127)).to(dtype)
+    return weight.detach().to(dtype)
 
 
 def _kind(module: torch.nn.Module) -> str | None:
@@ -204,9 +218,10 @@ class _Outputs:
 
 
 class _Layer:
-    """One decoder layer as the kernels read it: fused products and the norm weights by role."""
+    """One decoder layer as the kernels read it: fused products and the norm weights by role;
+    a MoE layer's router and experts (moe.py), and its shared expert as gate_up / down."""
 
-    def __init__(self, parts: LayerParts, dtype: torch.dtype, batch_weights: bool) -> None:
+    def __init__(self, parts: LayerParts, spec: ModelSpec, dtype: torch.dtype, batch_weights: bool) -> None:
         def norm(weight: torch.Tensor | None) -> torch.Tensor | None:
             return None if weight is None else weight.to(dtype).contiguous()
 
@@ -216,13 +231,19 @@ class _Layer:
         products = parts.products
         self.qkv = Linear(products["qkv"], dtype, batch_weights)
         self.o = Linear(products["o"], dtype, batch_weights)
-        self.gate_up = Linear(products["gate_up"], dtype, batch_weights)
-        self.down = Linear(products["down"], dtype, batch_weights)
+        self.gate_up = Linear(products["gate_up"], dtype, batch_weights) if "gate_up" in products else None
+        self.down = Linear(products["down"], dtype, batch_weights) if "down" in products else None
+        self.experts: RoutedExperts | None = None
+        self.shared_gate = None if parts.shared_gate is None else _dense_weight(parts.shared_gate, dtype)
+        if parts.experts is not None:  # 4-bit where the layer's products are (bitsandbytes left them dense)
+            states = [m.weight.quant_state for group in products.values() for m in group if _is_4bit(m)]
+            quantization = (states[0].quant_type, states[0].state2 is not None) if states else None
+            self.experts = RoutedExperts(parts.router, parts.experts, spec.experts, dtype, quantization)
         parts.release()  # the fused copies replace the originals
 
     @property
     def products(self) -> tuple[Linear, ...]:
-        return self.qkv, self.o, self.gate_up, self.down
+        return tuple(p for p in (self.qkv, self.o, self.gate_up, self.down) if p is not None)
 
 
 class _Graph:
@@ -266,8 +287,6 @@ class FastForward:
         device, dtype = inner.embed_tokens.weight.device, inner.embed_tokens.weight.dtype
         if device.type not in RUNS_ON or dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise UnsupportedArchitecture("the fast path needs a CUDA device and float activations")
-        if spec.experts is not None:
-            raise UnsupportedArchitecture("mixtures of experts have no fast path yet (the reference path runs them)")
         parts = take_layers(model, spec)
         for layer in parts:  # check everything before taking anything over
             kinds = {_kind(m) for group in layer.products.values() for m in group}
@@ -297,7 +316,7 @@ class FastForward:
         self.rope_in_gemv = (not spec.qk_norm and rotary_dim == spec.head_dim
                              and triton.next_power_of_2(spec.head_dim) == spec.head_dim)
 
-        self.layers = [_Layer(layer, dtype, batch_weights) for layer in parts]
+        self.layers = [_Layer(layer, spec, dtype, batch_weights) for layer in parts]
         self.lm_head = Linear([model.lm_head], dtype)
         self.embed = inner.embed_tokens.weight.detach()
         self.embed_scale = embed_scale_tensor(spec, dtype, device)
@@ -306,6 +325,9 @@ class FastForward:
                        if lin.quantized and lin.batch_weight is None]
         largest = max((lin.n * lin.k for lin in dequantized), default=0)
         self.scratch = torch.empty(largest, dtype=dtype, device=device) if largest else None
+        # long passes over 4-bit experts dequantize a layer's stacked experts (moe.py)
+        experts = max((layer.experts.scratch_elements for layer in self.layers if layer.experts), default=0)
+        self.expert_scratch = torch.empty(experts, dtype=dtype, device=device) if experts else None
         # one extra slot: padded rows of a graph bucket write there, never into a sequence's cache
         shape = (num_slots + 1, self.num_kv_heads, max_ctx, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
@@ -324,6 +346,7 @@ class FastForward:
     @property
     def weights_bytes(self) -> int:
         dense = sum(lin.nbytes for layer in self.layers for lin in layer.products)
+        dense += sum(layer.experts.nbytes for layer in self.layers if layer.experts is not None)
         return dense + self.lm_head.nbytes + self.embed.numel() * self.embed.element_size()
 
     # ---- the decoder, any number of rows --------------------------------------------------
@@ -341,6 +364,15 @@ class FastForward:
                              dtype=self.dtype)
 
     def _mlp(self, layer: _Layer, h: torch.Tensor, outputs: "_Outputs | None" = None) -> torch.Tensor:
+        if layer.experts is None:
+            return self._dense_mlp(layer, h, outputs)
+        out = layer.experts(h, self.spec.activation, self.expert_scratch)
+        if layer.gate_up is not None:  # the shared expert, scaled by sigmoid(its gate)
+            shared = self._dense_mlp(layer, h, outputs).float()
+            out = out + torch.sigmoid(F.linear(h, layer.shared_gate).float()) * shared
+        return out
+
+    def _dense_mlp(self, layer: _Layer, h: torch.Tensor, outputs: "_Outputs | None" = None) -> torch.Tensor:
         rows, act = h.shape[0], self.spec.activation
         if layer.gate_up.fuses_act(rows):  # one launch fewer per layer
             gated = layer.gate_up.quantized.matmul(h, act=act)

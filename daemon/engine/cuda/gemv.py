@@ -211,11 +211,12 @@ def _block_absmax(code2_ptr, raw, scale, shift, DOUBLE: tl.constexpr):
 @triton.jit
 def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr, out_ptr, offset_ptr, tables_ptr,
                      N, K, K_SPLIT, stride_xm, stride_om,
-                     cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX,
+                     cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, H, KV, CTX, expert_ptr,
                      M: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                      EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, X_VEC: tl.constexpr,
                      PACKED: tl.constexpr, PREFETCH: tl.constexpr, SILU: tl.constexpr, GELU: tl.constexpr,
-                     ROPE: tl.constexpr, HEAD_D: tl.constexpr, PDL: tl.constexpr):
+                     ROPE: tl.constexpr, HEAD_D: tl.constexpr, PDL: tl.constexpr, ROUTED: tl.constexpr = False,
+                     PAIRS_PER_X: tl.constexpr = 1):
     """Decode-size products (M <= 4 rows). Weights are read as int32 words (8 nibbles) and
     decoded in registers; absmax applies per 64 weights; a program covers BLOCK_N outputs
     over K_SPLIT inputs, and split programs add their sums atomically into an fp32 output.
@@ -225,7 +226,10 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
     - ROPE: W is [q; k; v] (H, KV, KV heads of HEAD_D), a program takes BLOCK_N / 2 dims of
       one head and the ones half a head further (RoPE's pairs), and does what the RoPE kernel
       does: rotated q into out [M, H, HEAD_D], rotated k and v into the caches at each row's
-      slot and position."""
+      slot and position.
+    ROUTED (a MoE layer's experts, M = 1): W stacks the experts' matrices of N rows each, and
+    program axis 2 is one (token, expert) pair: x's row pair // PAIRS_PER_X times the rows of
+    expert expert_ptr[pair], into out's row `pair`."""
     if PDL:  # the next kernel may launch (it waits for this one's results)
         tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
@@ -244,6 +248,13 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
     t6 = tl.load(tables + 6)
     t7 = tl.load(tables + 7)
     rows, row_ok, head, first = _gemv_rows(pid_n, N, BLOCK_N, SILU, ROPE, HEAD_D)
+    if ROUTED:
+        pair = tl.program_id(2)
+        x_ptr += (pair // PAIRS_PER_X) * stride_xm
+        out_ptr += pair * stride_om
+        w_rows = rows + tl.load(expert_ptr + pair) * N
+    else:
+        w_rows = rows
     x_at = (tl.arange(0, GROUPS) * 64)[:, None] + (tl.arange(0, 8) * 8)[None, :]
     x32 = x_ptr.to(tl.pointer_type(tl.int32))
     k_begin = pid_k * K_SPLIT
@@ -254,16 +265,16 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr,
     step: tl.constexpr = GROUPS * 64
     k_last = k_begin + K_SPLIT - step
     if PREFETCH:  # the next block's loads are in flight while this one is decoded
-        words, raw, scale, shift = _load_block(w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, rows, row_ok, K,
+        words, raw, scale, shift = _load_block(w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, w_rows, row_ok, K,
                                                k_begin, DOUBLE, EVEN_N, GROUPS)
     # no software pipelining by Triton: staging the loads through shared memory (cp.async) measured
     # no faster on an H200 than the register prefetch
     for k0 in tl.range(k_begin, k_begin + K_SPLIT, step, num_stages=1):
         if PREFETCH:
-            n_words, n_raw, n_scale, n_shift = _load_block(w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, rows, row_ok,
+            n_words, n_raw, n_scale, n_shift = _load_block(w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, w_rows, row_ok,
                                                            K, tl.minimum(k0 + step, k_last), DOUBLE, EVEN_N, GROUPS)
         else:
-            words, raw, scale, shift = _load_block(w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, rows, row_ok, K, k0,
+            words, raw, scale, shift = _load_block(w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, w_rows, row_ok, K, k0,
                                                    DOUBLE, EVEN_N, GROUPS)
         am = _block_absmax(code2_ptr, raw, scale, shift, DOUBLE)
         if PACKED:
@@ -485,10 +496,11 @@ class NF4Weights:
     def dequantize(self, out: torch.Tensor) -> torch.Tensor:
         return nf4_dequantize(self, out)
 
-    def gemv_setting(self, rows: int) -> tuple[int, int]:
-        """(BLOCK_N, split-K) of the GEMV for this many rows. An epilogue needs split-K 1 (the
-        sums final in one program), RoPE's also a BLOCK_N that divides the head size."""
-        config = _config("gemv", self.n, self.k, rows, GEMV_DEFAULT)
+    def gemv_setting(self, rows: int, n: int | None = None) -> tuple[int, int]:
+        """(BLOCK_N, split-K) of the GEMV for this many rows (of outputs `n`: a routed product's
+        rows per expert). An epilogue needs split-K 1 (the sums final in one program), RoPE's
+        also a BLOCK_N that divides the head size."""
+        config = _config("gemv", n or self.n, self.k, rows, GEMV_DEFAULT)
         return config[0], _gemv_split(config[3], self.k, 64)
 
     @property
@@ -569,41 +581,63 @@ class Rotary:
     head_dim: int
 
 
+@dataclass(frozen=True)
+class Routed:
+    """A MoE layer's routed product: W stacks the experts' matrices of `rows` rows each, and
+    output row p is x's row p // per_x times expert experts[p]'s rows (per_x: the top k, for the
+    product that every pair of a token reads the token's row of; 1 for one row per pair)."""
+
+    experts: torch.Tensor  # [pairs] int32, on the device
+    rows: int
+    per_x: int = 1
+
+
 def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
-               config: tuple | None = None, act: str | None = None, rope: Rotary | None = None) -> torch.Tensor:
+               config: tuple | None = None, act: str | None = None, rope: Rotary | None = None,
+               routed: Routed | None = None) -> torch.Tensor:
     """x [M, K] @ dequant(W [N, K])^T (+ bias) -> [M, N]. Up to 4 rows (decoding), the result
     is fp32 (the consumers are Triton kernels that read any float); more rows: x's dtype.
     Epilogues, for 1-4 rows and a setting without split-K: act "silu" or "gelu_tanh" (W is
     [gate; up]): act(gate) * up [M, N / 2] in x's dtype; rope (W is [q; k; v]): what rope_kv does with the product,
-    returning rotated q [M, H, D] in the caches' dtype."""
+    returning rotated q [M, H, D] in the caches' dtype. `routed`: one GEMV row per (token,
+    expert) pair, any number of pairs, [pairs, rows] (act: [pairs, rows / 2])."""
     m, n, k = x.shape[0], w.n, w.k
     dummy = w.absmax
     common = (w.packed, w.absmax, w.absmax2 if w.double else dummy, w.code2 if w.double else dummy,
               w.bias if w.bias is not None else dummy)
+    pairs = 1
+    if routed is not None:
+        if w.bias is not None or rope is not None or m * routed.per_x != routed.experts.numel():
+            raise ValueError("a routed product takes one row per top_k pairs, no bias, no RoPE")
+        m, n, pairs = 1, routed.rows, routed.experts.numel()
     if m <= 4:
         block_n, block_k, warps, split, x_vec, packed, *more = config or _config("gemv", n, k, m, GEMV_DEFAULT)
         prefetch = bool(more and more[0])
         packed = packed and x.dtype == torch.bfloat16 and x.stride(0) % 2 == 0
-        x_vec = x_vec and x.data_ptr() % 16 == 0 and (m == 1 or x.stride(0) % 8 == 0)  # 16-byte loads of x
+        whole_rows = m == 1 and routed is None or x.stride(0) % 8 == 0
+        x_vec = x_vec and x.data_ptr() % 16 == 0 and whole_rows  # 16-byte loads of x
         split = _gemv_split(split, k, 64)
         block_k = _fit_block_k(block_k, k // split, 64)
-        out, target = _gemv_output(x, n, split, block_n, out, act is not None, rope, dummy)
-        _nf4_gemv_kernel[(triton.cdiv(n, block_n), split)](
+        out, target = _gemv_output(x, n, split, block_n, out, act is not None, rope, dummy,
+                                   rows=pairs if routed is not None else None)
+        _nf4_gemv_kernel[(triton.cdiv(n, block_n), split, pairs)](
             x, *common, out, w.offset if w.double else dummy, w.tables,
-            n, k, k // split, x.stride(0), out.stride(0), *target, M=m, DOUBLE=w.double,
+            n, k, k // split, x.stride(0), out.stride(0), *target,
+            routed.experts if routed is not None else dummy, M=m, DOUBLE=w.double,
             HAS_BIAS=w.bias is not None, ATOMIC=split > 1, EVEN_N=n % block_n == 0, BLOCK_N=block_n,
             GROUPS=block_k // 64, X_VEC=x_vec, PACKED=packed, PREFETCH=prefetch, SILU=act is not None,
             GELU=act == "gelu_tanh", ROPE=rope is not None,
-            HEAD_D=rope.head_dim if rope else block_n, PDL=pdl_available(x.device) and GEMV_TRIGGERS_NEXT, num_warps=warps)
+            HEAD_D=rope.head_dim if rope else block_n, PDL=pdl_available(x.device) and GEMV_TRIGGERS_NEXT,
+            ROUTED=routed is not None, PAIRS_PER_X=routed.per_x if routed is not None else 1, num_warps=warps)
         return out
     return _dequantized_matmul(x, w, out, act is not None, rope)
 
 
 def _gemv_output(x: torch.Tensor, n: int, split: int, block_n: int, out: torch.Tensor | None, silu: bool,
-                 rope: Rotary | None, dummy: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+                 rope: Rotary | None, dummy: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, tuple]:
     """A GEMV's output (fp32 [M, N], zeroed for split-K; or what its epilogue makes) and the
     RoPE arguments (dummies without it), after checking that the epilogue can run."""
-    m = x.shape[0]
+    m = x.shape[0] if rows is None else rows
     if (silu or rope) and split > 1:
         raise ValueError("an epilogue in the GEMV needs a setting without split-K")
     if silu and n % 2:

@@ -1,0 +1,161 @@
+"""A mixture-of-experts layer on the fast path (engine/spec.py's Experts).
+
+bitsandbytes quantizes nn.Linear layers only, so transformers leaves a MoE checkpoint's stacked
+experts ([experts, 2 * intermediate, hidden] and [experts, hidden, intermediate]) in the compute
+dtype. Where the model's other products are 4-bit, the experts are quantized here, each expert's
+matrix on its own as bitsandbytes quantizes a Linear4bit (its quant type, double quantization,
+blocks of 64), and the experts of a layer stacked into one NF4Weights: a 30B model with 3B active
+parameters then costs 4-bit memory and reads only its tokens' experts' 4-bit bytes.
+
+Decode steps (and passes up to `ROUTED_ROWS` rows) run graph-capturable, without a loop over
+experts or a host sync: the router's softmax and top k on the GPU (engine/forward.route, which
+the reference path uses too), then one GEMV launch for every (token, expert) pair's [gate; up]
+with the activation in its epilogue, and one for the down products (gemv.Routed), summed by
+the routing weights. Dense experts (a bf16 model) gather each pair's matrices and multiply them
+in one batched product. Longer passes (prompts) sort the pairs by expert and run one GEMM per
+expert hit over its tokens, on the experts dequantized into a scratch buffer.
+
+Batches read an expert once per pair that picked it (the L2 cache absorbs part of that); reading
+each expert once per step (vLLM's fused_moe sorts pairs into expert tiles) is left to do.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from daemon.engine.cuda import gemv as G
+from daemon.engine.cuda import kernels as K
+from daemon.engine.forward import route
+from daemon.engine.spec import Experts, ExpertWeights
+
+# Passes of up to this many rows take the routed GEMVs (decode steps, short prompt passes):
+# rows x top_k programs, each reading one expert's rows. Longer ones sort by expert.
+ROUTED_ROWS = 64
+
+
+def _quantized(stack: torch.Tensor, quant_type: str, double: bool) -> G.NF4Weights:
+    """Every expert's matrix [experts, n, k] quantized as its own bitsandbytes 4-bit weight, then
+    fused (NF4Weights keeps each one's double-quantization offset)."""
+    import bitsandbytes.functional as BF
+
+    modules = []
+    for matrix in stack:
+        packed, state = BF.quantize_4bit(matrix.contiguous(), blocksize=64, quant_type=quant_type,
+                                         compress_statistics=double)
+        modules.append(SimpleNamespace(weight=SimpleNamespace(data=packed, quant_state=state), bias=None))
+    return G.NF4Weights(modules)
+
+
+class RoutedExperts:
+    """One MoE layer's router and experts as the kernels read them."""
+
+    def __init__(self, router: torch.Tensor, experts: ExpertWeights, spec: Experts, dtype: torch.dtype,
+                 quantization: tuple[str, bool] | None) -> None:
+        """`quantization`: (bitsandbytes quant type, double quantization) to quantize the
+        experts to, or None to keep them in `dtype`."""
+        self.spec = spec
+        self.router = router.to(dtype).contiguous()
+        self.count, two_i, self.hidden = experts.gate_up.shape
+        self.intermediate = two_i // 2
+        self.dtype = dtype
+        self.gate_up: G.NF4Weights | torch.Tensor
+        self.down: G.NF4Weights | torch.Tensor
+        if quantization is not None:
+            quant_type, double = quantization
+            self.gate_up = _quantized(experts.gate_up.to(dtype), quant_type, double)
+            self.down = _quantized(experts.down.to(dtype), quant_type, double)
+        else:
+            self.gate_up = experts.gate_up.to(dtype).contiguous()
+            self.down = experts.down.to(dtype).contiguous()
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.gate_up, G.NF4Weights)
+
+    @property
+    def nbytes(self) -> int:
+        if self.quantized:
+            experts = self.gate_up.nbytes + self.down.nbytes
+        else:
+            experts = sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
+        return experts + self.router.numel() * self.router.element_size()
+
+    @property
+    def scratch_elements(self) -> int:
+        """What a long pass dequantizes the 4-bit experts into: the larger stack."""
+        return max(self.gate_up.n * self.gate_up.k, self.down.n * self.down.k) if self.quantized else 0
+
+    def __call__(self, h: torch.Tensor, activation: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """The experts' sum for rows h [rows, hidden], weighted by the router: [rows, hidden] fp32."""
+        weights, chosen = route(h, self.router, self.spec)
+        rows, top_k = chosen.shape
+        if rows > ROUTED_ROWS:
+            y = self._by_expert(h, chosen, activation, scratch)
+        elif self.quantized:
+            y = self._routed(h, chosen.flatten().to(torch.int32), activation)
+        else:
+            y = self._gathered(h, chosen.flatten(), activation)
+        return (y.view(rows, top_k, self.hidden).float() * weights.float()[..., None]).sum(dim=1)
+
+    def _routed(self, h: torch.Tensor, pairs: torch.Tensor, activation: str) -> torch.Tensor:
+        """4-bit experts, every (token, expert) pair one GEMV row: [pairs, hidden] fp32."""
+        top_k = self.spec.top_k
+        gate_up = G.Routed(pairs, 2 * self.intermediate, per_x=top_k)
+        if self.gate_up.gemv_setting(1, 2 * self.intermediate)[1] == 1:  # no split-K: the activation in the epilogue
+            gated = self.gate_up.matmul(h, act=activation, routed=gate_up)
+        else:
+            gated = K.gated_act(self.gate_up.matmul(h, routed=gate_up), self.dtype,
+                                gelu=activation == "gelu_tanh")
+        return self.down.matmul(gated, routed=G.Routed(pairs, self.hidden))
+
+    def _gathered(self, h: torch.Tensor, chosen: torch.Tensor, activation: str) -> torch.Tensor:
+        """Dense experts: each pair's matrices gathered, one batched product each."""
+        x = h.repeat_interleave(self.spec.top_k, dim=0)[:, None]  # [pairs, 1, hidden]
+        gate_up = torch.bmm(x, self.gate_up[chosen].transpose(1, 2))[:, 0]
+        gated = _act(gate_up, activation)
+        return torch.bmm(gated[:, None], self.down[chosen].transpose(1, 2))[:, 0]
+
+    def _by_expert(self, h: torch.Tensor, chosen: torch.Tensor, activation: str,
+                   scratch: torch.Tensor | None) -> torch.Tensor:
+        """Long passes: the pairs sorted by expert, one GEMM per expert hit over its tokens (one
+        host sync a layer: prompt passes are not captured)."""
+        top_k = self.spec.top_k
+        flat = chosen.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.count).tolist()
+        tokens = order // top_k
+        gated = torch.empty(flat.numel(), self.intermediate, dtype=self.dtype, device=h.device)
+        gate_up = self._dense(self.gate_up, scratch, 2 * self.intermediate, self.hidden)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                span = slice(start, start + count)
+                gated[order[span]] = _act(F.linear(h[tokens[span]], gate_up[expert]), activation)
+                start += count
+        down = self._dense(self.down, scratch, self.hidden, self.intermediate)
+        y = torch.empty(flat.numel(), self.hidden, dtype=self.dtype, device=h.device)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                pick = order[start:start + count]
+                y[pick] = F.linear(gated[pick], down[expert])
+                start += count
+        return y
+
+    def _dense(self, stack: G.NF4Weights | torch.Tensor, scratch: torch.Tensor | None, n: int,
+               k: int) -> torch.Tensor:
+        """[experts, n, k] in the compute dtype: the dense stack, or the 4-bit one dequantized."""
+        if not isinstance(stack, G.NF4Weights):
+            return stack
+        if scratch is None or scratch.numel() < stack.n * stack.k:
+            scratch = torch.empty(stack.n * stack.k, dtype=self.dtype, device=stack.packed.device)
+        return stack.dequantize(scratch[:stack.n * stack.k]).view(self.count, n, k)
+
+
+def _act(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    half = gate_up.shape[-1] // 2
+    gate = F.silu(gate_up[:, :half]) if activation == "silu" else F.gelu(gate_up[:, :half], approximate="tanh")
+    return gate * gate_up[:, half:]
