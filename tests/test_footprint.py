@@ -73,11 +73,16 @@ def _shape_of(config: dict, tmp_path) -> ModelShape:
 def test_a_mixture_of_experts_counts_every_expert(config, norms, total, tmp_path):
     shape = _shape_of(config, tmp_path)
     assert shape.linear_params + shape.expert_params + 2 * shape.embedding_params + norms == total
-    # bitsandbytes quantizes the attention, not the stacked experts: they stay in bf16
+    # bitsandbytes quantizes the attention; the fast path the experts (on a GPU); the CPU keeps them in fp16
     model = FakeModel(FakeMetadata(shape), FakeModelfile(Quantization("nf4", True, "bfloat16")))
-    weights = estimate(model, num_ctx=4096, slots=1, device_type="cuda").weights
-    assert weights == pytest.approx(shape.expert_params * 2 + 2 * shape.embedding_params * 2
-                                    + shape.linear_params * NF4_DOUBLE_QUANT_BYTES, rel=0.01)
+    gpu = estimate(model, num_ctx=4096, slots=1, device_type="cuda")
+    assert gpu.weights == pytest.approx(2 * shape.embedding_params * 2
+                                        + (shape.linear_params + shape.expert_params) * NF4_DOUBLE_QUANT_BYTES, rel=0.01)
+    # a long prompt's pass dequantizes one layer's experts
+    assert gpu.workspace > shape.expert_params / shape.sparse_layers * 2
+    cpu = estimate(model, num_ctx=4096, slots=1, device_type="cpu").weights
+    assert cpu == pytest.approx((shape.linear_params + shape.expert_params + shape.embedding_params) * 2
+                                + shape.embedding_params * 4, rel=0.01)
 
 
 def test_gpu_nf4_total_for_8b():

@@ -4,7 +4,10 @@ Weights: the per-layer matrix products at the bytes per parameter of their quant
 (bitsandbytes NF4/FP4: 4 bits plus one fp32 absmax per 64 weights, or an 8-bit absmax with
 a second-level fp32 scale per 256 blocks under double quantization; int8: a byte plus an
 fp32 scale per row); embeddings and the LM head stay in the compute dtype (bitsandbytes
-skips them), as do a mixture of experts' stacked experts. On the CPU the engine keeps dense
+skips them), as does a mixture of experts' router. bitsandbytes leaves stacked experts dense
+too; on a GPU the fast path quantizes them to the model's 4-bit type when it takes the model
+over (engine/cuda/moe.py), so they count at 4-bit bytes there, and a long prompt's pass
+dequantizes one layer's experts into a scratch buffer. On the CPU the engine keeps dense
 weights in fp16 and activations in fp32.
 KV cache: every slot's full context. Workspace: activations of one prefill chunk, the
 logits, and allocator slack. Batch weights: where the GPU path keeps a bf16 copy of 4-bit
@@ -71,7 +74,11 @@ def estimate(model: ResolvedModel, num_ctx: int, slots: int, device_type: str, p
         weights += shape.linear_params * dense_bytes
     head = shape.embedding_params * dense_bytes
     embed = 0 if shape.tied_embeddings else shape.embedding_params * (act_bytes if not on_gpu else dense_bytes)
-    weights += head + embed + shape.layers * 2 * shape.hidden * act_bytes + shape.expert_params * dense_bytes
+    weights += head + embed + shape.layers * 2 * shape.hidden * act_bytes
+    routers = shape.sparse_layers * shape.experts * shape.hidden
+    experts_quantized = on_gpu and mode in ("nf4", "fp4")
+    expert_bytes = (NF4_DOUBLE_QUANT_BYTES if double else NF4_BYTES) if experts_quantized else dense_bytes
+    weights += int((shape.expert_params - routers) * expert_bytes) + routers * dense_bytes
     kv = shape.kv_bytes_per_token(act_bytes) * num_ctx * slots
     chunk = min(prefill_chunk, num_ctx)
     workspace = chunk * (4 * shape.hidden + 2 * shape.intermediate + shape.head_dim * (shape.heads + 2 * shape.kv_heads)) * act_bytes
@@ -79,4 +86,6 @@ def estimate(model: ResolvedModel, num_ctx: int, slots: int, device_type: str, p
     if on_gpu and mode != "none" and not (batch_weights and mode in ("nf4", "fp4")):
         # prompts and batches multiply quantized matrices dequantized into one scratch buffer
         workspace += shape.largest_product_params * dense_bytes
+    if experts_quantized and shape.sparse_layers:
+        workspace += (shape.expert_params - routers) // shape.sparse_layers * dense_bytes
     return Footprint(weights=weights, kv_cache=kv, workspace=workspace)
