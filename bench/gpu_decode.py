@@ -211,16 +211,16 @@ def main() -> None:
             shutil.rmtree(checkpoint, ignore_errors=True)
             shutil.rmtree(root / "store" / "derived", ignore_errors=True)
     print(f"\nrandom weights, prompt 128, {args.tokens} new tokens, greedy, batch 1, {torch.cuda.get_device_name()}")
-    print(f"{'shape':<11}{'variant':<8}{'path':<13}{'tok/s':>8}{'generate()':>11}{'ratio':>7}{'TTFT128':>9}"
-          f"{'TTFT1024':>10}{'peak GiB':>9}{'load 1st':>9}{'load 2nd':>9}{'GB/tok':>7}{'% BW':>6}{'scaled':>8}{'vs':>6}")
+    print(f"{'shape':<14}{'variant':<8}{'path':<13}{'tok/s':>8}{'generate()':>11}{'ratio':>7}{'TTFT128':>9}"
+          f"{'TTFT1024':>10}{'peak GiB':>9}{'load 1st':>9}{'load 2nd':>9}{'GB/tok':>7}{'% BW':>6}{'scaled':>8}{'vs':>6}{'x llama':>8}")
     llama = {r["variant"]: r for r in rows if r["shape"] == "llama3-8b"}
     for r in rows:
         ref = llama.get(r["variant"])
         scaled = ref["rate"] * ref["bytes"] / r["bytes"] if ref else float("nan")
-        print(f"{r['shape']:<11}{r['variant']:<8}{r['path']:<13}{r['rate']:>8.1f}{r['base']:>11.1f}"
+        print(f"{r['shape']:<14}{r['variant']:<8}{r['path']:<13}{r['rate']:>8.1f}{r['base']:>11.1f}"
               f"{r['rate'] / r['base']:>6.1f}x{r['ttft128']:>8.0f}ms{r['ttft1024']:>8.0f}ms{r['peak']:>9.1f}"
               f"{r['first_load']:>8.1f}s{r['second_load']:>8.1f}s{r['bytes'] / 1e9:>7.2f}{r['pct']:>5.0f}%"
-              f"{scaled:>8.1f}{100 * r['rate'] / scaled:>5.0f}%")
+              f"{scaled:>8.1f}{100 * r['rate'] / scaled:>5.0f}%{r['rate'] / ref['rate'] if ref else float('nan'):>7.2f}x")
     for v, full, rates in ablated:
         print(f"{v}: {full:.1f} tok/s with every fusion; " + ", ".join(f"{name} {r:.1f}" for name, r in rates))
 
@@ -252,6 +252,10 @@ def bench_variant(catalog, derived, shape: str, variant: str, args, bandwidth: f
         print(f"{variant}: {numbers['rate']:.1f} tok/s with every fusion; each off alone:", flush=True)
         ablated.append((variant, numbers["rate"], ablated_rates(forward, loaded.tokenizer, args.ablate, args.tokens)))
     per_token = forward.weights_bytes - forward.embed.numel() * forward.embed.element_size()
+    for layer in getattr(forward, "layers", ()):  # a token reads top_k of a MoE layer's experts
+        experts = getattr(layer, "experts", None)
+        if experts is not None:
+            per_token -= int(experts.nbytes * (1 - experts.spec.top_k / experts.count))
     row = dict(shape=shape, variant=variant, path=forward.path, rate=numbers["rate"], base=base,
                ttft128=numbers["ttft128"], ttft1024=numbers["ttft1024"], peak=peak, first_load=first_load,
                second_load=second_load, bytes=per_token, pct=100 * numbers["rate"] / (bandwidth / per_token))
