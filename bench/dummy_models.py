@@ -138,6 +138,8 @@ def write_checkpoint(out: Path, layers: int | None = None, shape: str = "llama3-
     fields = {k: v for k, v in SHAPES[shape].items() if k not in ("architectures", "model_type", "torch_dtype")}
     if layers:
         fields["num_hidden_layers"] = layers
+        if "layer_types" in fields:
+            fields["layer_types"] = fields["layer_types"][:layers]
     config = AutoConfig.for_model(SHAPES[shape]["model_type"], **fields)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
