@@ -124,6 +124,7 @@ def _write_without_experts(model, out: Path) -> None:
         flush()
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
     model.config.torch_dtype = "bfloat16"
+    model.config.architectures = [type(model).__name__]  # save_pretrained would set it: the daemon reads it
     model.config.save_pretrained(out)
 
 

@@ -10,7 +10,9 @@ Gemma 3's 5:1 local/global layers with their two rotary bases and linear scaling
 fused projections (with a head size that is not a power of two) and Phi-4-mini's partial
 rotary, Mistral v0.1's sliding window; the mixtures of experts' routers (Mixtral's renormalized
 top 2 in fp32, Qwen3-MoE's renormalized top k cast to the compute dtype, Qwen2-MoE's
-unnormalized weights and shared expert behind a sigmoid gate). Windows are scaled down with everything else, so the
+unnormalized weights and shared expert behind a sigmoid gate; gpt-oss's biased router softmaxing
+its top k, interleaved biased experts with a clamped SwiGLU, attention sinks, yarn RoPE and
+alternating windows). Windows are scaled down with everything else, so the
 tests' prompts run past them.
 """
 
@@ -83,7 +85,7 @@ def configs(vocab: int, tok) -> dict[str, object]:
 
 def moe_configs(vocab: int, tok) -> dict[str, object]:
     """Mixtures of experts (engine/spec.py's Experts), scaled down like the rest."""
-    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import GptOssConfig, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     c = _common(vocab, tok)
     return {
@@ -107,6 +109,19 @@ def moe_configs(vocab: int, tok) -> dict[str, object]:
                                     num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
                                     norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1],
                                     use_sliding_window=False, rms_norm_eps=1e-6, tie_word_embeddings=False, **c),
+        # gpt-oss-20b: 32 experts (here 8), top 4 (here 2) of a biased router, softmaxed after the
+        # top k; experts as wide as the model (2,880), interleaved gate / up with biases, SwiGLU
+        # clamped at 7; attention sinks, q/k/v/o biases, GQA 8:1 (here 2:1), head_dim 64 (here
+        # 16), sliding (128, here 8) and full layers alternating, yarn RoPE (factor 32 over 4,096);
+        # the clamp scaled down with the activations (here about 0.6 across), so that it bites
+        "gpt-oss": GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+                                sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+                                rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                                 "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                 "original_max_position_embeddings": 16},
+                                swiglu_limit=0.5, attention_bias=True, rms_norm_eps=1e-5,
+                                tie_word_embeddings=False, **c),
     }
 
 
@@ -139,7 +154,7 @@ def generic_configs(vocab: int, tok) -> dict[str, object]:
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-mm", "phi3", "phi4-mini")
 GENERIC = ("gpt2", "opt", "falcon")
-MOE = ("mixtral", "qwen3-moe", "qwen2-moe")
+MOE = ("mixtral", "qwen3-moe", "qwen2-moe", "gpt-oss")
 
 
 def build(out: Path, family: str, seed: int = 0) -> Path:
@@ -154,6 +169,8 @@ def build(out: Path, family: str, seed: int = 0) -> Path:
         for name, p in model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.08)
+            elif name.endswith("sinks"):  # logits in the range of the scores, so that they matter
+                p.uniform_(-1.0, 1.0)
             elif "norm" in name or "ln" in name:
                 p.uniform_(0.8, 1.2) if config.model_type not in ("gemma2", "gemma3_text") else p.uniform_(-0.2, 0.2)
             else:
@@ -165,12 +182,84 @@ def build(out: Path, family: str, seed: int = 0) -> Path:
     return out
 
 
+# MXFP4's code points (OCP Microscaling FP4, E2M1): the low nibble is the first of a byte's two values
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def build_mxfp4(out: Path, seed: int = 0) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A tiny gpt-oss as OpenAI ships it: the experts in MXFP4 (per output row, blocks of 32 FP4
+    values along the input, two a byte, and a power-of-two scale per block, E8M0 with bias
+    127: `<name>_blocks` [experts, out, in / 32, 16], `<name>_scales` [experts, out, in / 32]), the rest
+    as they are. Returns the folder and the experts' values, decoded here, in HF's layout."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = build(out, "gpt-oss", seed)
+    tensors = load_file(path / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    expected = {}
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, k, n = tensors.pop(name).shape  # HF's layout: [experts, in, out]
+        codes = torch.randint(0, 16, (experts, n, k // 32, 32), generator=gen, dtype=torch.uint8)
+        scales = torch.randint(127 - 6, 127 - 3, (experts, n, k // 32), generator=gen, dtype=torch.uint8)
+        values = torch.tensor(FP4_VALUES)[codes.long()] * torch.exp2(scales.float() - 127)[..., None]
+        tensors[name + "_blocks"] = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+        tensors[name + "_scales"] = scales
+        expected[name] = values.reshape(experts, n, k).transpose(1, 2)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path, expected
+
+
 PROMPT = [5, 9, 17, 33, 65, 129, 200, 7, 77, 150, 3, 42]  # longer than the windows
 
 
-def hf_greedy(path: Path, n: int = 32, dtype=torch.float32) -> list[int]:
-    """transformers' own generate(): greedy, full length."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+def routers(model):
+    """Each MoE layer's router module (gpt-oss calls it `router`, the others `gate`)."""
+    return [getattr(layer.mlp, "router", None) or layer.mlp.gate for layer in model.model.layers
+            if hasattr(layer.mlp, "experts")]
+
+
+def quantize_dequantize_experts(model, quant_type: str = "nf4") -> None:
+    """The model's experts as the fast path stands for them, in place: each expert's matrices,
+    in the layout the fast path takes them over in (spec.ExpertWeights: gpt-oss's de-interleaved
+    and transposed), through bitsandbytes' 4-bit (double quant, blocks of 64) and back."""
+    import bitsandbytes.functional as BF
+
+    from daemon.engine.spec import ExpertWeights
+
+    def round_trip(stack):
+        out = torch.empty_like(stack)
+        for e, matrix in enumerate(stack):
+            packed, state = BF.quantize_4bit(matrix.contiguous(), blocksize=64, quant_type=quant_type,
+                                             compress_statistics=True)
+            out[e] = BF.dequantize_4bit(packed, state)
+        return out
+
+    for layer in model.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is None:
+            continue
+        interleaved = model.config.model_type == "gpt_oss"
+        weights = ExpertWeights.of(experts, interleaved)
+        gate_up, down = round_trip(weights.gate_up), round_trip(weights.down)
+        if interleaved:  # back to [experts, hidden, 2I], gate and up alternating; down [experts, I, hidden]
+            half = gate_up.shape[1] // 2
+            experts.gate_up_proj.data[:, :, 0::2] = gate_up[:, :half].transpose(1, 2)
+            experts.gate_up_proj.data[:, :, 1::2] = gate_up[:, half:].transpose(1, 2)
+            experts.down_proj.data.copy_(down.transpose(1, 2))
+        else:
+            experts.gate_up_proj.data.copy_(gate_up)
+            experts.down_proj.data.copy_(down)
+
+
+def hf_greedy(path: Path, n: int = 32, dtype=torch.float32, **load) -> list[int]:
+    """transformers' own generate(): greedy, full length (`load`: more from_pretrained arguments)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **load).eval()
     with torch.no_grad():
         out = model.generate(torch.tensor([PROMPT]), max_new_tokens=n, do_sample=False, eos_token_id=None,
                              pad_token_id=0)

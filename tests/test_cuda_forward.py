@@ -218,26 +218,13 @@ def test_each_family_on_the_gpu_matches_the_reference_path(family_dirs, family, 
         assert graphs == eager_kernels
 
 
-def _quantize_dequantize_experts(model):
-    """The model's experts as the fast path stands for them: each expert's matrices through
-    bitsandbytes' NF4 (double quant, blocks of 64) and back, in place."""
-    import bitsandbytes.functional as BF
-
-    for layer in model.model.layers:
-        experts = getattr(layer.mlp, "experts", None)
-        for stack in (experts.gate_up_proj, experts.down_proj) if experts is not None else ():
-            for matrix in stack.data:
-                packed, state = BF.quantize_4bit(matrix.contiguous(), blocksize=64, quant_type="nf4",
-                                                 compress_statistics=True)
-                matrix.copy_(BF.dequantize_4bit(packed, state))
-
-
 def _decisive(model):
     """Routers scaled up, as trained ones are decisive: near-tied experts flip on 4-bit noise."""
+    import families
+
     with torch.no_grad():
-        for layer in model.model.layers:
-            if hasattr(layer.mlp, "experts"):
-                layer.mlp.gate.weight.mul_(4)
+        for router in families.routers(model):
+            router.weight.mul_(4)
     return model
 
 
@@ -249,7 +236,7 @@ def moe_dirs(tmp_path_factory):
     return {f: families.build(root / f, f) for f in families.MOE}
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "qwen2-moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "qwen2-moe", "gpt-oss"])
 def test_4bit_experts_on_the_gpu_match_the_reference_path(moe_dirs, family):
     """A bitsandbytes NF4 MoE model on the fast path (its experts quantized at take-over, routed
     GEMVs captured in graphs for decode, by expert for a long prompt) against the reference path
@@ -258,7 +245,7 @@ def test_4bit_experts_on_the_gpu_match_the_reference_path(moe_dirs, family):
 
     path = moe_dirs[family]
     reference = _decisive(load(path, "nf4"))
-    _quantize_dequantize_experts(reference)
+    families.quantize_dequantize_experts(reference)
     eager = ReferenceForward(reference, num_slots=4, max_ctx=256)
     fast = FastForward(_decisive(load(path, "nf4")), num_slots=4, max_ctx=256)
     assert all(layer.experts.quantized for layer in fast.layers if layer.experts is not None)
@@ -275,3 +262,33 @@ def test_4bit_experts_on_the_gpu_match_the_reference_path(moe_dirs, family):
     eager_kernels = families.our_greedy(FastForward(_decisive(load(path, "nf4")), num_slots=4, max_ctx=256,
                                                     graphs=False), n=16, slot=1)
     assert graphs == eager_kernels
+
+
+def test_gpt_oss_shipped_in_mxfp4_is_quantized_after_load_and_runs_the_fast_path(tmp_path):
+    """The loader's route for gpt-oss: MXFP4 experts dequantized by transformers, the attention
+    then quantized to NF4 (backends.transformers_backend.quantize_linears), the experts by the fast
+    path; its logits against the reference path on the weights that stands for."""
+    import families
+    from transformers import Mxfp4Config
+
+    from daemon.backends.transformers_backend import quantize_linears
+    from daemon.registry.modelfile import Quantization
+
+    path, _ = families.build_mxfp4(tmp_path / "gpt-oss-mxfp4")
+
+    def load_mxfp4():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0},
+                                                     quantization_config=Mxfp4Config(dequantize=True)).eval()
+        assert quantize_linears(model, Quantization(mode="nf4", double_quant=True), torch.bfloat16) == 8
+        return _decisive(model)
+
+    reference = load_mxfp4()
+    families.quantize_dequantize_experts(reference)
+    eager = ReferenceForward(reference, num_slots=2, max_ctx=128)
+    fast = FastForward(load_mxfp4(), num_slots=2, max_ctx=128)
+    assert all(layer.experts.quantized for layer in fast.layers)
+    prompt = torch.tensor([families.PROMPT * 3]).cuda()
+    assert rel(fast.forward(prompt, [0], [0]), eager.forward(prompt, [0], [0])) < 3e-2
+    for step in range(6):
+        tokens, starts = torch.tensor([[5 + step]]), [prompt.shape[1] + step]
+        assert rel(fast.forward(tokens, [0], starts), eager.forward(tokens, [0], starts)) < 3e-2

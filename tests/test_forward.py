@@ -65,7 +65,7 @@ def family_dirs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-mm", "phi3", "phi4-mini",
-                                    "mixtral", "qwen3-moe", "qwen2-moe"])
+                                    "mixtral", "qwen3-moe", "qwen2-moe", "gpt-oss"])
 def test_each_family_decodes_greedy_as_transformers_generate(family_dirs, family):
     """The reference path, driven by the family's spec, against transformers' own generate():
     32 greedy tokens after a prompt longer than the sliding windows, decoded beside another
@@ -77,12 +77,29 @@ def test_each_family_decodes_greedy_as_transformers_generate(family_dirs, family
     assert families.our_greedy(f) == expected
 
 
+def test_gpt_oss_as_shipped_in_mxfp4_decodes_greedy_as_transformers_generate(tmp_path):
+    """OpenAI's checkpoints keep the experts in MXFP4: dequantized at load (as the daemon's loader
+    asks transformers to), the experts hold exactly the values their blocks code, and the
+    reference path decodes as transformers' generate() on the same checkpoint."""
+    import families
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    path, expected = families.build_mxfp4(tmp_path / "gpt-oss-mxfp4")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 quantization_config=Mxfp4Config(dequantize=True)).eval()
+    for name, values in expected.items():
+        assert torch.equal(model.get_parameter(name).data, values), name
+    want = families.hf_greedy(path, quantization_config=Mxfp4Config(dequantize=True))
+    f = ReferenceForward(model, num_slots=2, max_ctx=128, weight_dtype=torch.float32)
+    assert families.our_greedy(f) == want
+
+
 def test_a_family_without_a_definition_is_named(family_dirs):
     with pytest.raises(UnsupportedArchitecture, match="no model definition for 'gpt2'"):
         ReferenceForward(load(family_dirs["gpt2"]), num_slots=1, max_ctx=8)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "qwen2-moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "qwen2-moe", "gpt-oss"])
 def test_a_mixture_of_experts_in_the_runner_alone_and_beside_another_request(family_dirs, family):
     """Routing is per token: a request's greedy text is the same alone and batched beside another
     (whose tokens pick other experts in the same step), with the prompt in chunks."""

@@ -402,6 +402,7 @@ def family_daemon(tmp_path_factory, tiny_dirs):
     (unknown / "config.json").write_text(json.dumps({**config, "model_type": "nosuchmodel",
                                                      "architectures": ["NoSuchModelForCausalLM"]}))
     dirs["unknown"] = unknown
+    dirs["gpt-oss-mxfp4"], _ = families.build_mxfp4(root / "models" / "gpt-oss-mxfp4")
     settings = make_settings(root, tiny_dirs)
     tags = "".join(f"  {f}:\n    source: {{path: '{d}'}}\n" for f, d in dirs.items())
     (settings.modelfiles_dir / "fam.yaml").write_text("family: fam\ntags:\n" + tags)
@@ -409,7 +410,8 @@ def family_daemon(tmp_path_factory, tiny_dirs):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-mm", "phi3",
-                                    "phi4-mini", "gpt2", "opt", "falcon", "mixtral", "qwen3-moe", "qwen2-moe"])
+                                    "phi4-mini", "gpt2", "opt", "falcon", "mixtral", "qwen3-moe", "qwen2-moe", "gpt-oss",
+                                    "gpt-oss-mxfp4"])
 def test_every_family_answers_chat_and_says_which_decoder_runs_it(family_daemon, family):
     r = post(family_daemon, "/api/chat", {"model": f"fam:{family}", "stream": False,
                                           "messages": [{"role": "user", "content": "Hello world"}],
@@ -421,6 +423,8 @@ def test_every_family_answers_chat_and_says_which_decoder_runs_it(family_daemon,
     generic = family in ("gpt2", "opt", "falcon")
     assert show["details"]["engine"] == ("transformers" if generic else "hfollama")
     assert show["model_info"]["hfollama.decode_path"] == ("transformers" if generic else "reference")
+    if family == "gpt-oss-mxfp4":  # as Ollama names gpt-oss's quantization
+        assert show["details"]["quantization_level"] == "MXFP4"
 
 
 def test_an_architecture_transformers_does_not_know_is_named(family_daemon, caplog):

@@ -110,8 +110,12 @@ def test_rope_kv_with_qk_norms_and_partial_rotary(D, R, gemma):
         assert torch.equal(v_cache[slot, :, pos], heads[t, H + KV:])
 
 
-@pytest.mark.parametrize("D,window,softcap", [(24, None, None), (64, 5, None), (32, None, 20.0), (32, 70, 50.0)])
-def test_decode_attention_with_windows_and_softcaps(D, window, softcap):
+@pytest.mark.parametrize("D,window,softcap,sinks", [(24, None, None, False), (64, 5, None, False),
+                                                    (32, None, 20.0, False), (32, 70, 50.0, False),
+                                                    (64, None, None, True), (64, 9, None, True)])
+def test_decode_attention_with_windows_softcaps_and_sinks(D, window, softcap, sinks):
+    """Each row over its own slot and length, against the reference path's attention; gpt-oss's
+    sinks (a logit per head in the softmax's sum) in the merge of the splits."""
     from daemon.engine.attention import attend
 
     gen = torch.Generator().manual_seed(6)
@@ -122,12 +126,26 @@ def test_decode_attention_with_windows_and_softcaps(D, window, softcap):
     lens = torch.tensor([200, 3, 71], dtype=torch.int32)
     attention = K.DecodeAttention(3, H, KV, D, C, torch.device("cpu"), torch.float32, split_len=64)
     attention.part_out.fill_(float("nan"))  # what a skipped split leaves: never read
-    o = attention(q, kc, vc, slots, lens, D ** -0.5, window, softcap)
+    sink = torch.randn(H, generator=gen) * 3 if sinks else None
+    o = attention(q, kc, vc, slots, lens, D ** -0.5, window, softcap, sink)
     for b in range(3):
         n, s = int(lens[b]), int(slots[b])
         ref = attend(q[b:b + 1, :, None], kc[s:s + 1, :, :n], vc[s:s + 1, :, :n], torch.tensor([[n - 1]]),
-                     scale=D ** -0.5, window=window, softcap=softcap)
+                     scale=D ** -0.5, window=window, softcap=softcap, sinks=sink)
         assert rel(o[b], ref[0, :, 0]) < 1e-5
+
+
+def test_gpt_oss_norm_scales_before_rounding():
+    """gpt-oss's RMSNorm multiplies by w in fp32 and rounds once: the kernel gives the reference
+    path's result where Llama's (rounded, then scaled) differs."""
+    from daemon.engine.forward import fp32_scaled_norm, rms_norm
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 256, generator=gen).to(torch.bfloat16)
+    w = (torch.rand(256, generator=gen) * 2 + 0.3).to(torch.bfloat16)
+    normed, _ = K.add_rmsnorm(x, w, 1e-5, fp32_scale=True)
+    expected, llama = fp32_scaled_norm(x, w, 1e-5), rms_norm(x, w, 1e-5)
+    assert (normed == expected).float().mean() > 0.99 > (llama == expected).float().mean()
 
 
 def test_gemma_norms_sandwich_and_gelu():

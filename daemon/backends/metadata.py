@@ -236,7 +236,9 @@ def _from_hf_dir(directory: Path) -> ModelMetadata:
     if theta:
         info[f"{arch}.rope.freq_base"] = theta
     quant = config.get("quantization_config") or {}
-    if quant.get("load_in_4bit") or quant.get("bnb_4bit_quant_type"):
+    if quant.get("quant_method") == "mxfp4":  # gpt-oss's experts
+        level = "MXFP4"
+    elif quant.get("load_in_4bit") or quant.get("bnb_4bit_quant_type"):
         level = str(quant.get("bnb_4bit_quant_type", "nf4")).upper()
     elif quant.get("load_in_8bit"):
         level = "INT8"

@@ -58,6 +58,57 @@ def bnb_config(quantization: Quantization, dtype: torch.dtype) -> Any:
     return None
 
 
+def checkpoint_quant_method(folder: Path) -> str | None:
+    """The quantization a checkpoint ships in (config.json's quantization_config.quant_method)."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    quant = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config") or {}
+    return quant.get("quant_method") if isinstance(quant, dict) else None
+
+
+def quantize_linears(model: torch.nn.Module, quantization: Quantization, dtype: torch.dtype) -> int:
+    """The decoder layers' nn.Linear products replaced by bitsandbytes' 4-bit or int8 layers, as
+    transformers' BitsAndBytesConfig would have made them at load: for a checkpoint that ships in
+    another quantization (gpt-oss's MXFP4), loaded dequantized. The head, embeddings, routers
+    and stacked experts stay as they are (the fast path quantizes experts itself). Returns how
+    many layers it quantized."""
+    import bitsandbytes as bnb
+
+    from daemon.engine.spec import decoder
+
+    count = 0
+    for layer in decoder(model).layers:
+        for holder_name in ("self_attn", "mlp"):
+            holder = getattr(layer, holder_name, None)
+            for name, child in list(holder.named_modules()) if holder is not None else ():
+                if type(child) is not torch.nn.Linear or "router" in name or name.endswith("gate"):
+                    continue
+                weight, bias = child.weight.data, child.bias
+                device = weight.device
+                if quantization.mode in ("nf4", "fp4"):
+                    new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias is not None,
+                                            compute_dtype=dtype, compress_statistics=quantization.double_quant,
+                                            quant_type=quantization.mode, device="meta")
+                    new.weight = bnb.nn.Params4bit(weight.to(dtype), requires_grad=False, blocksize=64,
+                                                   compress_statistics=quantization.double_quant,
+                                                   quant_type=quantization.mode).to(device)
+                else:
+                    new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias is not None,
+                                              has_fp16_weights=False, threshold=6.0, device="meta")
+                    new.weight = bnb.nn.Int8Params(weight.to(dtype), requires_grad=False,
+                                                   has_fp16_weights=False).to(device)
+                if bias is not None:
+                    new.bias = torch.nn.Parameter(bias.data.to(dtype), requires_grad=False)
+                parent, _, leaf = name.rpartition(".")
+                setattr(holder.get_submodule(parent) if parent else holder, leaf, new)
+                count += 1
+    return count
+
+
 def converted_gguf_folder(gguf: Path, digest: str, cache: DerivedCache) -> Path:
     """The HF folder converted from a GGUF, converting it the first time."""
 
@@ -152,7 +203,11 @@ def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: Deriv
     # Quantize once: a checkpoint quantized on load is saved in the store, already quantized,
     # and later loads read that (a third of the bytes, no quantizing).
     cache_key = None
-    if "quantization_config" in kwargs and not location.is_gguf:
+    # not a mixture of experts: bitsandbytes leaves its stacked experts (most of its bytes) in
+    # bf16, so the saved copy would be nearly the full checkpoint again (58 GB for Qwen3-30B-A3B)
+    # for a few seconds' saving; the fast path quantizes the experts at take-over instead
+    experts = resolved.metadata.shape is not None and resolved.metadata.shape.experts
+    if "quantization_config" in kwargs and not location.is_gguf and not experts:
         cache_key = quantized_key(resolved, quantization, dtype)
         cached = derived.get(cache_key)
         if cached is not None:
@@ -160,9 +215,22 @@ def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: Deriv
             del kwargs["quantization_config"]  # its config.json carries it
             cache_key = None
     _check_architecture(folder)
+    requantize = None
+    if checkpoint_quant_method(folder) == "mxfp4":
+        # gpt-oss ships its experts in MXFP4, whose kernels transformers takes from the Hub: load
+        # them dequantized, then quantize the attention as the modelfile asks (the experts follow
+        # it on the fast path)
+        from transformers import Mxfp4Config
+
+        requantize = kwargs.pop("quantization_config", None)
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+        cache_key = None
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     model.eval()
+    if requantize is not None:
+        log.info("%s: quantized %d layers to %s after dequantizing MXFP4", resolved.name.display,
+                 quantize_linears(model, quantization, dtype), quantization.mode)
     if cache_key is not None:
         try:
             def save(out: Path) -> None:

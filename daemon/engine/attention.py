@@ -1,8 +1,10 @@
 """Attention over a slot's cache for a run of query positions, in PyTorch: the reference
 path's attention, and the fast path's for prompts. Causal, with the layer's sliding window
 (keys within `window` positions of each query, as HF's sliding masks: k > q - window) and
-Gemma 2's soft-capped scores where the spec has them; SDPA does the work unless scores must
-be soft-capped, which SDPA cannot do."""
+Gemma 2's soft-capped scores and gpt-oss's sinks (a per-head logit in every softmax's sum, whose
+value is zero) where the spec has them; SDPA does the work unless scores must be soft-capped or
+sunk, which SDPA cannot do: those are computed in fp32, in chunks of query rows that bound the
+scores' memory."""
 
 from __future__ import annotations
 
@@ -23,38 +25,57 @@ def allowed(q_positions: torch.Tensor, keys: int, window: int | None) -> torch.T
     return mask
 
 
+# the explicit scores (soft-caps, sinks) of this many elements at most at a time: query rows in chunks
+SCORES_CHUNK = 1 << 26
+
+
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_positions: torch.Tensor | None, *,
            scale: float, window: int | None = None, softcap: float | None = None,
-           mask: torch.Tensor | None = None) -> torch.Tensor:
+           mask: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, T, D] at absolute positions q_positions [B, T], or None for a prompt chunk: the
     keys' last T positions; keys / values [B, KV, S, D] holding positions 0..S-1. Returns
     [B, H, T, D]. A chunk without a window needs no mask: causal from the bottom right
     (`causal_lower_right`), which the flash and memory-efficient kernels take as it is.
-    `mask`: allowed(q_positions, S, window)[:, None] made once for the layers of a pass."""
+    `mask`: allowed(q_positions, S, window)[:, None] made once for the layers of a pass.
+    `sinks`: [H] logits, one per query head (or already [1, H, T, 1] for q's rows)."""
     gqa = keys.shape[1] != q.shape[1]
     steps, length = q.shape[2], keys.shape[2]
     if q_positions is None and mask is None:
-        if softcap is None and window is None:
+        if softcap is None and window is None and sinks is None:
             causal = causal_lower_right(steps, length) if steps != length else None
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, is_causal=causal is None,
                                                   scale=scale, enable_gqa=gqa)
         q_positions = torch.arange(length - steps, length, device=q.device)[None]
     if mask is None:
         mask = allowed(q_positions, length, window)[:, None]
-    if softcap is None:
+    if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
     if gqa:
         group = q.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values)
+    if sinks is not None and sinks.dim() == 1:
+        sinks = sinks.view(1, -1, 1, 1)
+    chunk = max(1, SCORES_CHUNK // max(1, q.shape[0] * q.shape[1] * length))
+    outs = []
+    for r in range(0, steps, chunk):
+        rows = slice(r, r + chunk)
+        scores = torch.matmul(q[:, :, rows].float(), keys.float().transpose(-1, -2)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~mask[:, :, rows] if mask.shape[2] > 1 else ~mask, float("-inf"))
+        if sinks is None:
+            probs = torch.softmax(scores, dim=-1)
+        else:  # the sink joins the sum, then its column goes
+            sink = sinks.float()[:, :, rows] if sinks.shape[2] > 1 else sinks.float()
+            sink = sink.expand(*scores.shape[:-1], 1)
+            probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+        outs.append(torch.matmul(probs.to(values.dtype), values))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def attend_padded(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, rows: int, *,
-                  scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                  scale: float, window: int | None = None, softcap: float | None = None,
+                  sinks: torch.Tensor | None = None) -> torch.Tensor:
     """`attend` for q [B, H, T, D] in the shape in which the reference path attends on the CPU
     (engine/forward.py, KEY_BLOCK): the query heads that share a key head folded into one run
     of rows per key head, head by head ([B, KV, H/KV * T, D]: a decode step's heads make a
@@ -66,7 +87,10 @@ def attend_padded(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mas
     folded = q.reshape(b, kv, h // kv * t, d)
     if rows > folded.shape[2]:
         folded = torch.cat((folded, folded[:, :, -1:].expand(b, kv, rows - folded.shape[2], d)), dim=2)
-    out = attend(folded, keys, values, None, scale=scale, window=window, softcap=softcap, mask=mask)
+    if sinks is not None:  # each folded row's head's sink, the padding's the last head's
+        sinks = sinks.view(kv, h // kv).repeat_interleave(t, dim=1)
+        sinks = torch.cat((sinks, sinks[:, -1:].expand(kv, rows - sinks.shape[1])), dim=1)[None, :, :, None]
+    out = attend(folded, keys, values, None, scale=scale, window=window, softcap=softcap, mask=mask, sinks=sinks)
     return out[:, :, :h // kv * t].reshape(b, h, t, d)
 
 
@@ -130,7 +154,8 @@ class PromptSegments:
         self.order = None if identity else torch.tensor(place, device=device)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, scale: float,
-               window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+               window: int | None = None, softcap: float | None = None,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
         """q [rows, heads, head_dim] of the pass's segments -> [rows, heads * head_dim]."""
         heads, dim = q.shape[1], q.shape[2]
         outs = []
@@ -141,7 +166,7 @@ class PromptSegments:
                 part = q.index_select(0, g.gather).view(-1, g.steps, heads, dim).transpose(1, 2)
             length = g.start + g.steps
             o = attend(part, k_cache[g.read, :, :length], v_cache[g.read, :, :length], None,
-                       scale=scale, window=window, softcap=softcap)
+                       scale=scale, window=window, softcap=softcap, sinks=sinks)
             outs.append(o.transpose(1, 2).reshape(-1, heads * dim))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out if self.order is None else out.index_select(0, self.order)

@@ -24,7 +24,7 @@ without a mask takes another kernel, and its roundings would make a request's to
 whether it runs alone or batched.)
 
 Covered: the families of spec.FAMILIES (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3,
-phi3, and the mixtures of experts mixtral, qwen2_moe, qwen3_moe); anything else runs through
+phi3, and the mixtures of experts mixtral, qwen2_moe, qwen3_moe, gpt_oss); anything else runs through
 transformers' own forward (engine/generic.py).
 """
 
@@ -132,9 +132,26 @@ def gemma_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     return (h * (1.0 + weight.float())).to(x.dtype)
 
 
-NORMS = {"rms": rms_norm, "gemma": gemma_norm}
+def fp32_scaled_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """gpt-oss's RMSNorm: normalize and scale by w in fp32, then cast."""
+    h = x.float()
+    return (weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
+
+
+NORMS = {"rms": rms_norm, "gemma": gemma_norm, "rms_fp32": fp32_scaled_norm}
 ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def glu(gate_up: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """act(gate) * up of [..., gate; up] as the spec's family computes it; gpt-oss's clamped
+    SwiGLU: gate clamped above and up on both sides at the limit, gate * sigmoid(alpha * gate) * (up + 1)."""
+    half = gate_up.shape[-1] // 2
+    gate, up = gate_up[..., :half], gate_up[..., half:]
+    if spec.activation == "clamped_swiglu":
+        gate = gate.clamp(max=spec.glu_limit)
+        return gate * torch.sigmoid(gate * spec.glu_alpha) * (up.clamp(-spec.glu_limit, spec.glu_limit) + 1)
+    return ACTIVATION_FUNCTIONS[spec.activation](gate) * up
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
@@ -234,7 +251,6 @@ class ReferenceForward:
         self.max_ctx = max_ctx
         self.vocab_size = spec.vocab
         self.norm = NORMS[spec.norm]
-        self.act = ACTIVATION_FUNCTIONS[spec.activation]
         self.tables = {kind: (cos, signed_sin(sin))
                        for kind, (cos, sin) in rotary_tables(model, spec, max_ctx, self.dtype, self.device).items()}
 
@@ -263,8 +279,9 @@ class ReferenceForward:
         products = {role: make_linear(modules, self.weight_dtype) for role, modules in parts.products.items()}
         experts = None
         if parts.experts is not None:  # stacked dense weights (bitsandbytes leaves experts as they are)
-            experts = ExpertWeights(*(t.to(self.weight_dtype).contiguous() for t in (parts.experts.gate_up,
-                                                                                    parts.experts.down)))
+            e = parts.experts
+            experts = ExpertWeights(*(None if t is None else t.to(self.weight_dtype).contiguous()
+                                      for t in (e.gate_up, e.down, e.gate_up_bias, e.down_bias)))
         if not any(isinstance(p, ModuleLinear) for p in products.values()):
             parts.release()  # the fused copies replace the originals: their memory can go
         return LayerWeights(norms=parts, experts=experts, **products)
@@ -283,7 +300,7 @@ class ReferenceForward:
         """Write k/v at each row's positions and attend over each row's cache."""
         kc, vc = self.k_cache[layer_index], self.v_cache[layer_index]
         options = dict(scale=self.spec.attn_scale, window=self.spec.windows[layer_index],
-                       softcap=self.spec.attn_softcap)
+                       softcap=self.spec.attn_softcap, sinks=self.layers[layer_index].norms.sinks)
         if rows.positions is None:  # one sequence: plain slices, no gather
             slot, start, end = rows.slots[0], rows.starts[0], rows.end
             kc[slot, :, start:end] = k[0]
@@ -421,9 +438,7 @@ class ReferenceForward:
         return x
 
     def _mlp(self, h: torch.Tensor, w: LayerWeights) -> torch.Tensor:
-        gate_up = w.gate_up(h).to(self.dtype)
-        half = gate_up.shape[-1] // 2
-        return w.down(self.act(gate_up[..., :half]) * gate_up[..., half:])
+        return w.down(glu(w.gate_up(h).to(self.dtype), self.spec))
 
     def _experts(self, h: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         """A MoE layer as transformers computes it: each token's top-k experts by the router's
@@ -432,15 +447,16 @@ class ReferenceForward:
         expert. One expert at a time: this path is the CPU's and the check of the fast one."""
         moe, experts = self.spec.experts, w.experts
         flat = h.reshape(-1, h.shape[-1])
-        weights, chosen = route(flat, w.norms.router, moe)
+        weights, chosen = route(flat, w.norms.router, moe, w.norms.router_bias)
         out = torch.zeros_like(flat)
         by_slot = chosen.T  # [top_k, tokens]: HF walks each expert's tokens by rank, then position
+        biased = experts.gate_up_bias is not None
         for expert in chosen.unique().tolist():
             rank, rows = torch.where(by_slot == expert)
-            gate_up = F.linear(flat[rows].to(experts.gate_up.dtype), experts.gate_up[expert]).to(self.dtype)
-            half = gate_up.shape[-1] // 2
-            y = F.linear((self.act(gate_up[:, :half]) * gate_up[:, half:]).to(experts.down.dtype),
-                         experts.down[expert]).to(self.dtype)
+            gate_up = F.linear(flat[rows].to(experts.gate_up.dtype), experts.gate_up[expert],
+                               experts.gate_up_bias[expert] if biased else None).to(self.dtype)
+            y = F.linear(glu(gate_up, self.spec).to(experts.down.dtype), experts.down[expert],
+                         experts.down_bias[expert] if biased else None).to(self.dtype)
             out.index_add_(0, rows, (y * weights[rows, rank, None]).to(out.dtype))
         if moe.shared:
             shared = self._mlp(flat, w).to(self.dtype)
@@ -448,11 +464,16 @@ class ReferenceForward:
         return out.view(h.shape)
 
 
-def route(x: torch.Tensor, router: torch.Tensor, moe: Experts) -> tuple[torch.Tensor, torch.Tensor]:
+def route(x: torch.Tensor, router: torch.Tensor, moe: Experts,
+          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's top-k experts and their weights, [rows, top_k] each: softmax over every
     expert's logit in fp32, the top k kept (renormalized where the family does), the weights
-    left in fp32 or cast to the activations' dtype as the family does."""
-    logits = F.linear(x, router)
+    left in fp32 or cast to the activations' dtype as the family does; or (gpt-oss) the top k
+    logits, softmaxed in their dtype."""
+    logits = F.linear(x, router, bias)
+    if moe.softmax_after_topk:
+        top, chosen = torch.topk(logits, moe.top_k, dim=-1)
+        return torch.softmax(top.float(), dim=-1).to(logits.dtype), chosen
     top, chosen = torch.topk(torch.softmax(logits.float(), dim=-1), moe.top_k, dim=-1)
     if moe.normalize:
         top = top / top.sum(dim=-1, keepdim=True)

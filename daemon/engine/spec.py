@@ -13,7 +13,11 @@ own rotary module (llama3, yarn, linear, dynamic, longrope and partial rotary in
 Mixtures of experts are rows too: the MLP of some layers is a router over `Experts.count`
 expert MLPs of which each token takes `top_k` (softmax over all experts, the top weights
 renormalized where the config says, in fp32 or cast to the compute dtype as the family does),
-plus a shared expert gated by a sigmoid where the family has one (Qwen2-MoE).
+plus a shared expert gated by a sigmoid where the family has one (Qwen2-MoE). gpt-oss is a row
+with more choices: its router has a bias and softmaxes only the top k logits, its experts are
+stored transposed with gate and up interleaved and biased, their SwiGLU clamped; its attention
+adds a learned per-head "sink" logit to every softmax (as if one more key, whose value is zero),
+and its RMSNorm scales in fp32 before rounding.
 
 `ModelSpec.of(model)` is the description both decode paths read; `take_layers(model, spec)`
 is the one place that takes the weights over from the HF modules. The paths never branch on
@@ -38,7 +42,7 @@ class UnsupportedArchitecture(ValueError):
 
 @dataclass(frozen=True)
 class Family:
-    norm: str = "rms"  # "rms": HF's LlamaRMSNorm; "gemma": x * (1 + w), in fp32
+    norm: str = "rms"  # "rms": HF's LlamaRMSNorm; "gemma": x * (1 + w), in fp32; "rms_fp32": x * w in fp32
     sandwich: bool = False  # the attention and MLP outputs are normed before the residual add
     qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE
     scaled_embedding: bool = False  # embeddings times sqrt(hidden), rounded to the dtype as HF does
@@ -47,6 +51,11 @@ class Family:
     moe: bool = False  # some layers' MLP is a router over experts (Experts)
     route_in_fp32: bool = False  # experts' outputs scaled by the fp32 weights (Mixtral), else cast first
     shared_expert: bool = False  # beside the experts, a dense MLP scaled by sigmoid(a gate) (Qwen2-MoE)
+    softmax_after_topk: bool = False  # the router softmaxes its top k logits only (gpt-oss)
+    interleaved_experts: bool = False  # experts [E, hidden, 2I], gate and up alternating, with biases (gpt-oss)
+    sinks: bool = False  # a learned logit per head joins each attention softmax (gpt-oss)
+    rotary_halves: bool = False  # the rotary module gives half a head's cos / sin, used for both halves (gpt-oss)
+    activation: str | None = None  # the MLP's activation, where not config.hidden_act's ("clamped_swiglu")
 
 
 GEMMA = dict(norm="gemma", scaled_embedding=True)
@@ -63,9 +72,12 @@ FAMILIES: dict[str, Family] = {
     "mixtral": Family(moe=True, route_in_fp32=True),
     "qwen2_moe": Family(moe=True, shared_expert=True),  # q/k/v biases: they come with the weights
     "qwen3_moe": Family(qk_norm=True, moe=True),
+    "gpt_oss": Family(norm="rms_fp32", moe=True, softmax_after_topk=True, interleaved_experts=True, sinks=True,
+                      rotary_halves=True, activation="clamped_swiglu"),
 }
 # config.hidden_act (or hidden_activation) -> the activation the kernels compute
-ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+               "clamped_swiglu": "clamped_swiglu"}
 
 
 def sparse_layers(layers: int, mlp_only_layers: list[int] | None, step: int | None) -> tuple[bool, ...]:
@@ -84,6 +96,8 @@ class Experts:
     normalize: bool  # the top-k weights divided by their sum
     route_in_fp32: bool  # Family.route_in_fp32
     shared: bool  # Family.shared_expert
+    softmax_after_topk: bool  # Family.softmax_after_topk: the top k logits softmaxed, in their dtype
+    interleaved: bool  # Family.interleaved_experts (ExpertWeights.of)
     sparse: tuple[bool, ...]  # per layer: experts, or a dense MLP (Qwen's mlp_only_layers, decoder_sparse_step)
 
     @classmethod
@@ -93,8 +107,10 @@ class Experts:
         if not 0 < top_k <= count:
             raise UnsupportedArchitecture(f"{top_k} of {count} experts per token")
         sparse = sparse_layers(layers, getattr(config, "mlp_only_layers", None), getattr(config, "decoder_sparse_step", 1))
-        return cls(count=count, top_k=top_k, normalize=bool(getattr(config, "norm_topk_prob", True)),
-                   route_in_fp32=family.route_in_fp32, shared=family.shared_expert, sparse=sparse)
+        after = family.softmax_after_topk  # weights that already sum to one are not renormalized
+        return cls(count=count, top_k=top_k, normalize=not after and bool(getattr(config, "norm_topk_prob", True)),
+                   route_in_fp32=family.route_in_fp32, shared=family.shared_expert, softmax_after_topk=after,
+                   interleaved=family.interleaved_experts, sparse=sparse)
 
 
 @dataclass(frozen=True)
@@ -120,6 +136,10 @@ class ModelSpec:
     qkv_names: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj"))
     gate_up_names: tuple[str, ...] = field(default=("gate_proj", "up_proj"))
     experts: Experts | None = None  # a mixture of experts
+    sinks: bool = False  # Family.sinks
+    rotary_halves: bool = False  # Family.rotary_halves
+    glu_alpha: float = 1.702  # clamped_swiglu: gate * sigmoid(alpha * gate) * (up + 1), both clamped at limit
+    glu_limit: float = 7.0
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelSpec":
@@ -129,7 +149,7 @@ class ModelSpec:
         family = FAMILIES.get(kind) or FAMILIES.get(config.model_type)
         if family is None:
             raise UnsupportedArchitecture(f"no model definition for {kind!r}")
-        act_name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+        act_name = family.activation or getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
         activation = ACTIVATIONS.get(act_name)
         if activation is None:
             raise UnsupportedArchitecture(f"activation {act_name!r}")
@@ -158,6 +178,8 @@ class ModelSpec:
             final_softcap=getattr(config, "final_logit_softcapping", None) or None,
             windows=windows, layer_types=layer_types, qkv_names=family.qkv, gate_up_names=family.gate_up,
             experts=Experts.of(config, family, layers) if family.moe else None,
+            sinks=family.sinks, rotary_halves=family.rotary_halves,
+            glu_alpha=float(getattr(config, "swiglu_alpha", 1.702)), glu_limit=float(getattr(config, "swiglu_limit", 7.0)),
         )
 
     @property
@@ -187,6 +209,8 @@ class LayerParts:
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     router: torch.Tensor | None = None  # a MoE layer: [experts, hidden]
+    router_bias: torch.Tensor | None = None  # [experts] (gpt-oss)
+    sinks: torch.Tensor | None = None  # [heads]: each head's sink logit (gpt-oss)
     experts: ExpertWeights | None = None
     shared_gate: torch.nn.Module | None = None  # hidden -> 1: the shared expert's output times sigmoid(gate(h))
     _layer: Any = None
@@ -210,20 +234,36 @@ class LayerParts:
 
 @dataclass
 class ExpertWeights:
-    """A MoE layer's experts as HF holds them: every expert's [gate; up] and down stacked."""
+    """A MoE layer's experts: every expert's [gate; up] and down stacked, as most families store
+    them (gpt-oss's transposed, interleaved ones are put in this layout when taken over)."""
 
     gate_up: torch.Tensor  # [experts, 2 * intermediate, hidden]
     down: torch.Tensor  # [experts, hidden, intermediate]
+    gate_up_bias: torch.Tensor | None = None  # [experts, 2 * intermediate]
+    down_bias: torch.Tensor | None = None  # [experts, hidden]
 
     @classmethod
-    def of(cls, module: torch.nn.Module) -> "ExpertWeights":
+    def of(cls, module: torch.nn.Module, interleaved: bool = False) -> "ExpertWeights":
+        """`interleaved`: gpt-oss's [experts, hidden, 2I] with gate and up in alternate columns
+        and down [experts, I, hidden], both with biases."""
         import torch
 
         gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
         if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3
-                and down.dim() == 3 and gate_up.shape[1] == 2 * down.shape[2]):
+                and down.dim() == 3):
             raise UnsupportedArchitecture(f"experts stored as {type(module).__name__}")
-        return cls(gate_up.detach(), down.detach())
+        gate_up, down = gate_up.detach(), down.detach()
+        if not interleaved:
+            if gate_up.shape[1] != 2 * down.shape[2]:
+                raise UnsupportedArchitecture(f"experts of shapes {tuple(gate_up.shape)} and {tuple(down.shape)}")
+            return cls(gate_up, down)
+        bias_up, bias_down = getattr(module, "gate_up_proj_bias", None), getattr(module, "down_proj_bias", None)
+        if gate_up.shape[2] != 2 * down.shape[1] or bias_up is None or bias_down is None:
+            raise UnsupportedArchitecture(f"interleaved experts of shapes {tuple(gate_up.shape)}, {tuple(down.shape)}")
+        bias_up = bias_up.detach()
+        stacked = torch.cat((gate_up[:, :, 0::2], gate_up[:, :, 1::2]), dim=2).transpose(1, 2).contiguous()
+        return cls(stacked, down.transpose(1, 2).contiguous(),
+                   torch.cat((bias_up[:, 0::2], bias_up[:, 1::2]), dim=1).contiguous(), bias_down.detach())
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:
@@ -243,9 +283,14 @@ def take_layers(model: torch.nn.Module, spec: ModelSpec) -> list[LayerParts]:
             norms = dict(attn_in_norm=_weight(layer.input_layernorm), mlp_in_norm=_weight(layer.post_attention_layernorm))
         if spec.qk_norm:
             norms.update(q_norm=_weight(attn.q_norm), k_norm=_weight(attn.k_norm))
+        if spec.sinks:
+            norms.update(sinks=attn.sinks.detach())
         if spec.experts is not None and spec.experts.sparse[i]:
             shared = getattr(mlp, "shared_expert", None) if spec.experts.shared else None
-            mlp_parts = dict(router=_weight(mlp.gate), experts=ExpertWeights.of(mlp.experts),
+            router = mlp.router if hasattr(mlp, "router") else mlp.gate  # gpt-oss names it router
+            bias = getattr(router, "bias", None)
+            mlp_parts = dict(router=_weight(router), router_bias=None if bias is None else bias.detach(),
+                             experts=ExpertWeights.of(mlp.experts, spec.experts.interleaved),
                              gate_up=[shared.gate_proj, shared.up_proj] if shared is not None else [],
                              down=[shared.down_proj] if shared is not None else [],
                              shared_gate=mlp.shared_expert_gate if shared is not None else None)
@@ -276,7 +321,10 @@ def rotary_tables(model: torch.nn.Module, spec: ModelSpec, max_ctx: int, dtype: 
                 cos, sin = inner.rotary_emb_local(probe, positions)  # Gemma 3 in older transformers
             else:
                 cos, sin = rotary(probe, positions)
-            tables[layer_type] = (cos[0].to(dtype).contiguous(), sin[0].to(dtype).contiguous())
+            cos, sin = cos[0], sin[0]
+            if spec.rotary_halves:  # applied to each half of the rotated dims: rotate_half's full tables
+                cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+            tables[layer_type] = (cos.to(dtype).contiguous(), sin.to(dtype).contiguous())
     rotary_dim = next(iter(tables.values()))[0].shape[-1]
     if rotary_dim > spec.head_dim or rotary_dim % 2:
         raise UnsupportedArchitecture(f"rotary dimension {rotary_dim} for heads of {spec.head_dim}")

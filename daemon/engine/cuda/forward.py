@@ -39,6 +39,7 @@ from daemon.engine.cuda import batched as B
 from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
 from daemon.engine.cuda.moe import RoutedExperts
+from daemon.engine.forward import glu
 from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
 from daemon.engine.spec import rotary_tables, softcap, take_layers
 
@@ -228,6 +229,7 @@ class _Layer:
         self.attn_in_norm, self.mlp_in_norm = norm(parts.attn_in_norm), norm(parts.mlp_in_norm)
         self.attn_out_norm, self.mlp_out_norm = norm(parts.attn_out_norm), norm(parts.mlp_out_norm)
         self.q_norm, self.k_norm = norm(parts.q_norm), norm(parts.k_norm)
+        self.sinks = None if parts.sinks is None else parts.sinks.float().contiguous()
         products = parts.products
         self.qkv = Linear(products["qkv"], dtype, batch_weights)
         self.o = Linear(products["o"], dtype, batch_weights)
@@ -238,7 +240,7 @@ class _Layer:
         if parts.experts is not None:  # 4-bit where the layer's products are (bitsandbytes left them dense)
             states = [m.weight.quant_state for group in products.values() for m in group if _is_4bit(m)]
             quantization = (states[0].quant_type, states[0].state2 is not None) if states else None
-            self.experts = RoutedExperts(parts.router, parts.experts, spec.experts, dtype, quantization)
+            self.experts = RoutedExperts(parts.router, parts.router_bias, parts.experts, spec, dtype, quantization)
         parts.release()  # the fused copies replace the originals
 
     @property
@@ -304,6 +306,9 @@ class FastForward:
         self.hidden = spec.hidden
         self.eps = spec.eps
         self.gemma = spec.norm == "gemma"
+        self.fp32_scale = spec.norm == "rms_fp32"
+        if self.fp32_scale and spec.qk_norm:
+            raise UnsupportedArchitecture("q/k norms scaled in fp32")
         self.num_slots = num_slots
         self.max_ctx = max_ctx
         self.vocab_size = spec.vocab
@@ -361,12 +366,12 @@ class FastForward:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
               pre_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return K.add_rmsnorm(x, weight, self.eps, residual=residual, gemma=self.gemma, pre_weight=pre_weight,
-                             dtype=self.dtype)
+                             dtype=self.dtype, fp32_scale=self.fp32_scale)
 
     def _mlp(self, layer: _Layer, h: torch.Tensor, outputs: "_Outputs | None" = None) -> torch.Tensor:
         if layer.experts is None:
             return self._dense_mlp(layer, h, outputs)
-        out = layer.experts(h, self.spec.activation, self.expert_scratch)
+        out = layer.experts(h, self.expert_scratch)
         if layer.gate_up is not None:  # the shared expert, scaled by sigmoid(its gate)
             shared = self._dense_mlp(layer, h, outputs).float()
             out = out + torch.sigmoid(F.linear(h, layer.shared_gate).float()) * shared
@@ -374,11 +379,13 @@ class FastForward:
 
     def _dense_mlp(self, layer: _Layer, h: torch.Tensor, outputs: "_Outputs | None" = None) -> torch.Tensor:
         rows, act = h.shape[0], self.spec.activation
-        if layer.gate_up.fuses_act(rows):  # one launch fewer per layer
+        kernel_act = act in ("silu", "gelu_tanh")  # the GEMV epilogue's and gated_act's
+        if kernel_act and layer.gate_up.fuses_act(rows):  # one launch fewer per layer
             gated = layer.gate_up.quantized.matmul(h, act=act)
         else:
-            gated = K.gated_act(layer.gate_up(h, self.scratch, outputs and outputs.take(layer.gate_up, rows)),
-                                self.dtype, gelu=act == "gelu_tanh")
+            gate_up = layer.gate_up(h, self.scratch, outputs and outputs.take(layer.gate_up, rows))
+            gated = (K.gated_act(gate_up, self.dtype, gelu=act == "gelu_tanh") if kernel_act
+                     else glu(gate_up.float(), self.spec).to(self.dtype))
         return layer.down(gated, self.scratch, outputs and outputs.take(layer.down, rows))
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: Attend,
@@ -414,7 +421,7 @@ class FastForward:
 
         def attend(i: int, q: torch.Tensor) -> torch.Tensor:
             o = attention(q, self.k_cache[i], self.v_cache[i], slots, lengths, spec.attn_scale, spec.windows[i],
-                          spec.attn_softcap)
+                          spec.attn_softcap, self.layers[i].sinks)
             return o.reshape(q.shape[0], self.num_heads * self.head_dim)
 
         return attend
@@ -508,7 +515,7 @@ class FastForward:
 
         def attend(i: int, q: torch.Tensor) -> torch.Tensor:
             o = prompts.attend(q[batch:rows], self.k_cache[i], self.v_cache[i], scale=spec.attn_scale,
-                               window=spec.windows[i], softcap=spec.attn_softcap)
+                               window=spec.windows[i], softcap=spec.attn_softcap, sinks=self.layers[i].sinks)
             parts = ([decode_attend(i, q[:batch])] if decode_attend is not None else []) + [o]
             return torch.cat(parts + [o.new_zeros(pad, o.shape[1])]) if pad or len(parts) > 1 else o
 

@@ -46,20 +46,23 @@ def pdl_available(device: torch.device) -> bool:
 # ---- norms, RoPE, attention, activation ---------------------------------------------------
 
 @triton.jit
-def _normed(xf, w_ptr, offs, ok, eps, D, dtype, GEMMA: tl.constexpr):
-    """RMSNorm of fp32 values: Llama's (normalized, rounded to dtype, times w) or Gemma's
-    (normalized times (1 + w), in fp32); fp32 out, not yet rounded."""
+def _normed(xf, w_ptr, offs, ok, eps, D, dtype, GEMMA: tl.constexpr, FP32_SCALE: tl.constexpr = False):
+    """RMSNorm of fp32 values: Llama's (normalized, rounded to dtype, times w), Gemma's
+    (normalized times (1 + w), in fp32) or gpt-oss's (FP32_SCALE: times w in fp32); fp32 out,
+    not yet rounded."""
     r = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
     w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if GEMMA:
         return xf * r * (1.0 + w)
+    if FP32_SCALE:
+        return xf * r * w
     return (xf * r).to(dtype).to(tl.float32) * w
 
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, pre_w_ptr, out_ptr, res_out_ptr, eps, D,
                         HAS_RES: tl.constexpr, PRE_NORM: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr,
-                        PDL: tl.constexpr):
+                        PDL: tl.constexpr, FP32_SCALE: tl.constexpr = False):
     _pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -67,21 +70,23 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, pre_w_ptr, out_ptr, res_out_ptr, 
     dtype = res_out_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * D + offs, mask=ok, other=0.0)
     if PRE_NORM:  # sandwich: the sublayer's output normed, rounded, then added
-        x = _normed(x.to(tl.float32), pre_w_ptr, offs, ok, eps, D, dtype, GEMMA).to(dtype)
+        x = _normed(x.to(tl.float32), pre_w_ptr, offs, ok, eps, D, dtype, GEMMA, FP32_SCALE).to(dtype)
     if HAS_RES:
         x = (x.to(tl.float32) + tl.load(res_ptr + row * D + offs, mask=ok, other=0.0).to(tl.float32))
         x = x.to(dtype)
         tl.store(res_out_ptr + row * D + offs, x, mask=ok)
-    y = _normed(x.to(tl.float32), w_ptr, offs, ok, eps, D, out_ptr.dtype.element_ty, GEMMA)
+    y = _normed(x.to(tl.float32), w_ptr, offs, ok, eps, D, out_ptr.dtype.element_ty, GEMMA, FP32_SCALE)
     tl.store(out_ptr + row * D + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
                 out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None, *,
-                gemma: bool = False, pre_weight: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+                gemma: bool = False, pre_weight: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                fp32_scale: bool = False):
     """norm(x + residual); returns (normed, x + residual), both in `dtype` (default: the weight's;
     x may be an fp32 product). With no residual: (norm(x), x). `pre_weight`: x is normed with
-    it first (a sandwich norm on the sublayer's output); `gemma`: (1 + w) norms."""
+    it first (a sandwich norm on the sublayer's output); `gemma`: (1 + w) norms; `fp32_scale`:
+    w applied before rounding (gpt-oss)."""
     rows, d = x.shape
     dtype = dtype or weight.dtype
     out = torch.empty((rows, d), dtype=dtype, device=x.device) if out is None else out
@@ -92,7 +97,8 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
                                  pre_weight if pre_weight is not None else weight, out,
                                  residual_out if residual_out is not None else out, eps, d,
                                  HAS_RES=residual is not None, PRE_NORM=pre_weight is not None, GEMMA=gemma,
-                                 BLOCK=triton.next_power_of_2(d), PDL=pdl, num_warps=8, launch_pdl=pdl)
+                                 BLOCK=triton.next_power_of_2(d), PDL=pdl, FP32_SCALE=fp32_scale, num_warps=8,
+                                 launch_pdl=pdl)
     return out, (residual_out if residual is not None else x)
 
 
@@ -248,12 +254,13 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, len_ptr,
 
 
 @triton.jit
-def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, len_ptr, window, H, SPLITS, SPLIT_LEN,
+def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, len_ptr, sinks_ptr, window, H, SPLITS, SPLIT_LEN,
                          D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, WINDOW: tl.constexpr,
-                         PDL: tl.constexpr):
+                         PDL: tl.constexpr, SINKS: tl.constexpr = False):
     """One head of one row: its splits' partial outputs weighted by their log-sum-exps. Only the
     splits that hold keys are read (a loop over them, not a [SPLITS, D] block: at 128 tokens of
-    a 4,096 context, 2 of 64)."""
+    a 4,096 context, 2 of 64). SINKS: the head's sink logit joins the sum as one more split
+    whose output is zero (gpt-oss)."""
     _pdl_start(PDL)
     row = tl.program_id(0)  # b * H + head
     s = tl.arange(0, SPLITS_PAD)
@@ -269,6 +276,10 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, len_ptr, window, H
     d_ok = d < D
     acc = tl.zeros([D_PAD], tl.float32)
     total = tl.sum(acc, axis=0)  # a 0.0 of the loop's own type
+    if SINKS:
+        sink = tl.load(sinks_ptr + row % H).to(tl.float32)
+        m = tl.maximum(m, sink)
+        total += tl.exp(sink - m)
     for i in range(first, used):
         lse_i = tl.load(part_lse_ptr + row * SPLITS + i)
         w = tl.where(lse_i > float("-inf"), tl.exp(lse_i - m), 0.0)
@@ -297,7 +308,8 @@ class DecodeAttention:
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                  lengths: torch.Tensor, scale: float, window: int | None = None,
-                 softcap: float | None = None) -> torch.Tensor:
+                 softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """`sinks`: [H] fp32, each head's sink logit."""
         batch = q.shape[0]
         pdl = pdl_available(q.device)
         d_pad = triton.next_power_of_2(self.head_dim)
@@ -307,9 +319,10 @@ class DecodeAttention:
             GROUP=self.group, GROUP_PAD=max(16, triton.next_power_of_2(self.group)), BLOCK_T=32,
             SOFTCAP=softcap is not None, WINDOW=window is not None, PDL=pdl, num_warps=4, launch_pdl=pdl)
         _merge_splits_kernel[(batch * self.heads,)](
-            self.part_out, self.part_lse, self.out, lengths, window or 0, self.heads, self.splits, self.split_len,
-            D=self.head_dim, D_PAD=d_pad, SPLITS_PAD=max(2, triton.next_power_of_2(self.splits)),
-            WINDOW=window is not None, PDL=pdl, num_warps=4, launch_pdl=pdl)
+            self.part_out, self.part_lse, self.out, lengths, sinks if sinks is not None else lengths, window or 0,
+            self.heads, self.splits, self.split_len, D=self.head_dim, D_PAD=d_pad,
+            SPLITS_PAD=max(2, triton.next_power_of_2(self.splits)), WINDOW=window is not None, PDL=pdl,
+            SINKS=sinks is not None, num_warps=4, launch_pdl=pdl)
         return self.out[:batch]
 
 

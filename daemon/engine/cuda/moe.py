@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
-from daemon.engine.forward import route
-from daemon.engine.spec import Experts, ExpertWeights
+from daemon.engine.forward import glu, route
+from daemon.engine.spec import ExpertWeights, ModelSpec
 
 # Passes of up to this many rows take the routed GEMVs (decode steps, short prompt passes):
 # rows x top_k programs, each reading one expert's rows. Longer ones sort by expert.
@@ -52,12 +52,17 @@ def _quantized(stack: torch.Tensor, quant_type: str, double: bool) -> G.NF4Weigh
 class RoutedExperts:
     """One MoE layer's router and experts as the kernels read them."""
 
-    def __init__(self, router: torch.Tensor, experts: ExpertWeights, spec: Experts, dtype: torch.dtype,
-                 quantization: tuple[str, bool] | None) -> None:
+    def __init__(self, router: torch.Tensor, router_bias: torch.Tensor | None, experts: ExpertWeights,
+                 spec: ModelSpec, dtype: torch.dtype, quantization: tuple[str, bool] | None) -> None:
         """`quantization`: (bitsandbytes quant type, double quantization) to quantize the
         experts to, or None to keep them in `dtype`."""
-        self.spec = spec
+        self.model = spec
+        self.spec = spec.experts
         self.router = router.to(dtype).contiguous()
+        self.router_bias = None if router_bias is None else router_bias.to(dtype)
+        # gpt-oss's experts' biases, added to the products' fp32 outputs
+        self.gate_up_bias = None if experts.gate_up_bias is None else experts.gate_up_bias.float().contiguous()
+        self.down_bias = None if experts.down_bias is None else experts.down_bias.float().contiguous()
         self.count, two_i, self.hidden = experts.gate_up.shape
         self.intermediate = two_i // 2
         self.dtype = dtype
@@ -81,45 +86,56 @@ class RoutedExperts:
             experts = self.gate_up.nbytes + self.down.nbytes
         else:
             experts = sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
-        return experts + self.router.numel() * self.router.element_size()
+        small = [t for t in (self.router, self.router_bias, self.gate_up_bias, self.down_bias) if t is not None]
+        return experts + sum(t.numel() * t.element_size() for t in small)
 
     @property
     def scratch_elements(self) -> int:
         """What a long pass dequantizes the 4-bit experts into: the larger stack."""
         return max(self.gate_up.n * self.gate_up.k, self.down.n * self.down.k) if self.quantized else 0
 
-    def __call__(self, h: torch.Tensor, activation: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """The experts' sum for rows h [rows, hidden], weighted by the router: [rows, hidden] fp32."""
-        weights, chosen = route(h, self.router, self.spec)
+        weights, chosen = route(h, self.router, self.spec, self.router_bias)
         rows, top_k = chosen.shape
         if rows > ROUTED_ROWS:
-            y = self._by_expert(h, chosen, activation, scratch)
+            y = self._by_expert(h, chosen, scratch)
         elif self.quantized:
-            y = self._routed(h, chosen.flatten().to(torch.int32), activation)
+            y = self._routed(h, chosen.flatten())
         else:
-            y = self._gathered(h, chosen.flatten(), activation)
+            y = self._gathered(h, chosen.flatten())
         return (y.view(rows, top_k, self.hidden).float() * weights.float()[..., None]).sum(dim=1)
 
-    def _routed(self, h: torch.Tensor, pairs: torch.Tensor, activation: str) -> torch.Tensor:
-        """4-bit experts, every (token, expert) pair one GEMV row: [pairs, hidden] fp32."""
-        top_k = self.spec.top_k
-        gate_up = G.Routed(pairs, 2 * self.intermediate, per_x=top_k)
-        if self.gate_up.gemv_setting(1, 2 * self.intermediate)[1] == 1:  # no split-K: the activation in the epilogue
-            gated = self.gate_up.matmul(h, act=activation, routed=gate_up)
-        else:
-            gated = K.gated_act(self.gate_up.matmul(h, routed=gate_up), self.dtype,
-                                gelu=activation == "gelu_tanh")
-        return self.down.matmul(gated, routed=G.Routed(pairs, self.hidden))
+    def _gated(self, gate_up: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up of the pairs' [gate; up] (fp32 or the dtype), biases added: the dtype."""
+        if self.gate_up_bias is not None:
+            gate_up = gate_up.float() + self.gate_up_bias[chosen]
+        if self.model.activation in ("silu", "gelu_tanh"):
+            return K.gated_act(gate_up, self.dtype, gelu=self.model.activation == "gelu_tanh")
+        return glu(gate_up.float(), self.model).to(self.dtype)
 
-    def _gathered(self, h: torch.Tensor, chosen: torch.Tensor, activation: str) -> torch.Tensor:
+    def _biased_down(self, y: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        return y if self.down_bias is None else y.float() + self.down_bias[chosen]
+
+    def _routed(self, h: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """4-bit experts, every (token, expert) pair one GEMV row: [pairs, hidden] fp32."""
+        pairs = chosen.to(torch.int32)
+        gate_up = G.Routed(pairs, 2 * self.intermediate, per_x=self.spec.top_k)
+        # no split-K and no bias: the activation in the epilogue
+        if (self.gate_up.gemv_setting(1, 2 * self.intermediate)[1] == 1 and self.gate_up_bias is None
+                and self.model.activation in ("silu", "gelu_tanh")):
+            gated = self.gate_up.matmul(h, act=self.model.activation, routed=gate_up)
+        else:
+            gated = self._gated(self.gate_up.matmul(h, routed=gate_up), chosen)
+        return self._biased_down(self.down.matmul(gated, routed=G.Routed(pairs, self.hidden)), chosen)
+
+    def _gathered(self, h: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Dense experts: each pair's matrices gathered, one batched product each."""
         x = h.repeat_interleave(self.spec.top_k, dim=0)[:, None]  # [pairs, 1, hidden]
-        gate_up = torch.bmm(x, self.gate_up[chosen].transpose(1, 2))[:, 0]
-        gated = _act(gate_up, activation)
-        return torch.bmm(gated[:, None], self.down[chosen].transpose(1, 2))[:, 0]
+        gated = self._gated(torch.bmm(x, self.gate_up[chosen].transpose(1, 2))[:, 0], chosen)
+        return self._biased_down(torch.bmm(gated[:, None], self.down[chosen].transpose(1, 2))[:, 0], chosen)
 
-    def _by_expert(self, h: torch.Tensor, chosen: torch.Tensor, activation: str,
-                   scratch: torch.Tensor | None) -> torch.Tensor:
+    def _by_expert(self, h: torch.Tensor, chosen: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
         """Long passes: the pairs sorted by expert, one GEMM per expert hit over its tokens (one
         host sync a layer: prompt passes are not captured)."""
         top_k = self.spec.top_k
@@ -133,7 +149,8 @@ class RoutedExperts:
         for expert, count in enumerate(counts):
             if count:
                 span = slice(start, start + count)
-                gated[order[span]] = _act(F.linear(h[tokens[span]], gate_up[expert]), activation)
+                pick = order[span]
+                gated[pick] = self._gated(F.linear(h[tokens[span]], gate_up[expert]), flat[pick])
                 start += count
         down = self._dense(self.down, scratch, self.hidden, self.intermediate)
         y = torch.empty(flat.numel(), self.hidden, dtype=self.dtype, device=h.device)
@@ -141,7 +158,7 @@ class RoutedExperts:
         for expert, count in enumerate(counts):
             if count:
                 pick = order[start:start + count]
-                y[pick] = F.linear(gated[pick], down[expert])
+                y[pick] = self._biased_down(F.linear(gated[pick], down[expert]), flat[pick]).to(self.dtype)
                 start += count
         return y
 
@@ -154,8 +171,3 @@ class RoutedExperts:
             scratch = torch.empty(stack.n * stack.k, dtype=self.dtype, device=stack.packed.device)
         return stack.dequantize(scratch[:stack.n * stack.k]).view(self.count, n, k)
 
-
-def _act(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-    half = gate_up.shape[-1] // 2
-    gate = F.silu(gate_up[:, :half]) if activation == "silu" else F.gelu(gate_up[:, :half], approximate="tanh")
-    return gate * gate_up[:, half:]
