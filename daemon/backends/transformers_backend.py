@@ -58,18 +58,6 @@ def bnb_config(quantization: Quantization, dtype: torch.dtype) -> Any:
     return None
 
 
-def checkpoint_quant_method(folder: Path) -> str | None:
-    """The quantization a checkpoint ships in (config.json's quantization_config.quant_method)."""
-    import json
-
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    quant = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config") or {}
-    return quant.get("quant_method") if isinstance(quant, dict) else None
-
-
 def quantize_linears(model: torch.nn.Module, quantization: Quantization, dtype: torch.dtype) -> int:
     """The decoder layers' nn.Linear products replaced by bitsandbytes' 4-bit or int8 layers, as
     transformers' BitsAndBytesConfig would have made them at load: for a checkpoint that ships in
@@ -216,7 +204,7 @@ def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: Deriv
             cache_key = None
     _check_architecture(folder)
     requantize = None
-    if checkpoint_quant_method(folder) == "mxfp4":
+    if resolved.metadata.quantization_level == "MXFP4":
         # gpt-oss ships its experts in MXFP4, whose kernels transformers takes from the Hub: load
         # them dequantized, then quantize the attention as the modelfile asks (the experts follow
         # it on the fast path)
@@ -224,7 +212,6 @@ def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: Deriv
 
         requantize = kwargs.pop("quantization_config", None)
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-        cache_key = None
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     model.eval()

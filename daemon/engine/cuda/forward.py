@@ -39,7 +39,6 @@ from daemon.engine.cuda import batched as B
 from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
 from daemon.engine.cuda.moe import RoutedExperts
-from daemon.engine.forward import glu
 from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
 from daemon.engine.spec import rotary_tables, softcap, take_layers
 
@@ -379,13 +378,11 @@ class FastForward:
 
     def _dense_mlp(self, layer: _Layer, h: torch.Tensor, outputs: "_Outputs | None" = None) -> torch.Tensor:
         rows, act = h.shape[0], self.spec.activation
-        kernel_act = act in ("silu", "gelu_tanh")  # the GEMV epilogue's and gated_act's
-        if kernel_act and layer.gate_up.fuses_act(rows):  # one launch fewer per layer
+        if act in K.KERNEL_ACTIVATIONS and layer.gate_up.fuses_act(rows):  # one launch fewer per layer
             gated = layer.gate_up.quantized.matmul(h, act=act)
         else:
-            gate_up = layer.gate_up(h, self.scratch, outputs and outputs.take(layer.gate_up, rows))
-            gated = (K.gated_act(gate_up, self.dtype, gelu=act == "gelu_tanh") if kernel_act
-                     else glu(gate_up.float(), self.spec).to(self.dtype))
+            gated = K.gated(layer.gate_up(h, self.scratch, outputs and outputs.take(layer.gate_up, rows)), self.spec,
+                            self.dtype)
         return layer.down(gated, self.scratch, outputs and outputs.take(layer.down, rows))
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: Attend,

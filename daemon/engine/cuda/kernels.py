@@ -349,6 +349,20 @@ def _gated_act_kernel(x_ptr, out_ptr, I, BLOCK: tl.constexpr, GELU: tl.constexpr
     tl.store(out_ptr + row * I + col, (a * u).to(out_ptr.dtype.element_ty), mask=ok)
 
 
+# the activations gated_act and the GEMV's epilogue compute; others (gpt-oss's clamped SwiGLU) in PyTorch
+KERNEL_ACTIVATIONS = frozenset({"silu", "gelu_tanh"})
+
+
+def gated(gate_up: torch.Tensor, spec, dtype: torch.dtype) -> torch.Tensor:
+    """act(gate) * up of a [gate; up] product as the spec's family computes it, in `dtype`: the
+    kernel where it has the activation, else engine/forward.glu in fp32."""
+    if spec.activation in KERNEL_ACTIVATIONS:
+        return gated_act(gate_up, dtype, gelu=spec.activation == "gelu_tanh")
+    from daemon.engine.forward import glu
+
+    return glu(gate_up.float(), spec).to(dtype)
+
+
 def gated_act(gate_up: torch.Tensor, dtype: torch.dtype | None = None, gelu: bool = False) -> torch.Tensor:
     """act(gate) * up of a [gate; up] product, in `dtype` (default: gate_up's; an fp32 product
     yields bf16 when asked): SiLU, or GELU (tanh) with `gelu`."""

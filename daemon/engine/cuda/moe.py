@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
-from daemon.engine.forward import glu, route
+from daemon.engine.forward import route
 from daemon.engine.spec import ExpertWeights, ModelSpec
 
 # Passes of up to this many rows take the routed GEMVs (decode steps, short prompt passes):
@@ -110,9 +110,7 @@ class RoutedExperts:
         """act(gate) * up of the pairs' [gate; up] (fp32 or the dtype), biases added: the dtype."""
         if self.gate_up_bias is not None:
             gate_up = gate_up.float() + self.gate_up_bias[chosen]
-        if self.model.activation in ("silu", "gelu_tanh"):
-            return K.gated_act(gate_up, self.dtype, gelu=self.model.activation == "gelu_tanh")
-        return glu(gate_up.float(), self.model).to(self.dtype)
+        return K.gated(gate_up, self.model, self.dtype)
 
     def _biased_down(self, y: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         return y if self.down_bias is None else y.float() + self.down_bias[chosen]
@@ -123,7 +121,7 @@ class RoutedExperts:
         gate_up = G.Routed(pairs, 2 * self.intermediate, per_x=self.spec.top_k)
         # no split-K and no bias: the activation in the epilogue
         if (self.gate_up.gemv_setting(1, 2 * self.intermediate)[1] == 1 and self.gate_up_bias is None
-                and self.model.activation in ("silu", "gelu_tanh")):
+                and self.model.activation in K.KERNEL_ACTIVATIONS):
             gated = self.gate_up.matmul(h, act=self.model.activation, routed=gate_up)
         else:
             gated = self._gated(self.gate_up.matmul(h, routed=gate_up), chosen)
