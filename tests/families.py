@@ -224,6 +224,30 @@ def routers(model):
             if hasattr(layer.mlp, "experts")]
 
 
+def decisively_routed(reference_pass, margin: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ReferenceForward pass's logits and, per row, whether every layer's router chose its
+    experts by more than `margin` (the k-th logit over the next): a near-tie (two experts one
+    bf16 step apart, as random tiny routers make now and then) flips on the paths' summation
+    order alone, so a row routed on it says nothing about the path under test."""
+    from daemon.engine import forward
+
+    chosen = forward.route
+    margins = []
+
+    def recording(x, router, moe, bias=None):
+        logits = torch.nn.functional.linear(x, router, bias).float().reshape(-1, router.shape[0])
+        ranked = logits.topk(moe.top_k + 1, dim=-1).values
+        margins.append(ranked[:, -2] - ranked[:, -1])
+        return chosen(x, router, moe, bias)
+
+    forward.route = recording
+    try:
+        logits = reference_pass()
+    finally:
+        forward.route = chosen
+    return logits, torch.stack(margins).amin(dim=0) > margin
+
+
 def quantize_dequantize_experts(model, quant_type: str = "nf4") -> None:
     """The model's experts as the fast path stands for them, in place: each expert's matrices,
     in the layout the fast path takes them over in (spec.ExpertWeights: gpt-oss's de-interleaved
