@@ -201,6 +201,59 @@ def test_each_family_on_the_gpu_matches_the_reference_path(family_dirs, family, 
     prompts = [families.PROMPT, families.PROMPT[::-1] * 2, [3, 4, 5]]
     slots = [2, 0, 3]
     for s, p in zip(slots, prompts):
+        assert rel(fast.forward(torch.tensor([p]).cuda(), [s], [0]), eager.forward(torch.tensor([p]).cuda(), [s], [0])) < tolerance
+    for step in range(12):  # past the windows of 8
+        tokens = torch.tensor([[5 + step], [9 + step], [11 + step]])
+        starts = [len(p) + step for p in prompts]
+        assert rel(fast.forward(tokens, slots, starts), eager.forward(tokens, slots, starts)) < tolerance
+    chunk = families.PROMPT * 2
+    mixed = fast.forward_mixed(torch.tensor([[7]]), [2], [len(prompts[0]) + 12], [(chunk, 1, 0)])
+    alone = torch.cat([eager.forward(torch.tensor([[7]]), [2], [len(prompts[0]) + 12]),
+                       eager.forward(torch.tensor([chunk]), [1], [0])])
+    assert rel(mixed, alone) < tolerance
+    if four_bit is None:
+        graphs = families.our_greedy(fast, n=16, slot=1)
+        eager_kernels = families.our_greedy(FastForward(load(path), num_slots=4, max_ctx=128, graphs=False), n=16,
+                                            slot=1)
+        assert graphs == eager_kernels
+
+
+def _decisive(model):
+    """Routers scaled up, as trained ones are decisive: near-tied experts flip on 4-bit noise."""
+    import families
+
+    with torch.no_grad():
+        for router in families.routers(model):
+            router.weight.mul_(4)
+    return model
+
+
+@pytest.fixture(scope="module")
+def moe_dirs(tmp_path_factory):
+    import families
+
+    root = tmp_path_factory.mktemp("gpu-moe")
+    return {f: families.build(root / f, f) for f in families.MOE}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "qwen2-moe", "gpt-oss"])
+def test_4bit_experts_on_the_gpu_match_the_reference_path(moe_dirs, family):
+    """A bitsandbytes NF4 MoE model on the fast path (its experts quantized at take-over, routed
+    GEMVs captured in graphs for decode, by expert for a long prompt) against the reference path
+    on the same weights, each decode row whose routing is no near-tie; then greedy tokens with
+    graphs equal the eager kernels'."""
+    import families
+
+    path = moe_dirs[family]
+    reference = _decisive(load(path, "nf4"))
+    families.quantize_dequantize_experts(reference)
+    eager = ReferenceForward(reference, num_slots=4, max_ctx=256)
+    fast = FastForward(_decisive(load(path, "nf4")), num_slots=4, max_ctx=256)
+    assert all(layer.experts.quantized for layer in fast.layers if layer.experts is not None)
+    fast.capture_all()
+    prompts = [families.PROMPT, families.PROMPT[::-1] * 8, [3, 4, 5]]  # the second past 64 rows: by expert
+    slots = [2, 0, 3]
+    for s, p in zip(slots, prompts):
         assert rel(fast.forward(torch.tensor([p]).cuda(), [s], [0]), eager.forward(torch.tensor([p]).cuda(), [s], [0])) < 3e-2
     # a row routed on a near-tie is not compared (its experts differ by the summation order);
     # one that was earlier holds that token's keys as each path computed them: a wider bound
