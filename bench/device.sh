@@ -11,6 +11,7 @@
 #         machine is still warm (each copied to /root/smol), then run setup
 # checkpoint writes the random checkpoints of SHAPES' first shape (default llama3-8b) in the
 #         background (the benches share them)
+# vision  Gemma-3-12B shapes with its tower, NF4: TTFT and decode rate with an 896 px image against text
 # tests   the GPU tests (kernels against bitsandbytes, fast path against eager, SmolLM2 greedy)
 # sweep   bench/nf4_kernel.py: NF4 GEMV settings on this card -> $OUT/configs.json
 # batched bench/batched_kernel.py: the batched products' settings and table -> $OUT/batched.json
@@ -97,6 +98,9 @@ for what in "$@"; do
               --repeats ${REPEATS:-3})
         [ -f "$CONFIGS" ] && args+=(--configs "$CONFIGS")
         step serve python3 bench/gpu_serve.py "${args[@]}"
+        ;;
+    vision)
+        step vision python3 bench/gpu_vision.py --root /tmp/bench --tokens ${TOKENS:-256} --repeats ${REPEATS:-3}
         ;;
     prefix)
         [ -n "${WRITER:-}" ] && wait "$WRITER"

@@ -305,3 +305,52 @@ def test_gpt_oss_shipped_in_mxfp4_is_quantized_after_load_and_runs_the_fast_path
         if not decisive.all():  # routed on a near-tie: the paths part ways from here on
             break
         assert rel(fast.forward(tokens, [0], starts), expected) < 3e-2
+
+
+@pytest.mark.parametrize("family", ["gemma3-vision", "llava"])
+def test_an_image_on_the_fast_path_matches_transformers(tmp_path, family):
+    """An image's prompt on the fast path (its tokens' rows from the tower's features, Gemma 3's
+    attending to each other in the prompt pass), then decode steps on the captured graphs beside
+    a text row: the logits of transformers' own forward over the processor's output."""
+    import hashlib
+    import io
+
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import visionmodels as vm
+    from daemon.engine.images import ImageBytes
+    from daemon.engine.vision import Vision
+
+    path = vm.build(tmp_path / family, family)
+    processor = AutoProcessor.from_pretrained(path)
+    data = vm.picture(seed=1)
+    message = [{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    text = processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, images=[Image.open(io.BytesIO(data)).convert("RGB")], return_tensors="pt",
+                       add_special_tokens=False).to(0)
+    hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0}).eval()
+    with torch.no_grad():
+        prompt_logits = hf(**inputs).logits[0, -1].float()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0}).eval()
+    fast = FastForward(model, num_slots=2, max_ctx=256)
+    vision = Vision(model, processor, fast.vocab_size)
+    fast.vision = vision
+    tokens, pixels = vision.prepare(ImageBytes(data, hashlib.sha256(data).hexdigest()))
+    vision.encode(tokens, pixels)
+    ids = vision.substitute(inputs["input_ids"][0].tolist(), [tokens])
+    empty = torch.zeros(0, 1, dtype=torch.long)
+    other = fast.forward_mixed(empty, [], [], [([5, 9, 17, 33, 65], 1, 0)])[0]
+    logits = fast.forward_mixed(empty, [], [], [(ids, 0, 0)])[0]
+    assert rel(logits, prompt_logits) < 3e-2
+    # a decode step of both rows (the captured graph) against transformers' next position
+    token, text_token = int(logits.argmax()), int(other.argmax())
+    both = fast.forward(torch.tensor([[token], [text_token]]), [0, 1], [len(ids), 5])
+    with torch.no_grad():
+        again = hf(input_ids=torch.cat([inputs["input_ids"], torch.tensor([[token]], device=0)], 1),
+                   pixel_values=inputs["pixel_values"],
+                   **({"token_type_ids": torch.cat([inputs["token_type_ids"], torch.zeros(1, 1, dtype=torch.long,
+                                                                                            device=0)], 1)}
+                      if "token_type_ids" in inputs else {})).logits[0, -1].float()
+    assert rel(both[0], again) < 3e-2

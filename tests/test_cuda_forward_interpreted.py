@@ -258,3 +258,50 @@ def test_4bit_experts_match_pytorch_on_the_same_weights(family_dirs, cpu_fast_pa
     assert [g.shape for g in got] == [e.shape for e in expected]
     for g, e in zip(got, expected):
         assert rel(g, e) < 3e-2
+
+
+@pytest.mark.parametrize("family", ["gemma3-vision", "llava"])
+def test_images_on_the_fast_path_match_the_reference_path(tmp_path, cpu_fast_path, family):
+    """Prompts holding images on the fast path, in fp32: their tokens' rows from the tower's
+    features and (Gemma 3) attending to each other, two image prompts from the same start in one
+    pass (attended together) beside a decode row, then a decode step: the reference path's logits."""
+    import hashlib
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import visionmodels as vm
+    from daemon.engine.images import ImageBytes
+    from daemon.engine.vision import Vision
+
+    path = vm.build(tmp_path / family, family)
+    processor = AutoProcessor.from_pretrained(path)
+    paths = []
+    for make in (lambda m: fast.FastForward(m, num_slots=3, max_ctx=128, graphs=False),
+                 lambda m: ReferenceForward(m, num_slots=3, max_ctx=128, weight_dtype=torch.float32)):
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        forward = make(model)
+        forward.vision = Vision(model, processor, forward.vocab_size)
+        paths.append(forward)
+    prompts = []
+    for forward in paths:
+        ids = []
+        for seed in (1, 2):
+            data = vm.picture(seed=seed)
+            tokens, pixels = forward.vision.prepare(ImageBytes(data, hashlib.sha256(data).hexdigest()))
+            forward.vision.encode(tokens, pixels)
+            ids.append([5, 9] + list(tokens.ids) + [17, 33, 65, 7])
+        prompts.append(ids)
+    assert forward.vision.bidirectional == (family == "gemma3-vision")
+    results = []
+    for forward, (a, b) in zip(paths, prompts):
+        forward.forward(torch.tensor([[3, 4, 5]]), [2], [0])
+        if isinstance(forward, fast.FastForward):
+            first = forward.forward_mixed(torch.tensor([[6]]), [2], [3], [(a, 0, 0), (b, 1, 0)])
+        else:
+            first = torch.cat([forward.forward(torch.tensor([[6]]), [2], [3]), forward.forward(torch.tensor([a]), [0], [0]),
+                               forward.forward(torch.tensor([b]), [1], [0])])
+        step = forward.forward(torch.tensor([[8], [11]]), [0, 1], [len(a), len(b)])
+        results.append((first, step))
+    (fast_first, fast_step), (ref_first, ref_step) = results
+    assert rel(fast_first, ref_first) < 1e-4 and rel(fast_step, ref_step) < 1e-4
+    assert rel(ref_first[1], ref_first[2]) > 1e-3  # the two pictures answer apart

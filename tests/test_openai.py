@@ -79,10 +79,11 @@ def test_messages_parts_tool_calls_and_tool_names():
         {"role": "tool", "tool_call_id": "call_1", "content": "42"},
     ]
     native = ChatCompletionRequest.from_body(chat_body(messages=messages)).native.messages
-    assert [m.role for m in native] == ["system", "user", "user", "assistant", "tool"]
-    assert native[1].content == "look" and native[2].images == (png,)
-    assert native[3].tool_calls[0]["function"]["arguments"] == {"a": 1} and native[3].thinking == "hmm"
-    assert native[4].tool_name == "f" and native[4].content == "42"
+    # a message's image parts stay with its text (its template places them together)
+    assert [m.role for m in native] == ["system", "user", "assistant", "tool"]
+    assert native[1].content == "look" and native[1].images == (png,)
+    assert native[2].tool_calls[0]["function"]["arguments"] == {"a": 1} and native[2].thinking == "hmm"
+    assert native[3].tool_name == "f" and native[3].content == "42"
 
 
 @pytest.mark.parametrize("fields, error", [

@@ -217,14 +217,22 @@ def _messages(raw: list[Mapping[str, Any]]) -> list[Message]:
         elif isinstance(content, str):
             out.append(Message(content=content, tool_calls=tuple(calls), **common))
         elif isinstance(content, list):
+            texts, images = [], []
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text":
-                    out.append(Message(content=part.get("text") or "", **common))
+                    texts.append(part.get("text") or "")
                 elif kind == "image_url":
-                    out.append(Message(images=(_image(part),), **common))
+                    images.append(_image(part))
                 else:
                     raise BadRequest(f"invalid message part type: {kind}")
+            if images:
+                # one message holding its pictures and its text, as the model's chat template
+                # places them (Ollama splits the parts into messages of their own, which renders
+                # an image turn apart from the question about it)
+                out.append(Message(content="\n".join(texts), images=tuple(images), **common))
+            else:
+                out += [Message(content=text, **common) for text in texts]
             if calls:
                 out.append(Message(tool_calls=tuple(calls), **common))
         else:

@@ -73,6 +73,7 @@ class ModelMetadata:
     is_embedding_model: bool = False
     info: dict[str, Any] = field(default_factory=dict)  # Ollama's model_info keys
     shape: ModelShape | None = None
+    vision: bool = False  # takes images: a vision tower and its processor's settings
 
     @property
     def families(self) -> list[str]:
@@ -249,6 +250,14 @@ def _from_hf_dir(directory: Path) -> ModelMetadata:
     is_embedding = arch in ("bert", "nomic_bert", "xlm-roberta", "mpnet") or not any(
         a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures
     )
+    vision_config = config.get("vision_config")
+    vision = isinstance(vision_config, dict) and any(
+        (directory / name).is_file() for name in ("preprocessor_config.json", "processor_config.json"))
+    if vision:
+        for key, suffix in (("num_hidden_layers", "block_count"), ("hidden_size", "embedding_length"),
+                            ("image_size", "image_size"), ("patch_size", "patch_size")):
+            if key in vision_config:
+                info[f"{arch}.vision.{suffix}"] = vision_config[key]
     config = {**config, **(config.get("text_config") or {})}  # a multimodal checkpoint's language model
     shape = None
     if config.get("hidden_size") and config.get("num_attention_heads"):
@@ -270,4 +279,5 @@ def _from_hf_dir(directory: Path) -> ModelMetadata:
         is_embedding_model=is_embedding,
         info=info,
         shape=shape,
+        vision=vision,
     )

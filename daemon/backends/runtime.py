@@ -11,7 +11,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -22,8 +22,10 @@ from daemon.engine.forward import ReferenceForward
 from daemon.engine.generic import TransformersForward
 from daemon.engine.spec import UnsupportedArchitecture
 from daemon.engine.grammar import GrammarCompiler
+from daemon.engine.images import ImageBytes, check_count
 from daemon.engine.prompt import ContextBudget, PromptBuilder
 from daemon.engine.runner import Runner
+from daemon.engine.vision import ImageTokens, Vision
 from daemon.errors import BadRequest, InternalError
 from daemon.registry.catalog import ResolvedModel
 from daemon.store.derived import DerivedCache
@@ -104,6 +106,7 @@ class ModelRuntime:
     load_seconds: float
     measured_bytes: int = 0  # GPU memory the load took, measured
     grammars: GrammarCompiler | None = None  # format and tool-call grammars for this tokenizer
+    vision: Vision | None = None  # a vision model's processor, tower and image tokens
 
     @property
     def size_bytes(self) -> int:
@@ -115,6 +118,30 @@ class ModelRuntime:
     @property
     def size_vram(self) -> int:
         return self.size_bytes if self.loaded.device.type == "cuda" else 0
+
+    async def image_tokens(self, images: Sequence[str]) -> tuple[list[ImageTokens], list[int]]:
+        """The request's images (base64) as prompt tokens, each encoded by the vision tower
+        unless its features are held (the same picture as an earlier turn's); their features
+        are pinned until `vision.unpin` of the second value. A bad image is the client's 400."""
+        vision = self.vision
+        if vision is None:
+            raise BadRequest(f"{self.resolved.name.full} does not support vision (image input)")
+        check_count(len(images))
+        prepared: list[tuple[ImageTokens, Any]] = []
+
+        def prepare() -> None:  # decoding and the processor: a worker thread, not the event loop
+            for text in images:
+                prepared.append(vision.prepare(ImageBytes.from_base64(text)))
+
+        try:
+            await asyncio.to_thread(prepare)
+            todo = [(tokens, inputs) for tokens, inputs in prepared if inputs is not None]
+            if todo:
+                await self.runner.run_exclusive(lambda: [vision.encode(tokens, inputs) for tokens, inputs in todo])
+        except BaseException:
+            vision.unpin([tokens.first for tokens, _ in prepared])
+            raise
+        return [tokens for tokens, _ in prepared], [tokens.first for tokens, _ in prepared]
 
     async def embed(self, texts: list[str], truncate: bool) -> EmbedResult:
         """A generate model's embeddings: its final hidden states, mean pooled, computed on
@@ -274,9 +301,13 @@ def load_runtime(resolved: ResolvedModel, settings: Settings, num_ctx: int | Non
         gc.collect()  # the replaced HF modules can sit in reference cycles: count only what stays
         torch.cuda.synchronize(device)
     measured = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0
+    vision = None
+    if loaded.processor is not None:  # images go through the same forward as text
+        vision = Vision(loaded.model, loaded.processor, vocab_rows=forward.vocab_size)
+        forward.vision = vision
     modelfile = resolved.modelfile
     prompts = PromptBuilder(loaded.tokenizer, resolved.template, system=modelfile.system,
-                            messages=modelfile.messages, fim=modelfile.fim)
+                            messages=modelfile.messages, fim=modelfile.fim, vision=vision)
     prompts.prepare()
     if device.type == "cuda":
         _warm_up(runner, prompts, plan.num_ctx, resolved.name.display)
@@ -285,4 +316,4 @@ def load_runtime(resolved: ResolvedModel, settings: Settings, num_ctx: int | Non
              plan.num_ctx, plan.slots, ", bf16 batch weights" if plan.batch_weights else "")
     grammars = GrammarCompiler(loaded.tokenizer, sorted(loaded.eos_token_ids))
     return ModelRuntime(resolved, loaded, forward, runner, prompts, plan.num_ctx, plan.default_num_ctx, seconds,
-                        measured, grammars)
+                        measured, grammars, vision)

@@ -26,6 +26,7 @@ class LoadedModel:
     device: torch.device
     eos_token_ids: frozenset[int]
     weights_bytes: int
+    processor: Any = None  # a vision model's processor (images to pixel tensors and prompt tokens)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -95,6 +96,40 @@ def quantize_linears(model: torch.nn.Module, quantization: Quantization, dtype: 
                 setattr(holder.get_submodule(parent) if parent else holder, leaf, new)
                 count += 1
     return count
+
+
+# The modules of a vision checkpoint that stay in the compute dtype when its language model is
+# quantized: the towers and projectors (small, and sensitive to 4-bit rounding), and the head.
+VISION_MODULES = ["vision_tower", "vision_model", "visual", "multi_modal_projector", "mm_projector", "lm_head"]
+
+
+def is_vision_checkpoint(folder: Path) -> bool:
+    """A multimodal checkpoint with a processor: config.json names a vision tower, and the
+    image processor's settings are there."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    processor = any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json"))
+    return isinstance(config.get("vision_config"), dict) and processor
+
+
+def load_processor(folder: Path, name: str) -> Any:
+    """The checkpoint's processor, or None (logged) when this transformers cannot build it: the
+    model then serves text only."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+    except Exception as exc:
+        log.warning("%s: no image input (its processor does not load: %s)", name, str(exc).splitlines()[0])
+        return None
+    if getattr(processor, "image_token", None) is None or getattr(processor, "image_processor", None) is None:
+        log.warning("%s: no image input (its processor names no image token)", name)
+        return None
+    return processor
 
 
 def converted_gguf_folder(gguf: Path, digest: str, cache: DerivedCache) -> Path:
@@ -180,10 +215,13 @@ def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: Deriv
     quantization = resolved.modelfile.quantization
     dtype = compute_dtype(quantization, device)
     kwargs: dict[str, Any] = {"dtype": dtype}
+    vision = not location.is_gguf and is_vision_checkpoint(folder)
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
         config = bnb_config(quantization, dtype)
         if config is not None:
+            if vision:
+                config.llm_int8_skip_modules = VISION_MODULES
             kwargs["quantization_config"] = config
     elif quantization.mode != "none":
         log.warning("%s: %s quantization needs a CUDA GPU; loading unquantized on the CPU",
@@ -213,7 +251,14 @@ def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: Deriv
         requantize = kwargs.pop("quantization_config", None)
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    # from the checkpoint itself: a quantized copy kept from before may not carry it
+    processor = load_processor(location.path, resolved.name.display) if vision else None
+    if processor is not None:
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     model.eval()
     if requantize is not None:
         log.info("%s: quantized %d layers to %s after dequantizing MXFP4", resolved.name.display,
@@ -223,6 +268,8 @@ def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: Deriv
             def save(out: Path) -> None:
                 model.save_pretrained(out)
                 tokenizer.save_pretrained(out)
+                if processor is not None:
+                    processor.save_pretrained(out)
             derived.get_or_build(cache_key, save, sources=resolved.file_digests.values())
             log.info("%s: kept the quantized weights for the next load", resolved.name.display)
         except Exception as exc:  # a full disk must not fail the load itself
@@ -235,4 +282,5 @@ def load_causal_lm(resolved: ResolvedModel, device: torch.device, derived: Deriv
         device=device,
         eos_token_ids=eos_ids(tokenizer, model),
         weights_bytes=int(model.get_memory_footprint()),
+        processor=processor,
     )

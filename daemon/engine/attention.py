@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 
-def allowed(q_positions: torch.Tensor, keys: int, window: int | None) -> torch.Tensor:
-    """[..., T, keys] booleans: which keys each query position sees."""
+def allowed(q_positions: torch.Tensor, keys: int, window: int | None,
+            horizons: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., T, keys] booleans: which keys each query position sees. `horizons` (the shape of
+    q_positions): the last key each query sees where that is not its own position (an image
+    token of a model whose image tokens see each other: its image's last)."""
     k = torch.arange(keys, device=q_positions.device)
-    mask = k <= q_positions[..., None]
+    mask = k <= (q_positions if horizons is None else horizons)[..., None]
     if window is not None:
         mask &= k > q_positions[..., None] - window
     return mask
@@ -111,6 +114,14 @@ class _Group:
     read: slice | torch.Tensor  # the batch's slots: a slice (spanning unused ones) or a gather
     gather: torch.Tensor | None  # [batch * steps]: the pass row of each padded row (None: one segment)
     rows: slice  # a lone segment's rows in the pass
+    # [batch, steps]: the last key each row sees, where a segment's image tokens see each other
+    horizons: torch.Tensor | None = None
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        if self.horizons is None:
+            return None
+        positions = torch.arange(self.start, self.start + self.steps, device=self.horizons.device)
+        return allowed(positions.expand_as(self.horizons), self.start + self.steps, window, self.horizons)[:, None]
 
 
 class PromptSegments:
@@ -120,9 +131,11 @@ class PromptSegments:
     after its copy (one SDPA call per layer, not 31, which the host could not launch fast
     enough). A segment padded at its end attends under the causal mask from the bottom right
     as it would alone: its row r sees keys up to start + r; the padding rows see keys past its
-    end (finite: the caches start zeroed) and are dropped."""
+    end (finite: the caches start zeroed) and are dropped. `horizons`: segment index -> the last
+    key each of its rows sees (Vision.horizons), for segments whose image tokens see each other."""
 
-    def __init__(self, segments: list[tuple[int, int, int]], device: torch.device) -> None:
+    def __init__(self, segments: list[tuple[int, int, int]], device: torch.device,
+                 horizons: dict[int, list[int]] | None = None) -> None:
         offsets = list(itertools.accumulate((n for _, _, n in segments), initial=0))
         by_start: dict[int, list[int]] = {}
         for i, (_, start, _) in enumerate(segments):
@@ -148,7 +161,13 @@ class PromptSegments:
             for i, b in zip(members, where):
                 place[offsets[i]:offsets[i + 1]] = range(padded + b * steps, padded + b * steps + segments[i][2])
             first = members[0]
-            self.groups.append(_Group(start, steps, read, gather, slice(offsets[first], offsets[first + 1])))
+            seen = None
+            if horizons and any(i in horizons for i in members):
+                grid = [list(range(start, start + steps)) for _ in range(batch)]
+                for i, b in zip(members, where):
+                    grid[b][:len(horizons.get(i, ()))] = horizons.get(i, ())
+                seen = torch.tensor(grid, device=device)
+            self.groups.append(_Group(start, steps, read, gather, slice(offsets[first], offsets[first + 1]), seen))
             padded += batch * steps
         identity = padded == offsets[-1] and place == list(range(padded))
         self.order = None if identity else torch.tensor(place, device=device)
@@ -166,7 +185,7 @@ class PromptSegments:
                 part = q.index_select(0, g.gather).view(-1, g.steps, heads, dim).transpose(1, 2)
             length = g.start + g.steps
             o = attend(part, k_cache[g.read, :, :length], v_cache[g.read, :, :length], None,
-                       scale=scale, window=window, softcap=softcap, sinks=sinks)
+                       scale=scale, window=window, softcap=softcap, sinks=sinks, mask=g.mask(window))
             outs.append(o.transpose(1, 2).reshape(-1, heads * dim))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out if self.order is None else out.index_select(0, self.order)

@@ -41,6 +41,7 @@ from daemon.engine.packed import PackedLinear, Product
 from daemon.engine.packed import fuse as fuse_products
 from daemon.engine.spec import Experts, ExpertWeights, LayerParts, ModelSpec, UnsupportedArchitecture, decoder
 from daemon.engine.spec import embed_scale_tensor, rotary_tables, softcap, take_layers
+from daemon.engine.vision import Vision
 
 
 
@@ -216,17 +217,22 @@ class _Rows:
     # of order): attention runs over the whole slice, which costs less than copying the caches
     spread: torch.Tensor | None = None
     query_positions: torch.Tensor | None = None  # [B, padded rows] on the CPU: each query row's position
+    # one prompt chunk with images whose tokens see each other: the last key each row sees
+    # (shaped as query_positions where those are given, else [1, T] beside its rows' positions)
+    horizons: torch.Tensor | None = None
+    horizon_queries: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict)
 
     def mask(self, window: int | None) -> torch.Tensor:
         """[B, 1, rows, keys] which keys each row sees, per sliding window (computed once a pass);
         B counts the slots of the slice `read` when rows are spread over it."""
         if window not in self._masks:
-            positions = self.query_positions if self.query_positions is not None else self.positions[:, None]
+            positions = (self.query_positions if self.query_positions is not None
+                         else self.horizon_queries if self.horizon_queries is not None else self.positions[:, None])
             if self.spread is not None:  # the slots no row uses attend to their first key, unread
                 positions = positions.new_zeros((self.read.stop - self.read.start, *positions.shape[1:])).index_copy_(
                     0, self.spread, positions)
-            self._masks[window] = allowed(positions, self.keys, window)[:, None]
+            self._masks[window] = allowed(positions, self.keys, window, self.horizons)[:, None]
         return self._masks[window]
 
 
@@ -274,6 +280,7 @@ class ReferenceForward:
         # Positions of each slot holding finite values: a batched step reads every slot up to
         # the longest row, and masked-out garbage would still turn 0 * NaN into NaN.
         self._clean = [0] * (num_slots + 1)
+        self.vision: Vision | None = None  # a vision model's images (set by its runtime)
 
     def _take_layer(self, parts: LayerParts) -> LayerWeights:
         products = {role: make_linear(modules, self.weight_dtype) for role, modules in parts.products.items()}
@@ -315,16 +322,19 @@ class ReferenceForward:
         keys, values = kc[read, :, :rows.keys], vc[read, :, :rows.keys]
         if rows.spread is not None:
             q = q.new_zeros((keys.shape[0], *q.shape[1:])).index_copy_(0, rows.spread, q)
-        mask = None if rows.positions is None and rows.query_positions is None else rows.mask(options["window"])
+        plain = rows.positions is None and rows.query_positions is None and rows.horizons is None
+        mask = None if plain else rows.mask(options["window"])
         if rows.query_positions is not None:
             o = attend_padded(q, keys, values, mask, rows.query_positions.shape[-1], **options)
         else:
             o = attend(q, keys, values, None, mask=mask, **options)
         return o if rows.spread is None else o.index_select(0, rows.spread)
 
-    def _place(self, slots: list[int], starts: list[int], steps: int) -> "_Rows":
-        """Where this pass's rows go, once per pass (and the slots' unwritten positions zeroed)."""
+    def _place(self, slots: list[int], starts: list[int], steps: int, horizons: list[int] | None = None) -> "_Rows":
+        """Where this pass's rows go, once per pass (and the slots' unwritten positions zeroed).
+        `horizons`: one sequence's chunk whose image tokens see each other (Vision.horizons)."""
         end = max(starts) + steps
+        seen = None if horizons is None else torch.tensor(horizons, device=self.device)[None]
         keys = min(-(-end // KEY_BLOCK) * KEY_BLOCK, self.cache_len) if self.padded else end
         query_positions = None
         if self.padded:  # the rows attend_padded attends: each query head's, then padding
@@ -335,12 +345,15 @@ class ReferenceForward:
             else:
                 positions = torch.tensor(starts, device=self.device)[:, None]
             query_positions = folded_positions(positions, group, rows)
+            if seen is not None:
+                seen = folded_positions(seen, group, rows)
         if len(slots) == 1 and not self.padded:
             self._clean[slots[0]] = max(self._clean[slots[0]], end)
-            return _Rows(slots, starts, end, keys)
+            queries = None if seen is None else torch.arange(starts[0], end, device=self.device)[None]
+            return _Rows(slots, starts, end, keys, horizons=seen, horizon_queries=queries)
         if len(slots) == 1:
             self._zero_unwritten(slots, keys)
-            return _Rows(slots, starts, end, keys, query_positions=query_positions)
+            return _Rows(slots, starts, end, keys, query_positions=query_positions, horizons=seen)
         slot_t = torch.tensor(slots, device=self.device)
         low, high = min(slots), max(slots) + 1
         read, spread = slot_t, None
@@ -408,14 +421,14 @@ class ReferenceForward:
     def _layers(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
         """The decoder, layer by layer: the one place to read how a layer runs on this path."""
         batch, steps = tokens.shape
-        tokens = tokens.to(self.device)
         spec, norm, eps = self.spec, self.norm, self.eps
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        x = F.embedding(tokens, self.embed).to(self.dtype)
-        if self.embed_scale is not None:
-            x = x * self.embed_scale
+        x = self._embed(tokens)
         ropes = self._rope(batch, steps, starts)
-        rows = self._place(slots, starts, steps)
+        horizons = None
+        if self.vision is not None and batch == 1 and steps > 1:
+            horizons = self.vision.horizons(tokens[0].tolist(), starts[0])
+        rows = self._place(slots, starts, steps, horizons)
         for i, w in enumerate(self.layers):
             n = w.norms
             h = norm(x, n.attn_in_norm, eps)
@@ -436,6 +449,15 @@ class ReferenceForward:
             m = self._mlp(h, w) if w.experts is None else self._experts(h, w)
             x = x + (norm(m.to(self.dtype), n.mlp_out_norm, eps) if spec.sandwich else m)
         return x
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The ids' embeddings (an image's virtual ids: its features, through `vision`)."""
+
+        def lookup(ids: torch.Tensor) -> torch.Tensor:
+            x = F.embedding(ids.to(self.device), self.embed).to(self.dtype)
+            return x if self.embed_scale is None else x * self.embed_scale
+
+        return lookup(tokens) if self.vision is None else self.vision.embed(tokens, lookup)
 
     def _mlp(self, h: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         return w.down(glu(w.gate_up(h).to(self.dtype), self.spec))

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from daemon.engine.vision import Vision
+
 
 class TransformersForward:
     path = "transformers"
@@ -43,6 +45,7 @@ class TransformersForward:
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0)
         head_dim = getattr(text, "head_dim", None) or hidden // max(heads, 1)
+        self.vision: Vision | None = None  # a vision model's images (set by its runtime)
         self._kv_bytes = 2 * layers * kv_heads * head_dim * torch.finfo(self.dtype).bits // 8
 
     @property
@@ -80,10 +83,20 @@ class TransformersForward:
 
     def _run(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         cache = self._cache_at(slot, start)
-        kwargs = {self._cache_arg: cache, "use_cache": True}
+        kwargs: dict[str, Any] = {self._cache_arg: cache, "use_cache": True}
         if self._keep_last:
             kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), **kwargs)
+        vision = self.vision
+        if vision is not None and max(ids) >= vision.first_virtual:
+            # an image's rows from its features; the model's own embedding for the text
+            kwargs["inputs_embeds"] = vision.embed(torch.tensor([ids]), self.model.get_input_embeddings())
+            if vision.bidirectional:  # its image tokens see each other, marked from the sequence's start
+                held = self._held[slot] + ids
+                kwargs["token_type_ids"] = torch.tensor([[int(t >= vision.first_virtual) for t in held]],
+                                                        device=self.device)
+        else:
+            kwargs["input_ids"] = torch.tensor([ids], device=self.device)
+        out = self.model(**kwargs)
         self._held[slot].extend(ids)  # the cache grew in place
         return out.logits[0, -1].float()
 

@@ -47,10 +47,14 @@ class GenerationRequest:
     # The grammar state of this one generation (format / a required tool call); the runner
     # masks each step's logits with it and ends the generation when the value is complete.
     constraint: "Constraint | None" = field(default=None, compare=False)
+    # [start, end) of each image's positions in the prompt (engine/vision.py): prefill chunks
+    # never end inside one
+    image_spans: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_options(cls, prompt_ids: list[int] | tuple[int, ...], options: Options, *, logprobs: bool = False,
-                     top_logprobs: int = 0, constraint: "Constraint | None" = None) -> "GenerationRequest":
+                     top_logprobs: int = 0, constraint: "Constraint | None" = None,
+                     image_spans: tuple[tuple[int, int], ...] = ()) -> "GenerationRequest":
         seed = options.seed if options.seed >= 0 else int.from_bytes(os.urandom(8), "little") >> 1
         sampling = SamplingParams(
             temperature=options.temperature,
@@ -66,4 +70,4 @@ class GenerationRequest:
         )
         max_new = options.num_predict if options.num_predict >= 0 else None
         return cls(tuple(prompt_ids), sampling, max_new, tuple(options.stop), logprobs or top_logprobs > 0,
-                   top_logprobs, constraint)
+                   top_logprobs, constraint, image_spans)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from daemon.engine.tokencache import PrefixTokenizer
+from daemon.engine.vision import ImageTokens, Vision
 from daemon.errors import BadRequest
 from daemon.registry import gotemplate
 from daemon.registry.modelfile import Fim
@@ -64,10 +65,21 @@ class ContextBudget:
         return max(1, self.num_ctx - max(1, reserve))
 
 
+# Where a message's images sit while its prompt is built: the message dict's images (ImageTokens),
+# which a template never reads (HF templates see image parts, Go templates placeholders).
+IMAGES_KEY = "_images"
+
+
+def with_images(message: dict[str, Any], images: Sequence[ImageTokens]) -> dict[str, Any]:
+    return {**message, IMAGES_KEY: list(images)} if images else message
+
+
 class PromptBuilder:
     def __init__(self, tokenizer: Any, template: str, system: str = "",
-                 messages: Sequence[dict[str, str]] = (), fim: Fim | None = None) -> None:
+                 messages: Sequence[dict[str, str]] = (), fim: Fim | None = None,
+                 vision: Vision | None = None) -> None:
         self.tokenizer = tokenizer
+        self.vision = vision
         self._tokens = PrefixTokenizer(tokenizer)  # a conversation's next turn: only the new part
         self.template = template
         self.system = system
@@ -88,6 +100,8 @@ class PromptBuilder:
     def render(self, messages: list[dict[str, Any]], *, template: str | None = None, tools: list | None = None,
                think: bool | None = None, think_level: str | None = None) -> str:
         source = template or self.template
+        if any(m.get(IMAGES_KEY) for m in messages):
+            messages = [self._image_message(m, gotemplate.is_go_template(source)) for m in messages]
         try:
             if gotemplate.is_go_template(source):
                 return gotemplate.render_messages(source, messages, tools=tools, think=bool(think),
@@ -104,6 +118,35 @@ class PromptBuilder:
         except Exception as exc:  # jinja2's errors, raise_exception(), {% include %} (no loader), ...
             # the template runs on what the client sent (its messages, or its own template)
             raise BadRequest(f"template error: {exc or type(exc).__name__}") from None
+
+    def _image_message(self, message: dict[str, Any], go: bool) -> dict[str, Any]:
+        """A message with images as its template takes them: HF chat templates get content parts
+        (the images, then the text, as transformers' processors document them), Go templates the
+        model's placeholder before the text. The placeholders are expanded after rendering."""
+        images = message.get(IMAGES_KEY)
+        if not images:
+            return message
+        assert self.vision is not None
+        if go:
+            return {**message, "content": self.vision.placeholder * len(images) + (message.get("content") or "")}
+        parts: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+        if message.get("content"):
+            parts.append({"type": "text", "text": message["content"]})
+        return {**message, "content": parts}
+
+    def expand_images(self, text: str, images: Sequence[ImageTokens]) -> str:
+        """The rendered prompt with each image placeholder replaced by its image's text (what the
+        processor would have made of it)."""
+        if self.vision is None or not images:
+            return text
+        pieces = text.split(self.vision.placeholder)
+        if len(pieces) - 1 != len(images):
+            raise BadRequest(f"the prompt holds {len(pieces) - 1} image placeholders for {len(images)} images "
+                             f"(the model's template places images with {self.vision.placeholder!r})")
+        out = [pieces[0]]
+        for image, piece in zip(images, pieces[1:]):
+            out += [image.text, piece]
+        return "".join(out)
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not add_special_tokens:
@@ -133,15 +176,17 @@ class PromptBuilder:
 
         def text_for(msgs: list[dict[str, Any]]) -> str:
             _check(cancel)
-            return self.render(msgs, template=template, tools=tools, think=think, think_level=think_level)
+            text = self.render(msgs, template=template, tools=tools, think=think, think_level=think_level)
+            return self.expand_images(text, [image for m in msgs for image in m.get(IMAGES_KEY) or ()])
 
         def kept(start: int) -> list[dict[str, Any]]:
             return [m for m in messages[:start] if m.get("role") == "system"] + messages[start:]
 
         messages = _newest(messages, budget.limit)
+        images = [image for m in messages for image in m.get(IMAGES_KEY) or ()]
         ids = self._count(text_for(messages), budget.limit)
         if ids is not None:
-            return ids
+            return self._with_virtual_ids(ids, images)
         if not budget.truncate:
             raise BadRequest(f"the input length exceeds the context length ({budget.num_ctx} tokens)")
 
@@ -159,7 +204,10 @@ class PromptBuilder:
                 good = middle
             else:
                 bad = middle
-        return self.tokenize_fitted(text_for(kept(good)), budget)
+        return self._with_virtual_ids(self.tokenize_fitted(text_for(kept(good)), budget), images)
+
+    def _with_virtual_ids(self, ids: list[int], images: Sequence[ImageTokens]) -> list[int]:
+        return ids if self.vision is None or not images else self.vision.substitute(ids, images)
 
     # ---- bounded tokenizing -------------------------------------------------------------
 
@@ -198,28 +246,35 @@ class PromptBuilder:
         tail = self.tokenize(text[-(target - keep + 1) * span:])
         return head + tail[len(tail) - (target - keep):]
 
-    def generate_messages(self, prompt: str, system: str = "", include_history: bool = True) -> list[dict[str, Any]]:
+    def generate_messages(self, prompt: str, system: str = "", include_history: bool = True,
+                          images: Sequence[ImageTokens] = ()) -> list[dict[str, Any]]:
         """/api/generate as a conversation: the request's system (else the model's), the
         model's MESSAGE history unless `context` continues an earlier exchange, the prompt."""
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        user = with_images({"role": "user", "content": prompt}, images)
+        messages = ([{"role": "system", "content": system}] if system else []) + [user]
         return self.conversation(messages, include_history=include_history)
 
     def generate_ids(self, prompt: str, budget: ContextBudget, *, system: str = "", template: str | None = None,
                      context: Sequence[int] | None = None, raw: bool = False, suffix: str = "",
                      think: bool | None = None, think_level: str | None = None,
-                     cancel: Cancel | None = None) -> list[int]:
-        """The prompt of an /api/generate request, as Ollama builds it."""
+                     cancel: Cancel | None = None, images: Sequence[ImageTokens] = ()) -> list[int]:
+        """The prompt of an /api/generate request, as Ollama builds it. Raw, its images go
+        first unless the prompt places them with the model's placeholders."""
         if raw:
-            return self.tokenize_fitted(prompt, budget, add_special_tokens=True)
+            if images and self.vision is not None and self.vision.placeholder not in prompt:
+                prompt = self.vision.placeholder * len(images) + prompt
+            text = self.expand_images(prompt, images)
+            return self._with_virtual_ids(self.tokenize_fitted(text, budget, add_special_tokens=True), images)
         if suffix:
             assert self.fim is not None
             fim = f"{self.fim.prefix}{prompt}{self.fim.suffix}{suffix}{self.fim.middle}"
             return self.tokenize_fitted(fim, budget, add_special_tokens=True)
         head = list(context or ())  # the deprecated `context`: earlier ids, continued exactly
-        messages = self.generate_messages(prompt, system, include_history=context is None)
+        messages = self.generate_messages(prompt, system, include_history=context is None, images=images)
         room = ContextBudget(max(2, budget.num_ctx - len(head)), budget.num_keep, budget.num_predict, budget.truncate)
         if template:
-            return fit_tokens(head + self.tokenize_fitted(self.render(messages, template=template), room), budget)
+            text = self.expand_images(self.render(messages, template=template), images)
+            return fit_tokens(head + self._with_virtual_ids(self.tokenize_fitted(text, room), images), budget)
         return fit_tokens(head + self.chat_ids(messages, room, think=think, think_level=think_level, cancel=cancel),
                           budget)
 

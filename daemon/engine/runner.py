@@ -89,7 +89,12 @@ class _Sequence:
         self.reuse: Reuse | None = None  # a prefix still to copy, or to wait for, before prefilling
         self.cancelled = False
         self.finished = False
-        self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt)
+        # the prompt's text before the answer (its images' virtual ids are not text)
+        context = self.prompt[-16:]
+        if request.image_spans and request.image_spans[-1][1] > len(self.prompt) - 16:
+            inside = {i for a, b in request.image_spans for i in range(max(a, len(self.prompt) - 16), b)}
+            context = [t for i, t in enumerate(self.prompt) if i >= len(self.prompt) - 16 and i not in inside]
+        self.detokenizer = IncrementalDetokenizer(tokenizer, context)
         self.stops = StopMatcher(request.stop)
         self.t_prefill_start = 0
         self.t_prefill_end = 0
@@ -116,6 +121,15 @@ class _Sequence:
             return Holder(self.slot, self.prompt_array(), self.prefilled, self)
         tokens = np.concatenate([self.prompt_array(), token_array(self.generated[:-1])])
         return Holder(self.slot, tokens, len(tokens), self)
+
+    def chunk_end(self, start: int, end: int) -> int:
+        """Where a prefill chunk from `start` that would end at `end` ends: never inside an
+        image (before it where the chunk has anything else, else after it)."""
+        for a, b in self.request.image_spans:
+            if a < end < b:
+                end = a if a > start else b
+                break
+        return min(end, len(self.prompt))
 
     def position(self) -> int:
         """Cache position of the next token to feed."""
@@ -407,7 +421,7 @@ class Runner:
             if not seq.t_prefill_start:
                 seq.t_prefill_start = time.perf_counter_ns()
             start = seq.prefilled
-            chunk = seq.prompt[start:start + budget]
+            chunk = seq.prompt[start:seq.chunk_end(start, start + budget)]
             chunks.append((chunk, seq.slot, start))
             taken.append(seq)
             budget -= len(chunk)

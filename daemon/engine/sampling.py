@@ -92,7 +92,8 @@ def apply_penalties(logits: torch.Tensor, window: torch.Tensor, batch: SamplingB
     and frequency penalties over each row's recent tokens. `window` is [B, W] token ids,
     padded with -1."""
     vocab = logits.shape[-1]
-    ids = torch.where(window < 0, torch.full_like(window, vocab), window)
+    # -1 pads the window; an image's virtual ids (past the vocabulary) are not text to penalize
+    ids = torch.where((window < 0) | (window >= vocab), torch.full_like(window, vocab), window)
     counts = torch.zeros(logits.shape[0], vocab + 1, device=logits.device, dtype=logits.dtype)
     counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))
     counts = counts[:, :vocab]

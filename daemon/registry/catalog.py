@@ -126,6 +126,8 @@ class ResolvedModel:
         if self.metadata.is_embedding_model:
             return ["embedding"]
         caps = ["completion"]
+        if self.metadata.vision:
+            caps.append("vision")
         template = self.template
         if "tools" in template or ".Tools" in template or self.modelfile.tool_parser:
             caps.append("tools")

@@ -41,6 +41,7 @@ from daemon.engine.cuda import kernels as K
 from daemon.engine.cuda.moe import RoutedExperts
 from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
 from daemon.engine.spec import rotary_tables, softcap, take_layers
+from daemon.engine.vision import Vision
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +325,7 @@ class FastForward:
         self.lm_head = Linear([model.lm_head], dtype)
         self.embed = inner.embed_tokens.weight.detach()
         self.embed_scale = embed_scale_tensor(spec, dtype, device)
+        self.vision: Vision | None = None  # a vision model's images (set by its runtime)
         self.final_norm = inner.norm.weight.detach().to(dtype)
         dequantized = [lin for layer in self.layers for lin in layer.products
                        if lin.quantized and lin.batch_weight is None]
@@ -441,7 +443,8 @@ class FastForward:
         Returns the B rows' logits, then each chunk's last, [B + len(chunks), vocab] float32."""
         batch = tokens.shape[0]
         ids = tokens[:, 0].tolist() + [t for chunk, _, _ in chunks for t in chunk]
-        if chunks and len(ids) <= self.buckets[-1]:
+        vision = self.vision if self.vision is not None and max(ids) >= self.vision.first_virtual else None
+        if chunks and len(ids) <= self.buckets[-1] and vision is None:
             # a few prompt tokens (the new end of a prompt whose start was cached, a resend): as
             # rows of one captured decode step, each at its own position of its slot. Within a
             # layer every row's keys are written before any row attends, so row i sees rows < i;
@@ -453,8 +456,12 @@ class FastForward:
             ends = list(itertools.accumulate((len(chunk) for chunk, _, _ in chunks), initial=batch))[1:]
             return logits[list(range(batch)) + [end - 1 for end in ends]]
         segments = [(slot, start, len(chunk)) for chunk, slot, start in chunks]
-        out, x, pending = self._prompt_layers(torch.tensor(ids, device=self.device), segments,
-                                              list(zip(slots, starts)))
+        horizons = None
+        if vision is not None:  # image tokens that see each other (Gemma 3)
+            found = {i: vision.horizons(chunk, start) for i, (chunk, _, start) in enumerate(chunks)}
+            horizons = {i: h for i, h in found.items() if h is not None} or None
+        tokens_in = torch.tensor(ids) if vision is not None else torch.tensor(ids, device=self.device)
+        out, x, pending = self._prompt_layers(tokens_in, segments, list(zip(slots, starts)), horizons)
         ends = itertools.accumulate((len(chunk) for chunk, _, _ in chunks), initial=batch)
         rows = list(range(batch)) + [end - 1 for end in list(ends)[1:]]
         index = torch.tensor(rows + rows[-1:] * (self._padded(len(rows)) - len(rows)), device=self.device)
@@ -480,7 +487,8 @@ class FastForward:
         return h.float()
 
     def _prompt_layers(self, tokens: torch.Tensor, segments: list[tuple[int, int, int]],
-                       decoding: list[tuple[int, int]] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                       decoding: list[tuple[int, int]] = (), horizons: dict[int, list[int]] | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """tokens [T]: the `decoding` rows first ((slot, position) each), then the segments
         (slot, start, length): `_layers` with the decode kernel for the former and PyTorch's
         attention for the latter, segments that start at the same position together. The rows
@@ -508,7 +516,7 @@ class FastForward:
             lengths = torch.tensor([p + 1 for _, p in decoding], dtype=torch.int32).to(self.device, non_blocking=True)
             decode_attend = self._decode_attend(self._graph_for(batch).attention, decode_slots, lengths)
         spec = self.spec
-        prompts = PromptSegments(segments, self.device)
+        prompts = PromptSegments(segments, self.device, horizons)
 
         def attend(i: int, q: torch.Tensor) -> torch.Tensor:
             o = prompts.attend(q[batch:rows], self.k_cache[i], self.v_cache[i], scale=spec.attn_scale,
@@ -516,8 +524,9 @@ class FastForward:
             parts = ([decode_attend(i, q[:batch])] if decode_attend is not None else []) + [o]
             return torch.cat(parts + [o.new_zeros(pad, o.shape[1])]) if pad or len(parts) > 1 else o
 
+        x = self._embed(tokens) if self.vision is None else self.vision.embed(tokens, self._embed)
         with sdpa_kernel(PROMPT_ATTENTION_BACKENDS):
-            return self._layers(self._embed(tokens), positions, slots, attend)
+            return self._layers(x, positions, slots, attend)
 
     # ---- decode through a captured graph --------------------------------------------------
 

@@ -8,6 +8,7 @@ the prompt is built and how a chunk looks on the wire (`response` vs `message`).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -19,7 +20,8 @@ from daemon.api.options import Options
 from daemon.engine.grammar import Constraint, check_format, entry, json_answer, tool_call_answer
 from daemon.engine.output import OutputReader, Part, ThinkingSplitter, ToolCallParser
 from daemon.engine.params import GenerationRequest
-from daemon.engine.prompt import Cancel, ContextBudget, PromptBuilder
+from daemon.engine.prompt import Cancel, ContextBudget, PromptBuilder, with_images
+from daemon.engine.vision import ImageTokens
 from daemon.engine.runner import Chunk
 from daemon.errors import BadRequest, NotFound
 from daemon.names import ModelName
@@ -212,7 +214,8 @@ def _output_plan(req: InferenceCommon, model: ResolvedModel, prompt_tail: str, t
     return OutputPlan(thinking, keep, tools, tool_choice, _format_of(req))
 
 
-PromptFn = Callable[[PromptBuilder, ContextBudget, Cancel], list[int]]
+# the prompt's ids from the builder, the budget, a cancel flag and the request's images (in order)
+PromptFn = Callable[[PromptBuilder, ContextBudget, Cancel, list[ImageTokens]], list[int]]
 # Turns the native wire lines into the HTTP answer: NDJSON here, OpenAI's shapes for /v1.
 Responder = Callable[[AsyncIterator[dict[str, Any]]], Awaitable[web.StreamResponse]]
 
@@ -221,7 +224,7 @@ async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name:
                  options: Options, started_ns: int, empty: bool, build_prompt: PromptFn,
                  render_only: Callable[[PromptBuilder], str], with_context: bool,
                  responder: Responder | None, tools: tuple[dict[str, Any], ...] = (),
-                 tool_choice: Any = None) -> web.StreamResponse:
+                 tool_choice: Any = None, images: tuple[str, ...] = ()) -> web.StreamResponse:
     svc = services(request)
     num_ctx = options.num_ctx or None
     record = record_of(request)
@@ -235,7 +238,7 @@ async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name:
         if req.debug_render_only:
             rendered = await asyncio.to_thread(render_only, runtime.prompts)
             line = {"model": req.model, "created_at": utc_now(), "done": False,
-                    "_debug_info": {"rendered_template": rendered, "image_count": 0}}
+                    "_debug_info": {"rendered_template": rendered, "image_count": len(images)}}
             if shape.chat:
                 line["message"] = {"role": "", "content": ""}
             else:
@@ -243,18 +246,33 @@ async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name:
             return json_response(line)
         budget = ContextBudget(num_ctx=min(options.num_ctx or runtime.num_ctx, runtime.num_ctx),
                                num_keep=options.num_keep, num_predict=options.num_predict, truncate=req.truncate)
-        prompt_ids = await _build(build_prompt, runtime.prompts, budget, request.content_length or 0)
-        tail = runtime.loaded.tokenizer.decode(prompt_ids[-4:], skip_special_tokens=False)
-        plan = _output_plan(req, model, tail, tools, tool_choice)
-        # no thread hop for a request without a grammar: a burst of them would convoy (_build)
-        constraint = await asyncio.to_thread(plan.constraint, model, runtime) if plan.constrained else None
-        generation = GenerationRequest.from_options(prompt_ids, options, logprobs=req.logprobs,
-                                                    top_logprobs=req.top_logprobs, constraint=constraint)
-        chunks = runtime.runner.generate(generation)
-        lines = _lines(shape, req.model, chunks, plan.reader(model), started_ns, load_ns, with_context, record)
-        if responder is not None:
-            return await responder(lines)
-        return await respond(request, lines, stream=req.stream, reduce=shape.reduce)
+        vision = runtime.vision
+        held: list[int] = []  # images whose features stay until this request is done
+        try:
+            tokens: list[ImageTokens] = []
+            if images:
+                tokens, held = await runtime.image_tokens(images)
+            prompt_ids = await _build(build_prompt, runtime.prompts, budget, request.content_length or 0, tokens)
+            spans: tuple[tuple[int, int], ...] = ()
+            if vision is not None:
+                held += vision.pin(prompt_ids)  # a `context`'s images too (or its 400)
+                spans = vision.spans(prompt_ids)
+            tail_ids = [t for t in prompt_ids[-4:] if vision is None or t < vision.first_virtual]
+            tail = runtime.loaded.tokenizer.decode(tail_ids, skip_special_tokens=False)
+            plan = _output_plan(req, model, tail, tools, tool_choice)
+            # no thread hop for a request without a grammar: a burst of them would convoy (_build)
+            constraint = await asyncio.to_thread(plan.constraint, model, runtime) if plan.constrained else None
+            generation = GenerationRequest.from_options(prompt_ids, options, logprobs=req.logprobs,
+                                                        top_logprobs=req.top_logprobs, constraint=constraint,
+                                                        image_spans=spans)
+            chunks = runtime.runner.generate(generation)
+            lines = _lines(shape, req.model, chunks, plan.reader(model), started_ns, load_ns, with_context, record)
+            if responder is not None:
+                return await responder(lines)
+            return await respond(request, lines, stream=req.stream, reduce=shape.reduce)
+        finally:
+            if held:
+                vision.unpin(held)
 
 
 # Requests with bodies up to this size build their prompt on the event loop (well under a
@@ -266,15 +284,16 @@ async def _serve(request: web.Request, req: InferenceCommon, shape: Shape, name:
 INLINE_BUILD_BYTES = 32 << 10
 
 
-async def _build(build_prompt: PromptFn, prompts: PromptBuilder, budget: ContextBudget, body_bytes: int) -> list[int]:
+async def _build(build_prompt: PromptFn, prompts: PromptBuilder, budget: ContextBudget, body_bytes: int,
+                 images: list[ImageTokens]) -> list[int]:
     """The prompt: on the loop for a small request, else on a worker thread that stops when
     the client goes away (a thread cannot be cancelled: it is told to stop, and does at its
     next render)."""
     cancel = Cancel()
     if 0 < body_bytes <= INLINE_BUILD_BYTES:
-        return build_prompt(prompts, budget, cancel)
+        return build_prompt(prompts, budget, cancel, images)
     try:
-        return await asyncio.to_thread(build_prompt, prompts, budget, cancel)
+        return await asyncio.to_thread(build_prompt, prompts, budget, cancel, images)
     except asyncio.CancelledError:
         cancel.set()
         raise
@@ -315,10 +334,10 @@ async def run_generate(request: web.Request, req: GenerateRequest, started: int,
     _check_capabilities(req, name, model, chat=False, needs_insert=bool(req.suffix), has_images=bool(req.images))
     options = Options.layered(model.modelfile.parameters, req.options)
 
-    def build(prompts: PromptBuilder, budget: ContextBudget, cancel: Cancel) -> list[int]:
+    def build(prompts: PromptBuilder, budget: ContextBudget, cancel: Cancel, images: list[ImageTokens]) -> list[int]:
         return prompts.generate_ids(req.prompt, budget, system=req.system, template=req.template or None,
                                     context=req.context, raw=req.raw, suffix=req.suffix, think=_think(req),
-                                    think_level=_think_level(req), cancel=cancel)
+                                    think_level=_think_level(req), cancel=cancel, images=images)
 
     def render_only(prompts: PromptBuilder) -> str:
         if req.raw:
@@ -327,7 +346,7 @@ async def run_generate(request: web.Request, req: GenerateRequest, started: int,
                               think=_think(req))
 
     return await _serve(request, req, GENERATE, name, model, options, started, not req.prompt, build, render_only,
-                        with_context=not req.raw, responder=responder)
+                        with_context=not req.raw, responder=responder, images=req.images)
 
 
 def _think(req: InferenceCommon) -> bool | None:
@@ -357,8 +376,12 @@ async def run_chat(request: web.Request, req: ChatRequest, started: int,
     messages = [m.to_template_dict() for m in req.messages]
     tools = [dict(t) for t in req.tools] or None
 
-    def build(prompts: PromptBuilder, budget: ContextBudget, cancel: Cancel) -> list[int]:
-        return prompts.chat_ids(prompts.conversation(messages), budget, tools=tools, think=_think(req),
+    counts = [len(m.images) for m in req.messages]
+
+    def build(prompts: PromptBuilder, budget: ContextBudget, cancel: Cancel, images: list[ImageTokens]) -> list[int]:
+        ends = list(itertools.accumulate(counts, initial=0))
+        placed = [with_images(m, images[a:b]) for m, a, b in zip(messages, ends, ends[1:])]
+        return prompts.chat_ids(prompts.conversation(placed), budget, tools=tools, think=_think(req),
                                 think_level=_think_level(req), cancel=cancel)
 
     def render_only(prompts: PromptBuilder) -> str:
@@ -366,7 +389,7 @@ async def run_chat(request: web.Request, req: ChatRequest, started: int,
 
     return await _serve(request, req, CHAT, name, model, options, started, not req.messages, build, render_only,
                         with_context=False, responder=responder, tools=tuple(tools or ()),
-                        tool_choice=req.tool_choice)
+                        tool_choice=req.tool_choice, images=tuple(i for m in req.messages for i in m.images))
 
 
 def add_routes(app: web.Application) -> None:
