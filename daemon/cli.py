@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import datetime
 import hashlib
 
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -299,7 +301,31 @@ def _read_input(prompt: str) -> str | None:
     return text.rstrip()[:-3] if text.rstrip().endswith('"""') else text
 
 
-def _chat_once(client: Client, model: str, messages: list[dict[str, str]], out=sys.stdout) -> str:
+# Image paths in a prompt, as Ollama's CLI finds them: absolute, ~ or ./ relative, or a bare file
+# name, ending in an image extension; quoted, or with escaped spaces.
+_IMAGE_PATH = re.compile(r"""(?:'([^']+\.(?:jpe?g|png|webp))'|"([^"]+\.(?:jpe?g|png|webp))"|"""
+                         r"""((?:[~.]?/|[A-Za-z]:\\)?(?:[^\s\\]|\\ )+\.(?:jpe?g|png|webp)))""", re.IGNORECASE)
+
+
+def user_message(text: str, err=sys.stderr) -> dict[str, Any]:
+    """The user's message, its image files (those that exist) read and attached as base64 and
+    their paths taken out of the text, as `ollama run` does."""
+    images = []
+    for match in _IMAGE_PATH.finditer(text):
+        raw = next(g for g in match.groups() if g)
+        path = Path(raw.replace("\\ ", " ")).expanduser()
+        if not path.is_file():
+            continue
+        images.append(base64.b64encode(path.read_bytes()).decode())
+        text = text.replace(match.group(0), "")
+        print(f"Added image '{path}'", file=err)
+    message: dict[str, Any] = {"role": "user", "content": " ".join(text.split()) if images else text}
+    if images:
+        message["images"] = images
+    return message
+
+
+def _chat_once(client: Client, model: str, messages: list[dict[str, Any]], out=sys.stdout) -> str:
     reply = []
     for event in client.stream("/api/chat", {"model": model, "messages": messages}):
         piece = event.get("message", {}).get("content", "")
@@ -311,7 +337,7 @@ def _chat_once(client: Client, model: str, messages: list[dict[str, str]], out=s
 
 def chat_repl(client: Client, model: str, read_line=_read_input, out=sys.stdout, err=sys.stderr) -> None:
     """The interactive chat of `run`: streams each answer and keeps the conversation."""
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     print("Send a message (/? for help)", file=err)
     while True:
         text = read_line(">>> ")
@@ -327,7 +353,7 @@ def chat_repl(client: Client, model: str, read_line=_read_input, out=sys.stdout,
             print('Commands: /bye to exit, /clear to forget the conversation. Use """ to begin and end a '
                   "multi-line message.", file=err)
             continue
-        messages.append({"role": "user", "content": text})
+        messages.append(user_message(text, err))
         messages.append({"role": "assistant", "content": _chat_once(client, model, messages, out)})
 
 
@@ -339,7 +365,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         piped = sys.stdin.read()
         prompt = f"{prompt}\n{piped}".strip() if prompt else piped.strip()
     if prompt:
-        _chat_once(client, args.model, [{"role": "user", "content": prompt}])
+        _chat_once(client, args.model, [user_message(prompt)])
         return 0
     client.request("POST", "/api/generate", {"model": args.model})  # load while the user types
     chat_repl(client, args.model)

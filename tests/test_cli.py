@@ -111,3 +111,23 @@ def test_a_key_file_without_keys_refuses_to_start(tmp_path):
         done = subprocess.run([sys.executable, "-m", "daemon", "serve", "--host", "127.0.0.1:0", *flags],
                               capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(tmp_path)})
         assert done.returncode == 1 and "API key file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_run_attaches_image_paths_in_the_prompt(tmp_path):
+    """`run` takes image files named in the prompt (plain, quoted, with escaped spaces), as
+    `ollama run` does: read, attached as base64, their paths out of the text; other words stay."""
+    import base64
+    import io
+
+    from daemon.cli import user_message
+
+    (tmp_path / "a.png").write_bytes(b"first")
+    (tmp_path / "my pic.JPG").write_bytes(b"second")
+    err = io.StringIO()
+    message = user_message(f"compare {tmp_path}/a.png with '{tmp_path}/my pic.JPG' and gone.png", err)
+    assert message["content"] == "compare with and gone.png"
+    assert [base64.b64decode(i) for i in message["images"]] == [b"first", b"second"]
+    assert "Added image" in err.getvalue()
+    escaped = user_message(str(tmp_path / "my pic.JPG").replace(" ", "\\ ") + " what?", io.StringIO())
+    assert escaped["content"] == "what?" and len(escaped["images"]) == 1
+    assert user_message("no pictures here") == {"role": "user", "content": "no pictures here"}

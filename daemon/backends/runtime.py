@@ -67,6 +67,9 @@ class LoadPlan:
 # and a long prompt stalls running streams for one pass of this size at a time.
 GPU_PREFILL_TOKENS = 2048
 
+VISION_MIN_CTX = 2048
+
+
 def plan_load(resolved: ResolvedModel, settings: Settings, num_ctx: int | None = None,
               num_parallel: int | None = None) -> LoadPlan:
     """Where and how large a model loads: the one place the scheduler's estimate and the
@@ -76,6 +79,8 @@ def plan_load(resolved: ResolvedModel, settings: Settings, num_ctx: int | None =
     device = pick_device(settings.device)
     default_ctx = default_num_ctx(settings, device, resolved.context_length)
     ctx = min(num_ctx, resolved.context_length or num_ctx) if num_ctx else default_ctx
+    if resolved.metadata.vision:  # an image takes hundreds of tokens (Ollama's floor for vision models)
+        ctx = max(ctx, min(VISION_MIN_CTX, resolved.context_length or VISION_MIN_CTX))
     slots = num_parallel or default_num_parallel(settings, device)
     prefill = GPU_PREFILL_TOKENS if device.type == "cuda" else 512
     # off by default: batches and short prompt passes multiply the 4-bit weights as they are
