@@ -27,3 +27,22 @@ def test_prequantized_config_reports_its_quantization(tiny_dirs, tmp_path):
     config["quantization_config"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     (folder / "config.json").write_text(json.dumps(config))
     assert read_metadata(folder).quantization_level == "NF4"
+
+
+@pytest.mark.parametrize("config,processor,expected", [
+    ({"vision_config": {"hidden_size": 8}}, True, True),
+    ({"vision_config": {"hidden_size": 8}}, False, False),  # no processor settings: text only
+    ({}, True, False),
+    # Qwen2-VL's multimodal rotary positions are not built: its images would go wrong, its text not
+    ({"vision_config": {}, "text_config": {"rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}},
+     True, False),
+])
+def test_vision_checkpoints(tmp_path, config, processor, expected):
+    import json
+
+    from daemon.backends.metadata import is_vision_checkpoint
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if processor:
+        (tmp_path / "preprocessor_config.json").write_text("{}")
+    assert is_vision_checkpoint(tmp_path) is expected

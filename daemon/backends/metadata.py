@@ -224,6 +224,26 @@ def _expert_shape(config: dict[str, Any]) -> dict[str, int]:
                 shared_intermediate=int(config.get("shared_expert_intermediate_size") or 0))
 
 
+def is_vision_checkpoint(folder: Path) -> bool:
+    """A multimodal checkpoint with a processor: config.json names a vision tower, and the
+    image processor's settings are there."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    processor = any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json"))
+    if not (isinstance(config.get("vision_config"), dict) and processor):
+        return False
+    text = config.get("text_config") or config
+    rope = text.get("rope_scaling") or text.get("rope_parameters") or config.get("rope_scaling") or {}
+    if isinstance(rope, dict) and "mrope_section" in rope:
+        # Qwen2-VL's multimodal rotary positions (an image's tokens by row and column) are not
+        # built on the decode paths: its text runs right (equal positions are plain RoPE), images
+        # would not, so it serves text only
+        return False
+    return True
+
+
 def _from_hf_dir(directory: Path) -> ModelMetadata:
     config = json.loads((directory / "config.json").read_text())
     arch = config.get("model_type", "unknown")
@@ -251,8 +271,7 @@ def _from_hf_dir(directory: Path) -> ModelMetadata:
         a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures
     )
     vision_config = config.get("vision_config")
-    vision = isinstance(vision_config, dict) and any(
-        (directory / name).is_file() for name in ("preprocessor_config.json", "processor_config.json"))
+    vision = is_vision_checkpoint(directory)
     if vision:
         for key, suffix in (("num_hidden_layers", "block_count"), ("hidden_size", "embedding_length"),
                             ("image_size", "image_size"), ("patch_size", "patch_size")):

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from daemon.backends.metadata import is_vision_checkpoint
 from daemon.errors import InternalError
 from daemon.registry.catalog import ResolvedModel
 from daemon.registry.modelfile import Quantization
@@ -101,19 +102,6 @@ def quantize_linears(model: torch.nn.Module, quantization: Quantization, dtype: 
 # The modules of a vision checkpoint that stay in the compute dtype when its language model is
 # quantized: the towers and projectors (small, and sensitive to 4-bit rounding), and the head.
 VISION_MODULES = ["vision_tower", "vision_model", "visual", "multi_modal_projector", "mm_projector", "lm_head"]
-
-
-def is_vision_checkpoint(folder: Path) -> bool:
-    """A multimodal checkpoint with a processor: config.json names a vision tower, and the
-    image processor's settings are there."""
-    import json
-
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    processor = any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json"))
-    return isinstance(config.get("vision_config"), dict) and processor
 
 
 def load_processor(folder: Path, name: str) -> Any:
