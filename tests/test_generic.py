@@ -49,3 +49,41 @@ def test_in_the_runner_alone_and_beside_another_request(generic_dirs, family):
         assert asyncio.run(collect(runner, families.PROMPT, 24)) == expected
     finally:
         runner.close()
+
+
+@pytest.mark.parametrize("family", ["gemma3-vision", "llava"])
+def test_images_through_transformers_forward_decode_as_generate(tmp_path, family):
+    """A vision model on this path (for one whose language model has no definition here): the
+    image's rows as inputs_embeds and, for Gemma 3, token type ids from the sequence's start, so
+    its image tokens see each other; greedy tokens equal transformers' generate()."""
+    import hashlib
+    import io
+
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import visionmodels as vm
+    from daemon.engine.images import ImageBytes
+    from daemon.engine.vision import Vision
+
+    path = vm.build(tmp_path / family, family)
+    data = vm.picture(seed=1)
+    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    expected = vm.hf_greedy(path, message, [data], n=10)
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    forward = TransformersForward(model, num_slots=2, max_ctx=256)
+    forward.vision = vision = Vision(model, processor, forward.vocab_size)
+    tokens, pixels = vision.prepare(ImageBytes(data, hashlib.sha256(data).hexdigest()))
+    vision.encode(tokens, pixels)
+    text = processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
+    picture = Image.open(io.BytesIO(data)).convert("RGB")
+    ids = vision.substitute(processor(text=text, images=[picture], add_special_tokens=False)["input_ids"][0], [tokens])
+    logits = forward.forward(torch.tensor([ids]), [0], [0])
+    first = torch.log_softmax(logits[0], dim=-1)
+    assert torch.allclose(first, vm.hf_first_logprobs(path, message, [data]), atol=1e-4)
+    out = []
+    for step in range(10):
+        out.append(int(logits[0].argmax()))
+        logits = forward.forward(torch.tensor([[out[-1]]]), [0], [len(ids) + step])
+    assert out == expected
