@@ -28,6 +28,7 @@ def test_linear_bytes(mode, double, gib):
 @dataclass
 class FakeMetadata:
     shape: ModelShape
+    vision: bool = False
 
 
 @dataclass
@@ -150,3 +151,25 @@ def test_the_bf16_batch_copy_is_kept_only_when_asked_for(setting, mode, keep, mo
     model = FakeModel(FakeMetadata(LLAMA3_8B), FakeModelfile(Quantization(mode, True, "bfloat16")))
     settings = Settings.from_env({"HFOLLAMA_BATCH_WEIGHTS": setting, "OLLAMA_CONTEXT_LENGTH": "2048"})
     assert runtime.plan_load(model, settings, num_parallel=32).batch_weights is keep
+
+
+def test_a_vision_tower_counts_in_the_compute_dtype():
+    """Gemma 3 12B's SigLIP tower and projector (about 0.42 B parameters) stay in bf16 beside the
+    NF4 language model; their parameters are read from the safetensors names."""
+    import dataclasses
+
+    quantized = FakeModelfile(Quantization("nf4", True, "bfloat16"))
+    text = estimate(FakeModel(FakeMetadata(LLAMA3_8B), quantized), num_ctx=2048, slots=4, device_type="cuda")
+    with_tower = dataclasses.replace(LLAMA3_8B, vision_params=417_000_000)
+    both = estimate(FakeModel(FakeMetadata(with_tower), quantized), num_ctx=2048, slots=4, device_type="cuda")
+    assert both.weights - text.weights == 417_000_000 * 2
+
+
+def test_vision_parameters_from_the_checkpoint(tmp_path):
+    import visionmodels as vm
+
+    from daemon.backends.metadata import read_metadata
+
+    meta = read_metadata(vm.build(tmp_path / "llava", "llava"))
+    assert meta.vision and 0 < meta.shape.vision_params < meta.parameter_count
+    assert meta.info["llava.vision.block_count"] == 2

@@ -34,6 +34,7 @@ class ModelShape:
     expert_intermediate: int = 0
     shared_intermediate: int = 0
     sparse_layers: int = 0
+    vision_params: int = 0  # a vision tower and projector, kept in the compute dtype
 
     @property
     def linear_params(self) -> int:
@@ -156,9 +157,14 @@ def _from_gguf(path: Path) -> ModelMetadata:
     )
 
 
-def _safetensors_params(directory: Path) -> tuple[int, str | None]:
-    """Parameter count and the dominant dtype from the safetensors headers alone."""
-    total = 0
+# Where a multimodal checkpoint keeps its vision tower and projector (tensor names)
+VISION_PARTS = ("vision_tower", "vision_model", "visual.", "multi_modal_projector", "mm_projector")
+
+
+def _safetensors_params(directory: Path) -> tuple[int, str | None, int]:
+    """Parameter count, the dominant dtype, and the vision tower's parameters, from the
+    safetensors headers alone."""
+    total = vision = 0
     by_dtype: dict[str, int] = {}
     for f in sorted(directory.glob("*.safetensors")):
         with open(f, "rb") as fh:
@@ -172,8 +178,10 @@ def _safetensors_params(directory: Path) -> tuple[int, str | None]:
                 count *= d
             total += count
             by_dtype[t["dtype"]] = by_dtype.get(t["dtype"], 0) + count
+            if any(part in name for part in VISION_PARTS):
+                vision += count
     dominant = max(by_dtype, key=by_dtype.get) if by_dtype else None
-    return total, dominant
+    return total, dominant, vision
 
 
 def _hf_chat_template(directory: Path) -> str | None:
@@ -247,7 +255,7 @@ def is_vision_checkpoint(folder: Path) -> bool:
 def _from_hf_dir(directory: Path) -> ModelMetadata:
     config = json.loads((directory / "config.json").read_text())
     arch = config.get("model_type", "unknown")
-    params, dominant = _safetensors_params(directory)
+    params, dominant, vision_params = _safetensors_params(directory)
     info: dict[str, Any] = {"general.architecture": arch, "general.parameter_count": params}
     for key, suffix in _INFO_KEYS.items():
         if key in config:
@@ -286,7 +294,8 @@ def _from_hf_dir(directory: Path) -> ModelMetadata:
             kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
             intermediate=int(config.get("intermediate_size", 0)), vocab=int(config.get("vocab_size", 0)),
-            tied_embeddings=bool(config.get("tie_word_embeddings", False)), **_expert_shape(config))
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)), vision_params=vision_params,
+            **_expert_shape(config))
     return ModelMetadata(
         format="safetensors",
         architecture=arch,

@@ -79,6 +79,7 @@ def estimate(model: ResolvedModel, num_ctx: int, slots: int, device_type: str, p
     experts_quantized = on_gpu and mode in ("nf4", "fp4")
     expert_bytes = (NF4_DOUBLE_QUANT_BYTES if double else NF4_BYTES) if experts_quantized else dense_bytes
     weights += int((shape.expert_params - routers) * expert_bytes) + routers * dense_bytes
+    weights += shape.vision_params * dense_bytes
     kv = shape.kv_bytes_per_token(act_bytes) * num_ctx * slots
     chunk = min(prefill_chunk, num_ctx)
     workspace = chunk * (4 * shape.hidden + 2 * shape.intermediate + shape.head_dim * (shape.heads + 2 * shape.kv_heads)) * act_bytes
