@@ -293,3 +293,22 @@ def test_features_are_pinned_while_used_and_evicted_after(served, monkeypatch):
     vision.unpin(held)
     assert not vision.has_features(tokens[0])
     assert torch.is_tensor(vision.embed(torch.tensor([5]), lambda ids: torch.zeros(1, 4)))
+
+
+def test_forgotten_images_give_their_ids_up_for_good(served, monkeypatch):
+    """Past KNOWN_IMAGES the oldest unpinned image is forgotten: a `context` naming its ids is a
+    400, and the same picture sent again gets new ids (nothing cached can match the old ones)."""
+    from daemon.engine import vision as vision_module
+
+    runtime = served.call(_runtime(served, LLAVA))
+    vision = runtime.vision
+    monkeypatch.setattr(vision_module, "KNOWN_IMAGES", 1)
+    tokens, held = served.call(runtime.image_tokens([vm.b64(vm.picture(seed=20))]))
+    vision.unpin(held)
+    later, held = served.call(runtime.image_tokens([vm.b64(vm.picture(seed=21))]))
+    vision.unpin(held)
+    with pytest.raises(Exception, match="past the model's vocabulary"):
+        vision.pin([tokens[0].first])
+    again, held = served.call(runtime.image_tokens([vm.b64(vm.picture(seed=20))]))
+    vision.unpin(held)
+    assert again[0].first > later[0].first > tokens[0].first

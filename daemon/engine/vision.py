@@ -126,10 +126,16 @@ class Vision:
                 self._firsts.append(tokens.first)
                 self._by_first[tokens.first] = tokens
                 self._known[image.digest] = tokens
-                while len(self._known) > KNOWN_IMAGES:
-                    _, old = self._known.popitem(last=False)
-                    if old.first not in self._pins:
-                        self._features.pop(old.first, None)
+                for digest in list(self._known):  # the oldest unpinned forgotten: their ids never valid again
+                    if len(self._known) <= KNOWN_IMAGES:
+                        break
+                    old = self._known[digest]
+                    if old.first in self._pins:
+                        continue
+                    del self._known[digest]
+                    del self._by_first[old.first]
+                    self._firsts.remove(old.first)
+                    self._features.pop(old.first, None)
             self._pins[tokens.first] += 1
         return tokens, inputs
 
