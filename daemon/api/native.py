@@ -100,8 +100,13 @@ class Think:
 
 def check_base64_image(data: str) -> None:
     """Ollama decodes images as plain base64 ([]byte), so a data: URI fails with Go's text."""
-    alphabet = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
     raw = data.encode()
+    try:  # the common case at C speed (a 3 MB image: milliseconds, not a Python loop's 200)
+        base64.b64decode(raw.translate(None, b"\r\n"), validate=True)
+        return
+    except (binascii.Error, ValueError):
+        pass
+    alphabet = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
     for i, c in enumerate(raw):
         if c not in alphabet and c not in b"=\r\n":
             raise BadRequest(f"illegal base64 data at input byte {i}")
