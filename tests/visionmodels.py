@@ -2,11 +2,13 @@
 tower, its patches average-pooled to a fixed count of soft tokens between <start_of_image> and
 <end_of_image>, which attend to each other bidirectionally) and LLaVA 1.5 (llava-1.5-7b-hf: a
 CLIP tower's second-to-last layer without its CLS token, a two-layer GELU projector, one <image>
-token per patch), scaled down, saved in HF format with their processors (image processors
-constructed here, PIL backends: no torchvision) and chat templates, so that AutoProcessor and
+token per patch) and Qwen2.5-VL (Qwen2.5-VL-3B-Instruct: a windowed ViT whose 2 x 2 patches are
+merged into one token each, its tokens placed by multimodal rotary positions: time, row and
+column), scaled down, saved in HF format with their processors (image processors constructed
+here, PIL backends: no torchvision) and chat templates, so that the processor and
 from_pretrained run for real and outputs can be compared with transformers' own generate().
-
-Qwen2.5-VL is not among them: its processor needs a video processor, which needs torchvision.
+Qwen2.5-VL's processor is saved and loaded without its video processor (which needs torchvision),
+as the daemon loads it (`images_only_processor`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,19 @@ LLAVA_TEMPLATE = (
     "{% elif item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-VISION = ("gemma3-vision", "llava")
+# Qwen2.5-VL-3B-Instruct's, as far as the tests use it (its default system prompt, image parts)
+QWEN25VL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+VISION = ("gemma3-vision", "llava", "qwen2.5-vl")
 
 
 def _tokenizer(extra: dict[str, str], template: str) -> PreTrainedTokenizerFast:
@@ -68,6 +82,8 @@ def _randomize(model: torch.nn.Module, gemma: bool) -> None:
 def build(out: Path, family: str, seed: int = 0) -> Path:
     """A tiny random vision model of `family` (VISION) with its processor, saved at `out`."""
     import transformers as t
+
+    from daemon.backends.transformers_backend import images_only_class
 
     torch.manual_seed(seed)
     if family == "gemma3-vision":
@@ -98,6 +114,28 @@ def build(out: Path, family: str, seed: int = 0) -> Path:
         processor = t.LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=8,
                                      vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                      chat_template=LLAVA_TEMPLATE)
+    elif family == "qwen2.5-vl":
+        tok = _tokenizer({"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                          "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+                         QWEN25VL_TEMPLATE)
+        text = families.configs(len(tok), tok)["qwen2"].to_dict()
+        # head_dim 16 here: its 8 rotary frequencies split 2 / 3 / 3 between time, rows and
+        # columns, as 128's 64 split 16 / 24 / 24
+        text.update(model_type="qwen2_5_vl_text", tie_word_embeddings=True,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
+        config = t.Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                               patch_size=8, spatial_merge_size=2, temporal_patch_size=2, window_size=32,
+                               fullatt_block_indexes=[1], tokens_per_second=2),
+            image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+            video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+        images = t.Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=96 * 96, patch_size=8, merge_size=2,
+                                            temporal_patch_size=2)
+        processor = images_only_class(t.Qwen2_5_VLProcessor)(image_processor=images, tokenizer=tok, video_processor=None,
+                                                       chat_template=QWEN25VL_TEMPLATE)
     else:
         raise ValueError(family)
     model = t.AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
@@ -125,11 +163,17 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def processor_of(path: Path):
+    from daemon.backends.transformers_backend import load_processor
+
+    return load_processor(path, path.name)
+
+
 def _hf(path: Path, messages: list[dict], images: list[bytes]):
     from PIL import Image
     import transformers as t
 
-    processor = t.AutoProcessor.from_pretrained(path)
+    processor = processor_of(path)
     model = t.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     pictures = [Image.open(io.BytesIO(d)).convert("RGB") for d in images] or None

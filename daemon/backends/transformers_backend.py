@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import logging
 import subprocess
 import sys
@@ -112,12 +114,50 @@ def load_processor(folder: Path, name: str) -> Any:
     try:
         processor = AutoProcessor.from_pretrained(folder)
     except Exception as exc:
-        log.warning("%s: no image input (its processor does not load: %s)", name, str(exc).splitlines()[0])
-        return None
+        processor = images_only_processor(folder)
+        if processor is None:
+            log.warning("%s: no image input (its processor does not load: %s)", name, str(exc).splitlines()[0])
+            return None
     if getattr(processor, "image_token", None) is None or getattr(processor, "image_processor", None) is None:
         log.warning("%s: no image input (its processor names no image token)", name)
         return None
     return processor
+
+
+def images_only_processor(folder: Path) -> Any:
+    """The checkpoint's processor without its video processor, or None. Qwen2-VL's family
+    declares one, and transformers builds video processors on torchvision only; images need
+    neither (its image processor has a PIL backend), and torchvision is not a dependency here:
+    a build not matching torch's breaks transformers' imports altogether."""
+    import transformers
+
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        try:
+            class_name = json.loads((folder / name).read_text()).get("processor_class")
+        except (OSError, ValueError):
+            continue
+        base = getattr(transformers, str(class_name), None) if class_name else None
+        if base is not None and "video_processor" in base.get_attributes():
+            break
+    else:
+        return None
+
+    try:
+        return images_only_class(base).from_pretrained(folder)
+    except Exception:  # noqa: BLE001 - logged by the caller as the processor's own failure
+        return None
+
+
+def images_only_class(base: type) -> type:
+    """The processor class `base` without its video processor."""
+
+    class ImagesOnly(base):  # type: ignore[misc, valid-type]
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return [a for a in super().get_attributes() if a != "video_processor"]
+
+    ImagesOnly.__name__ = ImagesOnly.__qualname__ = base.__name__  # saved (a quantized copy's) as the original
+    return ImagesOnly
 
 
 def converted_gguf_folder(gguf: Path, digest: str, cache: DerivedCache) -> Path:
