@@ -307,23 +307,24 @@ def test_gpt_oss_shipped_in_mxfp4_is_quantized_after_load_and_runs_the_fast_path
         assert rel(fast.forward(tokens, [0], starts), expected) < 3e-2
 
 
-@pytest.mark.parametrize("family", ["gemma3-vision", "llava"])
+@pytest.mark.parametrize("family", ["gemma3-vision", "llava", "qwen2.5-vl"])
 def test_an_image_on_the_fast_path_matches_transformers(tmp_path, family):
     """An image's prompt on the fast path (its tokens' rows from the tower's features, Gemma 3's
-    attending to each other in the prompt pass), then decode steps on the captured graphs beside
-    a text row: the logits of transformers' own forward over the processor's output."""
+    attending to each other in the prompt pass, Qwen2.5-VL's rotated by time, row and column),
+    then decode steps on the captured graphs beside a text row: the logits of transformers' own
+    forward over the processor's output."""
     import hashlib
     import io
 
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     import visionmodels as vm
     from daemon.engine.images import ImageBytes
     from daemon.engine.vision import Vision
 
     path = vm.build(tmp_path / family, family)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = vm.processor_of(path)
     data = vm.picture(seed=1)
     message = [{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": "What is this?"}]}]
@@ -347,10 +348,10 @@ def test_an_image_on_the_fast_path_matches_transformers(tmp_path, family):
     # a decode step of both rows (the captured graph) against transformers' next position
     token, text_token = int(logits.argmax()), int(other.argmax())
     both = fast.forward(torch.tensor([[token], [text_token]]), [0, 1], [len(ids), 5])
+    marks = {k: torch.cat([v, v.new_ones(1, 1) if k == "attention_mask" else v.new_zeros(1, 1)], 1)
+             for k, v in inputs.items() if k in ("token_type_ids", "mm_token_type_ids", "attention_mask")}
+    rest = {k: v for k, v in inputs.items() if k != "input_ids" and k not in marks}
     with torch.no_grad():
         again = hf(input_ids=torch.cat([inputs["input_ids"], torch.tensor([[token]], device=0)], 1),
-                   pixel_values=inputs["pixel_values"],
-                   **({"token_type_ids": torch.cat([inputs["token_type_ids"], torch.zeros(1, 1, dtype=torch.long,
-                                                                                            device=0)], 1)}
-                      if "token_type_ids" in inputs else {})).logits[0, -1].float()
+                   **rest, **marks).logits[0, -1].float()
     assert rel(both[0], again) < 3e-2

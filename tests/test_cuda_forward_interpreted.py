@@ -260,21 +260,23 @@ def test_4bit_experts_match_pytorch_on_the_same_weights(family_dirs, cpu_fast_pa
         assert rel(g, e) < 3e-2
 
 
-@pytest.mark.parametrize("family", ["gemma3-vision", "llava"])
+@pytest.mark.parametrize("family", ["gemma3-vision", "llava", "qwen2.5-vl"])
 def test_images_on_the_fast_path_match_the_reference_path(tmp_path, cpu_fast_path, family):
     """Prompts holding images on the fast path, in fp32: their tokens' rows from the tower's
-    features and (Gemma 3) attending to each other, two image prompts from the same start in one
-    pass (attended together) beside a decode row, then a decode step: the reference path's logits."""
+    features and (Gemma 3) attending to each other, (Qwen2.5-VL) rotated by their time, row and
+    column, two image prompts from the same start in one pass (attended together) beside a
+    decode row, then a decode step, then the next turn's text (a few rows through the decode
+    step) and a prefix copied to another slot and continued: the reference path's logits."""
     import hashlib
 
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     import visionmodels as vm
     from daemon.engine.images import ImageBytes
     from daemon.engine.vision import Vision
 
     path = vm.build(tmp_path / family, family)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = vm.processor_of(path)
     paths = []
     for make in (lambda m: fast.FastForward(m, num_slots=3, max_ctx=128, graphs=False),
                  lambda m: ReferenceForward(m, num_slots=3, max_ctx=128, weight_dtype=torch.float32)):
@@ -301,7 +303,12 @@ def test_images_on_the_fast_path_match_the_reference_path(tmp_path, cpu_fast_pat
             first = torch.cat([forward.forward(torch.tensor([[6]]), [2], [3]), forward.forward(torch.tensor([a]), [0], [0]),
                                forward.forward(torch.tensor([b]), [1], [0])])
         step = forward.forward(torch.tensor([[8], [11]]), [0, 1], [len(a), len(b)])
-        results.append((first, step))
-    (fast_first, fast_step), (ref_first, ref_step) = results
-    assert rel(fast_first, ref_first) < 1e-4 and rel(fast_step, ref_step) < 1e-4
+        turn = [40, 41, 42]
+        following = forward.forward_mixed(torch.tensor([[12]]), [1], [len(b) + 1], [(turn, 0, len(a) + 1)])
+        forward.copy_prefix(0, [2], len(a))
+        copied = forward.forward_mixed(torch.tensor([[9]]), [0], [len(a) + 1 + len(turn)], [(turn, 2, len(a))])
+        results.append((first, step, following, copied))
+    for got, expected in zip(*results):
+        assert rel(got, expected) < 1e-4
+    ref_first = results[1][0]
     assert rel(ref_first[1], ref_first[2]) > 1e-3  # the two pictures answer apart

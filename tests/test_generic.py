@@ -51,16 +51,17 @@ def test_in_the_runner_alone_and_beside_another_request(generic_dirs, family):
         runner.close()
 
 
-@pytest.mark.parametrize("family", ["gemma3-vision", "llava"])
+@pytest.mark.parametrize("family", ["gemma3-vision", "llava", "qwen2.5-vl"])
 def test_images_through_transformers_forward_decode_as_generate(tmp_path, family):
     """A vision model on this path (for one whose language model has no definition here): the
     image's rows as inputs_embeds and, for Gemma 3, token type ids from the sequence's start, so
-    its image tokens see each other; greedy tokens equal transformers' generate()."""
+    its image tokens see each other; for Qwen2.5-VL, its multimodal rotary positions given (the
+    decode steps' shifted past the image); greedy tokens equal transformers' generate()."""
     import hashlib
     import io
 
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     import visionmodels as vm
     from daemon.engine.images import ImageBytes
@@ -70,7 +71,7 @@ def test_images_through_transformers_forward_decode_as_generate(tmp_path, family
     data = vm.picture(seed=1)
     message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
     expected = vm.hf_greedy(path, message, [data], n=10)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = vm.processor_of(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     forward = TransformersForward(model, num_slots=2, max_ctx=256)
     forward.vision = vision = Vision(model, processor, forward.vocab_size)

@@ -33,9 +33,13 @@ def test_prequantized_config_reports_its_quantization(tiny_dirs, tmp_path):
     ({"vision_config": {"hidden_size": 8}}, True, True),
     ({"vision_config": {"hidden_size": 8}}, False, False),  # no processor settings: text only
     ({}, True, False),
-    # Qwen2-VL's multimodal rotary positions are not built: its images would go wrong, its text not
-    ({"vision_config": {}, "text_config": {"rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}},
-     True, False),
+    # Qwen2-VL's and Qwen2.5-VL's multimodal rotary positions are built; Qwen3-VL's interleaved
+    # ones (and its features fed to middle layers) are not: its images would go wrong, its text not
+    *(({"model_type": kind, "vision_config": {},
+        "text_config": {"rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}}, True, True)
+      for kind in ("qwen2_vl", "qwen2_5_vl")),
+    ({"model_type": "qwen3_vl", "vision_config": {},
+      "text_config": {"rope_scaling": {"mrope_section": [24, 20, 20], "mrope_interleaved": True}}}, True, False),
 ])
 def test_vision_checkpoints(tmp_path, config, processor, expected):
     import json

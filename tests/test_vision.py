@@ -1,5 +1,5 @@
-"""Images through vision models (engine/vision.py), end to end on the CPU: tiny random Gemma 3 and
-LLaVA checkpoints with their processors (visionmodels.py) served by a live daemon, compared with
+"""Images through vision models (engine/vision.py), end to end on the CPU: tiny random Gemma 3,
+LLaVA and Qwen2.5-VL checkpoints with their processors (visionmodels.py) served by a live daemon, compared with
 transformers' own generate() on the processor's output."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import visionmodels as vm
 from conftest import run_daemon
 from daemon.config import Settings, parse_host
 
-GEMMA, LLAVA = "tiny:gemma3-vision", "tiny:llava"
-MODELS = {"gemma3-vision": GEMMA, "llava": LLAVA}
+GEMMA, LLAVA, QWEN = "tiny:gemma3-vision", "tiny:llava", "tiny:qwen2.5-vl"
+MODELS = {"gemma3-vision": GEMMA, "llava": LLAVA, "qwen2.5-vl": QWEN}
 QUESTION = "What is this?"
 GREEDY = {"temperature": 0, "num_predict": 12}
 
@@ -65,8 +65,9 @@ def test_an_image_gives_transformers_greedy_tokens(served, vision_dirs, family):
     expected = vm.hf_greedy(vision_dirs[family], image_message(), [image], n=GREEDY["num_predict"])
     ours, final = generated(served, MODELS[family], [image])
     assert ours == expected
-    # what was evaluated: the template's text and every image token (4 for Gemma, 16 for LLaVA)
-    assert final["prompt_eval_count"] > {"gemma3-vision": 4, "llava": 16}[family]
+    # what was evaluated: the template's text and every image token (4 for Gemma, 16 for LLaVA,
+    # 48 x 40 pixels in 8-pixel patches merged 2 x 2 for Qwen: 3 x 3)
+    assert final["prompt_eval_count"] > {"gemma3-vision": 4, "llava": 16, "qwen2.5-vl": 9}[family]
 
 
 @pytest.mark.parametrize("family", vm.VISION)
@@ -92,13 +93,12 @@ def test_the_prompt_is_the_processors(served, vision_dirs, family):
     import io
 
     from PIL import Image
-    from transformers import AutoProcessor
 
     images = [vm.picture(seed=2), vm.picture(30, 70, seed=3)]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "one"}]},
                 {"role": "assistant", "content": "yes"},
                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "two"}]}]
-    processor = AutoProcessor.from_pretrained(vision_dirs[family])
+    processor = vm.processor_of(vision_dirs[family])
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     pictures = [Image.open(io.BytesIO(i)).convert("RGB") for i in images]
     expected = processor(text=text, images=pictures, add_special_tokens=False)["input_ids"][0]
@@ -118,6 +118,46 @@ def test_the_prompt_is_the_processors(served, vision_dirs, family):
     assert [image_id if t >= runtime.vision.first_virtual else t for t in ids] == expected
     virtual = [t for t in ids if t >= runtime.vision.first_virtual]
     assert virtual == list(tokens[0].ids) + list(tokens[1].ids)
+
+
+@pytest.mark.parametrize("family", vm.VISION)
+def test_a_conversation_with_two_pictures_decodes_as_generate(served, vision_dirs, family):
+    """Two pictures in two turns through /api/chat: generate()'s answer (Qwen2.5-VL: the text
+    after each picture placed where the picture's rows and columns end); sent again with a new
+    last turn, the cached prefix (both pictures) is reused and the answer is still generate()'s."""
+    first, second = vm.picture(seed=20), vm.picture(64, 40, seed=21)
+
+    def hf_text(turns: list[tuple[str, bytes | None]], answers: list[str]) -> str:
+        messages, images = [], []
+        for i, (text, image) in enumerate(turns):
+            parts = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+            messages.append({"role": "user", "content": parts})
+            images += [image] if image else []
+            if i < len(answers):
+                messages.append({"role": "assistant", "content": answers[i]})
+        runtime = served.call(_runtime(served, MODELS[family]))
+        ids = vm.hf_greedy(vision_dirs[family], messages, images, n=GREEDY["num_predict"])
+        return runtime.loaded.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def chat(turns: list[tuple[str, bytes | None]], answers: list[str]) -> dict:
+        messages = []
+        for i, (text, image) in enumerate(turns):
+            messages.append({"role": "user", "content": text, **({"images": [vm.b64(image)]} if image else {})})
+            if i < len(answers):
+                messages.append({"role": "assistant", "content": answers[i]})
+        r = post(served, "/api/chat", {"model": MODELS[family], "stream": False, "options": GREEDY,
+                                       "messages": messages})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    turns = [("one", first), ("and this?", second)]
+    reply = chat(turns, ["yes"])
+    assert reply["message"]["content"] == hf_text(turns, ["yes"])
+    turns.append(("compare them", None))
+    answers = ["yes", reply["message"]["content"]]
+    again = chat(turns, answers)
+    assert again["message"]["content"] == hf_text(turns, answers)
+    assert again["prompt_eval_count"] < reply["prompt_eval_count"]  # both pictures came from the cache
 
 
 async def _runtime(daemon, model: str):

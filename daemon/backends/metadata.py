@@ -245,10 +245,10 @@ def is_vision_checkpoint(folder: Path) -> bool:
     text = config.get("text_config") or config
     rope = text.get("rope_scaling") or text.get("rope_parameters") or config.get("rope_scaling") or {}
     if isinstance(rope, dict) and "mrope_section" in rope:
-        # Qwen2-VL's multimodal rotary positions (an image's tokens by row and column) are not
-        # built on the decode paths: its text runs right (equal positions are plain RoPE), images
-        # would not, so it serves text only
-        return False
+        # multimodal rotary positions (an image's tokens by row and column) as Qwen2-VL and
+        # Qwen2.5-VL place them; Qwen3-VL interleaves the sections and feeds image features into
+        # its middle layers too, which the decode paths do not: it serves text only
+        return config.get("model_type") in ("qwen2_vl", "qwen2_5_vl") and not rope.get("mrope_interleaved")
     return True
 
 

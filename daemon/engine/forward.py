@@ -40,7 +40,7 @@ from daemon.engine.attention import allowed, attend, attend_padded, copy_slot_pr
 from daemon.engine.packed import PackedLinear, Product
 from daemon.engine.packed import fuse as fuse_products
 from daemon.engine.spec import Experts, ExpertWeights, LayerParts, ModelSpec, UnsupportedArchitecture, decoder
-from daemon.engine.spec import embed_scale_tensor, rotary_tables, softcap, take_layers
+from daemon.engine.spec import embed_scale_tensor, rotary_tables, sectioned_rotary, softcap, take_layers
 from daemon.engine.vision import Vision
 
 
@@ -394,6 +394,8 @@ class ReferenceForward:
     def copy_prefix(self, source: int, targets: list[int], length: int) -> None:
         """Slots `targets` take the keys and values of slot `source`'s first `length` positions."""
         copy_slot_prefix([*self.k_cache, *self.v_cache], source, targets, length)
+        if self.vision is not None:
+            self.vision.copy_rotary(source, targets, length)
         for target in targets:
             self._clean[target] = max(self._clean[target], length)
 
@@ -409,9 +411,17 @@ class ReferenceForward:
         x = self._layers(tokens[None], [self.num_slots], [0])
         return self.norm(x[0], self.final_norm, self.eps).float()
 
-    def _rope(self, batch: int, steps: int, starts: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _rope(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """cos and signed sin at each row's positions, [B or 1, T, 1, rotary_dim], per layer type:
-        looked up once per pass, not once per layer."""
+        looked up once per pass, not once per layer (multimodal rotary: composed per row)."""
+        batch, steps = tokens.shape
+        if self.vision is not None and self.spec.rotary_sections:
+            placed = self.vision.pass_positions([(row, slot, start) for row, slot, start
+                                                 in zip(tokens.tolist(), slots, starts)])
+            if placed is not None:
+                tables = sectioned_rotary(self.tables, torch.from_numpy(placed), self.spec.rotary_sections)
+                return {kind: (cos.view(batch, steps, 1, -1), sin.view(batch, steps, 1, -1))
+                        for kind, (cos, sin) in tables.items()}
         if batch == 1:
             span = slice(starts[0], starts[0] + steps)
             return {kind: (cos[span][None, :, None], sin[span][None, :, None]) for kind, (cos, sin) in self.tables.items()}
@@ -424,7 +434,7 @@ class ReferenceForward:
         spec, norm, eps = self.spec, self.norm, self.eps
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         x = self._embed(tokens)
-        ropes = self._rope(batch, steps, starts)
+        ropes = self._rope(tokens, slots, starts)
         horizons = None
         if self.vision is not None and batch == 1 and steps > 1:
             horizons = self.vision.horizons(tokens[0].tolist(), starts[0])

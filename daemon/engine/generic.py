@@ -15,6 +15,7 @@ import copy
 import inspect
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -96,6 +97,11 @@ class TransformersForward:
                                                         device=self.device)
         else:
             kwargs["input_ids"] = torch.tensor([ids], device=self.device)
+        if vision is not None and vision.multimodal_rotary:  # given: the model would derive them from its last call
+            placed = vision.pass_positions([(ids, slot, start)])
+            if placed is None:
+                placed = np.broadcast_to(np.arange(start, start + len(ids)), (3, len(ids)))
+            kwargs["position_ids"] = torch.tensor(placed, device=self.device)[:, None]
         out = self.model(**kwargs)
         self._held[slot].extend(ids)  # the cache grew in place
         return out.logits[0, -1].float()
@@ -121,6 +127,8 @@ class TransformersForward:
         if len(ids) != length:
             raise ValueError(f"slot {source} holds {len(self._held[source])} tokens, not {length}")
         cache = self._caches[source]
+        if self.vision is not None:
+            self.vision.copy_rotary(source, targets, length)
         for target in targets:
             if getattr(cache, "is_croppable", True) and hasattr(cache, "crop"):
                 self._caches[target], self._held[target] = copy.deepcopy(cache), list(self._held[source])

@@ -63,6 +63,10 @@ FAMILIES: dict[str, Family] = {
     "llama": Family(),
     "mistral": Family(),
     "qwen2": Family(),  # q/k/v biases: they come with the weights
+    # Qwen2's layers inside the multimodal models; their images' multimodal rotary positions
+    # are ModelSpec.rotary_sections
+    "qwen2_vl": Family(),
+    "qwen2_5_vl": Family(),
     "qwen3": Family(qk_norm=True),
     "gemma": Family(**GEMMA),
     "gemma2": Family(**GEMMA, sandwich=True),
@@ -138,6 +142,9 @@ class ModelSpec:
     experts: Experts | None = None  # a mixture of experts
     sinks: bool = False  # Family.sinks
     rotary_halves: bool = False  # Family.rotary_halves
+    # multimodal rotary (Qwen2-VL): how many of a head's rotary frequencies turn with each of a
+    # token's (time, row, column) positions, in that order (both halves alike); None: one position
+    rotary_sections: tuple[int, ...] | None = None
     glu_alpha: float = 1.702  # clamped_swiglu: gate * sigmoid(alpha * gate) * (up + 1), both clamped at limit
     glu_limit: float = 7.0
 
@@ -167,6 +174,10 @@ class ModelSpec:
         if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
             raise UnsupportedArchitecture(f"layer types {sorted(set(layer_types))}")
         scalar = getattr(config, "query_pre_attn_scalar", None)
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        sections = rope.get("mrope_section") if isinstance(rope, dict) else None
+        if sections is not None and (rope.get("mrope_interleaved") or len(sections) != 3):
+            raise UnsupportedArchitecture(f"multimodal rotary sections {sections} (interleaved: Qwen3-VL's)")
         return cls(
             family=kind, hidden=config.hidden_size, layers=layers, heads=heads,
             kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
@@ -179,6 +190,7 @@ class ModelSpec:
             windows=windows, layer_types=layer_types, qkv_names=family.qkv, gate_up_names=family.gate_up,
             experts=Experts.of(config, family, layers) if family.moe else None,
             sinks=family.sinks, rotary_halves=family.rotary_halves,
+            rotary_sections=tuple(int(n) for n in sections) if sections is not None else None,
             glu_alpha=float(getattr(config, "swiglu_alpha", 1.702)), glu_limit=float(getattr(config, "swiglu_limit", 7.0)),
         )
 
@@ -329,6 +341,27 @@ def rotary_tables(model: torch.nn.Module, spec: ModelSpec, max_ctx: int, dtype: 
     if rotary_dim > spec.head_dim or rotary_dim % 2:
         raise UnsupportedArchitecture(f"rotary dimension {rotary_dim} for heads of {spec.head_dim}")
     return tables
+
+
+def sectioned_rotary(tables: dict[str, tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor,
+                     sections: tuple[int, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Multimodal rotary: the tables' rows [T, rotary_dim] for rows at positions [3, T] (time,
+    row, column): each frequency from the row of its section's position, as Qwen2-VL's rotary
+    module composes them (a frequency's cos and sin depend on its position only, so the plain
+    tables hold every value)."""
+    import torch
+
+    out = {}
+    for kind, (cos, sin) in tables.items():
+        half = cos.shape[-1] // 2
+        if sum(sections) != half:
+            raise UnsupportedArchitecture(f"multimodal rotary sections {sections} for {half} frequencies")
+        axis = torch.repeat_interleave(torch.arange(len(sections), device=cos.device),
+                                       torch.tensor(sections, device=cos.device))
+        pick = torch.cat((axis, axis))[None, None].expand(1, positions.shape[1], -1)
+        at = positions.to(cos.device)
+        out[kind] = tuple(table[at].gather(0, pick)[0] for table in (cos, sin))
+    return out
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

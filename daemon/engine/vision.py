@@ -16,7 +16,10 @@ How an image reaches the language model, on every decode path alike:
   so every family's projector, feature layer and merging run as transformers runs them.
 - The decode paths look rows up in the embedding table, and virtual ids' rows here (`embed`).
 Gemma 3 attends bidirectionally among one image's tokens (its processor marks them with token
-type ids, as transformers' generate() uses them): `bidirectional`, and `blocks` says where.
+type ids, as transformers' generate() uses them): `bidirectional`, and `horizons` says where.
+Qwen2-VL's family places an image's tokens by multimodal rotary positions (time, row, column,
+each rotating its own section of a head's frequencies) and the text after it by where the image
+ends, not by index: `rotary_positions`, as its get_rope_index computes them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from daemon.engine.images import ImageBytes, open_image
@@ -51,6 +55,7 @@ class ImageTokens:
     first: int
     count: int
     text: str
+    grid: tuple[int, int, int] | None = None  # multimodal rotary models: tokens in time, rows, columns
 
     @property
     def ids(self) -> range:
@@ -82,6 +87,16 @@ class Vision:
                                     else tokenizer.convert_tokens_to_ids(processor.image_token))
         self.first_virtual = max(vocab_rows, len(tokenizer))
         self.bidirectional = False  # learned from the processor's first output
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        # Qwen2-VL's family: images placed by (time, row, column); the vision tower merges
+        # merge x merge patches into one token
+        self.multimodal_rotary = isinstance(rope, dict) and "mrope_section" in rope
+        vision_config = getattr(config, "vision_config", None)
+        self._merge = int(getattr(vision_config, "spatial_merge_size", 1) or 1)
+        # per slot of the decode path: (end, shift) where each image in it ends, ascending; a row
+        # at index i past the last image sits at rotary position i + shift
+        self._image_ends: dict[int, list[tuple[int, int]]] = {}
         parameters = [p for p in model.parameters() if p.is_floating_point()]
         self.device = parameters[0].device
         self._lock = threading.Lock()
@@ -118,10 +133,16 @@ class Vision:
             self.bidirectional = True
         text = self.processor.tokenizer.decode(ids.tolist(), skip_special_tokens=False,
                                                clean_up_tokenization_spaces=False)
+        grid = None
+        if self.multimodal_rotary:
+            frames, height, width = (int(v) for v in inputs["image_grid_thw"][0])
+            grid = (frames, height // self._merge, width // self._merge)
+            if grid[0] * grid[1] * grid[2] != count:
+                raise InternalError(f"an image grid of {grid} for {count} image tokens")
         with self._lock:
             tokens = self._known.get(image.digest)
             if tokens is None or tokens.count != count:
-                tokens = ImageTokens(image.digest, self._next, count, text)
+                tokens = ImageTokens(image.digest, self._next, count, text, grid)
                 self._next += count + 1  # a gap: two images' ids are never consecutive
                 self._firsts.append(tokens.first)
                 self._by_first[tokens.first] = tokens
@@ -279,6 +300,66 @@ class Vision:
                 i = j + 1
         x[virtual.to(x.device)] = torch.cat(rows).to(x.dtype)
         return x
+
+    def rotary_positions(self, slot: int, start: int, ids: Sequence[int]) -> np.ndarray | None:
+        """Multimodal rotary models: the (time, row, column) rotary positions [3, T] of `ids` at
+        index start... of `slot` (for transformers' get_rope_index on the whole sequence: text at
+        the position after what precedes it on all three; an image's tokens at its first
+        position plus their frame, row and column; after an image, max(frames, rows, columns)
+        positions on), remembering where this chunk's images end for the slot's later rows. None
+        where every position is its index (other models, and text before any image)."""
+        if not self.multimodal_rotary:
+            return None
+        ends = self._image_ends.setdefault(slot, [])
+        del ends[bisect.bisect_right(ends, (start, float("inf"))):]  # rows from `start` on are rewritten
+        shift = ends[-1][1] if ends else 0
+        tokens = np.asarray(ids, dtype=np.int64)
+        virtual = tokens >= self.first_virtual
+        if shift == 0 and not virtual.any():
+            return None
+        index = np.arange(start, start + len(tokens), dtype=np.int64)
+        out = np.empty((3, len(tokens)), dtype=np.int64)
+        i = 0
+        with self._lock:
+            while i < len(tokens):
+                if not virtual[i]:  # a run of text
+                    j = i + int(np.argmax(virtual[i:])) if virtual[i:].any() else len(tokens)
+                    out[:, i:j] = index[i:j] + shift
+                    i = j
+                    continue
+                entry = self._entry(int(tokens[i]))
+                offset = int(tokens[i]) - entry.first  # the chunk may start inside the image
+                n = min(entry.count - offset, len(tokens) - i)
+                if not np.array_equal(tokens[i:i + n], np.arange(tokens[i], tokens[i] + n)):
+                    raise BadRequest("an image's tokens out of order in the prompt")
+                frames, rows, columns = entry.grid
+                k = np.arange(offset, offset + n)
+                first = start + i - offset + shift  # the image's first rotary position
+                out[0, i:i + n] = first + k // (rows * columns)
+                out[1, i:i + n] = first + (k // columns) % rows
+                out[2, i:i + n] = first + k % columns
+                i += n
+                if offset + n == entry.count:  # the image ends here: what follows starts past it
+                    shift += max(frames, rows, columns) - entry.count
+                    ends.append((start + i, shift))
+        return out
+
+    def pass_positions(self, rows: Sequence[tuple[Sequence[int], int, int]]) -> np.ndarray | None:
+        """`rotary_positions` of a pass's rows ((ids, slot, start) each: a decode row's one token
+        or a prompt chunk), side by side [3, total]; None where every row's are its indexes."""
+        placed = [self.rotary_positions(slot, start, ids) for ids, slot, start in rows]
+        if all(p is None for p in placed):
+            return None
+        return np.concatenate([p if p is not None else np.broadcast_to(np.arange(start, start + len(ids)), (3, len(ids)))
+                               for p, (ids, slot, start) in zip(placed, rows)], axis=1)
+
+    def copy_rotary(self, source: int, targets: Sequence[int], length: int) -> None:
+        """Slots `targets` take slot `source`'s first `length` rows (the decode paths' copy_prefix)."""
+        if not self.multimodal_rotary:
+            return
+        kept = [end for end in self._image_ends.get(source, []) if end[0] <= length]
+        for target in targets:
+            self._image_ends[target] = list(kept)
 
     def horizons(self, ids: Sequence[int], start: int) -> list[int] | None:
         """Bidirectional models: the last key position each of a chunk's rows sees (its own for

@@ -29,6 +29,7 @@ import itertools
 import logging
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -40,7 +41,7 @@ from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
 from daemon.engine.cuda.moe import RoutedExperts
 from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
-from daemon.engine.spec import rotary_tables, softcap, take_layers
+from daemon.engine.spec import rotary_tables, sectioned_rotary, softcap, take_layers
 from daemon.engine.vision import Vision
 
 log = logging.getLogger(__name__)
@@ -254,10 +255,11 @@ class _Graph:
     def __init__(self, owner: "FastForward", batch: int) -> None:
         dev = owner.device
         self.batch = batch
-        self.meta = torch.zeros((4, batch), dtype=torch.int32, device=dev)  # tokens, slots, positions, lengths
+        # tokens, slots, positions, lengths, and the rotary tables' rows (multimodal rotary only)
+        self.meta = torch.zeros((5, batch), dtype=torch.int32, device=dev)
         # two pinned staging buffers, used in turn: with pipelined steps, the copy from one
         # may still be queued while the host fills the next step's
-        self.hosts = [torch.zeros((4, batch), dtype=torch.int32) for _ in range(2)]
+        self.hosts = [torch.zeros((5, batch), dtype=torch.int32) for _ in range(2)]
         if dev.type == "cuda":
             self.hosts = [host.pin_memory() for host in self.hosts]
         self.turn = 0
@@ -270,12 +272,16 @@ class _Graph:
 
     def run(self, owner: "FastForward") -> torch.Tensor:
         tokens, slots, positions, lengths = self.meta[0], self.meta[1], self.meta[2], self.meta[3]
-        self.logits = owner._decode_body(tokens, slots, positions, lengths, self.attention, self.outputs)
+        rows = self.meta[4] if owner.spec.rotary_sections else None
+        self.logits = owner._decode_body(tokens, slots, positions, lengths, self.attention, self.outputs, rows)
         return self.logits
 
 
 # Where a layer's queries attend: (layer index, q [rows, H, D]) -> [rows, H * D].
 Attend = Callable[[int, torch.Tensor], torch.Tensor]
+# How a pass's rows rotate (multimodal rotary): cos / sin tables per layer type, and each row's
+# row in them (int32 [T], on the device)
+Rotation = tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
 
 
 class FastForward:
@@ -318,7 +324,8 @@ class FastForward:
         self.tables = rotary_tables(model, spec, max_ctx, dtype, device)
         rotary_dim = next(iter(self.tables.values()))[0].shape[-1]
         # the QKV GEMV's RoPE epilogue rotates whole heads of a power-of-two size, without q/k norms
-        self.rope_in_gemv = (not spec.qk_norm and rotary_dim == spec.head_dim
+        # (multimodal rotary models rotate by rows of their own: rope_kv's `rows`)
+        self.rope_in_gemv = (not spec.qk_norm and rotary_dim == spec.head_dim and not spec.rotary_sections
                              and triton.next_power_of_2(spec.head_dim) == spec.head_dim)
 
         self.layers = [_Layer(layer, spec, dtype, batch_weights) for layer in parts]
@@ -388,24 +395,27 @@ class FastForward:
         return layer.down(gated, self.scratch, outputs and outputs.take(layer.down, rows))
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: Attend,
-                outputs: "_Outputs | None" = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Every layer over rows x [T, hidden] at positions / slots (int32 [T], on the device).
+                outputs: "_Outputs | None" = None, rotary: "Rotation | None" = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Every layer over rows x [T, hidden] at positions / slots (int32 [T], on the device),
+        rotated by `rotary` where given (multimodal rotary), else by the tables at the positions.
         Returns the last sublayer's output, the residual stream, and the norm still to apply to
         that output before it joins the stream (a sandwich norm), for the final norm."""
         rows, spec = x.shape[0], self.spec
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         out, pending = None, None
+        tables, rows_at = (self.tables, None) if rotary is None else rotary
         for i, layer in enumerate(self.layers):
             h, x = self._norm(out if out is not None else x, layer.attn_in_norm,
                               residual=x if out is not None else None, pre_weight=pending)
-            cos, sin = self.tables[spec.layer_types[i]]
+            cos, sin = tables[spec.layer_types[i]]
             if self.rope_in_gemv and layer.qkv.fuses_rope(rows, dim):  # one launch fewer per layer
                 q = layer.qkv.quantized.matmul(h, rope=G.Rotary(cos, sin, positions, slots, self.k_cache[i],
                                                                 self.v_cache[i], heads, kv_heads, dim))
             else:
                 qkv = layer.qkv(h, self.scratch, outputs and outputs.take(layer.qkv, rows))
                 q = K.rope_kv(qkv, cos, sin, positions, slots, self.k_cache[i], self.v_cache[i], heads, kv_heads, dim,
-                              q_norm=layer.q_norm, k_norm=layer.k_norm, eps=self.eps, gemma=self.gemma)
+                              q_norm=layer.q_norm, k_norm=layer.k_norm, eps=self.eps, gemma=self.gemma, rows=rows_at)
             o = layer.o(attend(i, q), self.scratch, outputs and outputs.take(layer.o, rows))  # fp32 from a GEMV
             h, x = self._norm(o, layer.mlp_in_norm, residual=x, pre_weight=layer.attn_out_norm)
             out, pending = self._mlp(layer, h, outputs), layer.mlp_out_norm
@@ -426,11 +436,12 @@ class FastForward:
         return attend
 
     def _decode_body(self, tokens, slots, positions, lengths, attention: K.DecodeAttention,
-                     outputs: "_Outputs | None" = None) -> torch.Tensor:
+                     outputs: "_Outputs | None" = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         if outputs is not None:
             outputs.reset()
         out, x, pending = self._layers(self._embed(tokens), positions, slots,
-                                       self._decode_attend(attention, slots, lengths), outputs)
+                                       self._decode_attend(attention, slots, lengths), outputs,
+                                       None if rows is None else (self.tables, rows))
         return self._logits(out, x, pending)
 
     @torch.inference_mode()
@@ -452,7 +463,11 @@ class FastForward:
             # work for a handful of tokens
             row_slots = list(slots) + [slot for chunk, slot, _ in chunks for _ in chunk]
             row_starts = list(starts) + [start + i for chunk, _, start in chunks for i in range(len(chunk))]
-            logits = self.forward(torch.tensor(ids, dtype=torch.long)[:, None], row_slots, row_starts)
+            rotary = None
+            if self.spec.rotary_sections and self.vision is not None:  # text rows: one position each
+                placed = self.vision.pass_positions(self._pass_rows(tokens, slots, starts, chunks))
+                rotary = None if placed is None else placed[0].tolist()
+            logits = self.forward(torch.tensor(ids, dtype=torch.long)[:, None], row_slots, row_starts, rotary)
             ends = list(itertools.accumulate((len(chunk) for chunk, _, _ in chunks), initial=batch))[1:]
             return logits[list(range(batch)) + [end - 1 for end in ends]]
         segments = [(slot, start, len(chunk)) for chunk, slot, start in chunks]
@@ -460,17 +475,28 @@ class FastForward:
         if vision is not None:  # image tokens that see each other (Gemma 3)
             found = {i: vision.horizons(chunk, start) for i, (chunk, _, start) in enumerate(chunks)}
             horizons = {i: h for i, h in found.items() if h is not None} or None
+        placed = None
+        if self.spec.rotary_sections and self.vision is not None:
+            placed = self.vision.pass_positions(self._pass_rows(tokens, slots, starts, chunks))
         tokens_in = torch.tensor(ids) if vision is not None else torch.tensor(ids, device=self.device)
-        out, x, pending = self._prompt_layers(tokens_in, segments, list(zip(slots, starts)), horizons)
+        out, x, pending = self._prompt_layers(tokens_in, segments, list(zip(slots, starts)), horizons, placed)
         ends = itertools.accumulate((len(chunk) for chunk, _, _ in chunks), initial=batch)
         rows = list(range(batch)) + [end - 1 for end in list(ends)[1:]]
         index = torch.tensor(rows + rows[-1:] * (self._padded(len(rows)) - len(rows)), device=self.device)
         return self._logits(out[index], x[index], pending)[:len(rows)]
 
+    @staticmethod
+    def _pass_rows(tokens: torch.Tensor, slots: list[int], starts: list[int],
+                   chunks: list[tuple[list[int], int, int]]) -> list[tuple[list[int], int, int]]:
+        """A pass's rows as Vision.pass_positions takes them: each decode row, then each chunk."""
+        return [([t], slot, start) for t, slot, start in zip(tokens[:, 0].tolist(), slots, starts)] + list(chunks)
+
     def copy_prefix(self, source: int, targets: list[int], length: int) -> None:
         """Slots `targets` take the keys and values of slot `source`'s first `length` positions
         (queued on the stream: after every step launched before, before every step after)."""
         K.copy_prefix([*self.k_cache, *self.v_cache], source, targets, length)
+        if self.vision is not None:
+            self.vision.copy_rotary(source, targets, length)
 
     def release(self) -> None:
         """Drop the KV caches and graphs (the model is unloading)."""
@@ -488,13 +514,14 @@ class FastForward:
 
     def _prompt_layers(self, tokens: torch.Tensor, segments: list[tuple[int, int, int]],
                        decoding: list[tuple[int, int]] = (), horizons: dict[int, list[int]] | None = None,
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                       placed: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """tokens [T]: the `decoding` rows first ((slot, position) each), then the segments
         (slot, start, length): `_layers` with the decode kernel for the former and PyTorch's
         attention for the latter, segments that start at the same position together. The rows
         are padded to a multiple of `prompt_rows` (the padding's keys go to the scratch slot's last
         position, its attention is zero): the results have that many rows, the first T are these.
-        No padding where a row of the pass itself sits there (an encode() of max_ctx tokens)."""
+        No padding where a row of the pass itself sits there (an encode() of max_ctx tokens).
+        `placed`: the rows' multimodal rotary positions [3, T] (Vision.pass_positions), if any."""
         batch, rows = len(decoding), tokens.shape[0]
         sink = self.max_ctx - 1  # where the padding's keys go, in the scratch slot
         taken = any(slot == self.num_slots and start + n > sink for slot, start, n in segments) or any(
@@ -525,8 +552,13 @@ class FastForward:
             return torch.cat(parts + [o.new_zeros(pad, o.shape[1])]) if pad or len(parts) > 1 else o
 
         x = self._embed(tokens) if self.vision is None else self.vision.embed(tokens, self._embed)
+        rotary = None
+        if placed is not None:  # the pass's own rotary rows, composed per section; the padding's plain
+            at = torch.from_numpy(np.concatenate([placed, np.full((3, pad), sink)], axis=1))
+            rotary = (sectioned_rotary(self.tables, at, spec.rotary_sections),
+                      torch.arange(rows + pad, dtype=torch.int32, device=self.device))
         with sdpa_kernel(PROMPT_ATTENTION_BACKENDS):
-            return self._layers(x, positions, slots, attend)
+            return self._layers(x, positions, slots, attend, rotary=rotary)
 
     # ---- decode through a captured graph --------------------------------------------------
 
@@ -596,7 +628,11 @@ class FastForward:
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int],
+                rotary: list[int] | None = None) -> torch.Tensor:
+        """Decode rows tokens [B, 1] at `starts` of `slots` through the captured step (a longer
+        row goes to forward_mixed). `rotary`: each row's rotary position (multimodal rotary;
+        the rows' own from Vision where not given)."""
         batch, steps = tokens.shape
         if steps > 1:
             assert batch == 1
@@ -610,6 +646,13 @@ class FastForward:
         host[1, :batch] = torch.tensor(slots, dtype=torch.int32)
         host[2, :batch] = torch.tensor(starts, dtype=torch.int32)
         host[3, :batch] = host[2, :batch] + 1
+        if self.spec.rotary_sections:
+            if rotary is None and self.vision is not None:
+                # generated tokens are text (their values may still be on the device: not read)
+                placed = self.vision.pass_positions([([0], slot, start) for slot, start in zip(slots, starts)])
+                rotary = None if placed is None else placed[0].tolist()
+            host[4, :batch] = host[2, :batch] if rotary is None else torch.tensor(rotary, dtype=torch.int32)
+            host[4, batch:] = 0
         host[1, batch:] = self.num_slots
         host[2, batch:] = 0
         host[3, batch:] = 1

@@ -135,7 +135,7 @@ def rotate_and_store(x1, x2, d, head, pos, slot_at, q_head_ptr, cos_ptr, sin_ptr
 
 
 @triton.jit
-def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, rope_ptr, slot_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
                     q_norm_ptr, k_norm_ptr, eps, stride_qkv, H, KV, CTX,
                     D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, QK_NORM: tl.constexpr,
                     GEMMA: tl.constexpr, PDL: tl.constexpr):
@@ -150,6 +150,7 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_c
     x = tl.load(base + d, mask=ok, other=0.0).to(tl.float32)
     pos = tl.load(pos_ptr + t)
     if head < H + KV:
+        row = tl.load(rope_ptr + t)  # the rotary tables' row: the position, or where a pass composed its own
         half: tl.constexpr = R // 2
         rotated = d < R
         partner = tl.where(d < half, d + half, d - half)
@@ -169,8 +170,8 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_c
                 x = (x * r).to(dtype).to(tl.float32) * w
                 xp = (xp * r).to(dtype).to(tl.float32) * wp
                 x, xp = x.to(dtype).to(tl.float32), xp.to(dtype).to(tl.float32)
-        c = tl.load(cos_ptr + pos * R + d, mask=rotated, other=1.0).to(tl.float32)
-        s = tl.load(sin_ptr + pos * R + d, mask=rotated, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + row * R + d, mask=rotated, other=1.0).to(tl.float32)
+        s = tl.load(sin_ptr + row * R + d, mask=rotated, other=0.0).to(tl.float32)
         y = tl.where(d < half, tl.fma(x, c, -(xp * s)), tl.fma(x, c, xp * s))
         x = tl.where(rotated, y, x)
     if head < H:
@@ -187,15 +188,19 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_c
 def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
             k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
             q_out: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
-            k_norm: torch.Tensor | None = None, eps: float = 1e-6, gemma: bool = False) -> torch.Tensor:
+            k_norm: torch.Tensor | None = None, eps: float = 1e-6, gemma: bool = False,
+            rows: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [T, (H + 2 KV) * D]; writes rotated k and v into the caches [S, KV, CTX, D] at
     (slots[t], positions[t]); returns rotated q [T, H, D]. cos / sin [CTX, R]: the first R dims
-    of each head rotate. q_norm / k_norm: per-head norms before the rotation."""
+    of each head rotate, by the tables' row positions[t], or rows[t] where given (multimodal
+    rotary: a text row's shifted position, or a pass's own composed rows). q_norm / k_norm:
+    per-head norms before the rotation."""
     t = qkv.shape[0]
     q_out = torch.empty((t, heads, head_dim), dtype=k_cache.dtype, device=qkv.device) if q_out is None else q_out
     pdl = pdl_available(qkv.device)
     _rope_kv_kernel[(t, heads + 2 * kv_heads)](
-        qkv, cos, sin, positions, slots, q_out, k_cache, v_cache, q_norm if q_norm is not None else cos,
+        qkv, cos, sin, positions, positions if rows is None else rows, slots, q_out, k_cache, v_cache,
+        q_norm if q_norm is not None else cos,
         k_norm if k_norm is not None else cos, eps, qkv.stride(0), heads, kv_heads, k_cache.shape[2], D=head_dim,
         D_PAD=triton.next_power_of_2(head_dim), R=cos.shape[-1], QK_NORM=q_norm is not None, GEMMA=gemma, PDL=pdl,
         num_warps=1, launch_pdl=pdl)
