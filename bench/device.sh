@@ -12,6 +12,7 @@
 # checkpoint writes the random checkpoints of SHAPES' first shape (default llama3-8b) in the
 #         background (the benches share them)
 # vision  Gemma-3-12B shapes with its tower, NF4: TTFT and decode rate with an 896 px image against text
+#         (VISION_FAMILIES: gemma3-12b and / or qwen2.5-vl-7b)
 # tests   the GPU tests (kernels against bitsandbytes, fast path against eager, SmolLM2 greedy)
 # sweep   bench/nf4_kernel.py: NF4 GEMV settings on this card -> $OUT/configs.json
 # batched bench/batched_kernel.py: the batched products' settings and table -> $OUT/batched.json
@@ -29,7 +30,7 @@
 # peer    bench/llama_cpp_peer.py with that llama.cpp
 #
 # Knobs: VARIANTS, SHAPES, KEEP and ABLATE (decode; ABLATE= for none), SHAPE, CONCURRENCY,
-# SEQUENTIAL and REPEATS (serve), PEER_TYPES (peer), SETTLED (batched), UNCACHED (prefix), SWEEP_ROWS and MODELS (sweep), TESTS (the GPU test files),
+# SEQUENTIAL and REPEATS (serve), VISION_FAMILIES (vision), PEER_TYPES (peer), SETTLED (batched), UNCACHED (prefix), SWEEP_ROWS and MODELS (sweep), TESTS (the GPU test files),
 # TESTS_K (pytest -k), TAIL.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -100,7 +101,9 @@ for what in "$@"; do
         step serve python3 bench/gpu_serve.py "${args[@]}"
         ;;
     vision)
-        step vision python3 bench/gpu_vision.py --root /tmp/bench --tokens ${TOKENS:-256} --repeats ${REPEATS:-3}
+        for family in ${VISION_FAMILIES:-gemma3-12b}; do
+            step vision-$family python3 bench/gpu_vision.py --root /tmp/bench --family "$family" --tokens ${TOKENS:-256} --repeats ${REPEATS:-3}
+        done
         ;;
     prefix)
         [ -n "${WRITER:-}" ] && wait "$WRITER"

@@ -72,9 +72,8 @@ def start_daemon(settings: Settings):
     return f"http://127.0.0.1:{state['port']}", stop
 
 
-async def one(session, url, model, tokens, i):
-    body = {"model": model, "messages": [{"role": "user", "content": " ".join(f"t{1000 + 37 * j + i}" for j in range(120))}],
-            "options": {"num_predict": tokens, "temperature": 0}, "stream": True}
+async def stream_chat(session, url: str, body: dict) -> tuple[float, dict]:
+    """A streaming /api/chat: seconds to its first content line (TTFT), and its final line."""
     t0 = time.perf_counter()
     first = None
     async with session.post(url + "/api/chat", json=body) as r:
@@ -85,8 +84,15 @@ async def one(session, url, model, tokens, i):
             if first is None and line.get("message", {}).get("content"):
                 first = time.perf_counter() - t0
             if line.get("done"):
-                return first or (time.perf_counter() - t0), line["eval_count"], line["eval_duration"]
+                return first or (time.perf_counter() - t0), line
     raise RuntimeError(f"HTTP {r.status}: the stream ended without a final line")
+
+
+async def one(session, url, model, tokens, i):
+    body = {"model": model, "messages": [{"role": "user", "content": " ".join(f"t{1000 + 37 * j + i}" for j in range(120))}],
+            "options": {"num_predict": tokens, "temperature": 0}, "stream": True}
+    first, line = await stream_chat(session, url, body)
+    return first, line["eval_count"], line["eval_duration"]
 
 
 async def wave(url, model, concurrency, tokens):
