@@ -352,3 +352,20 @@ def test_forgotten_images_give_their_ids_up_for_good(served, monkeypatch):
     again, held = served.call(runtime.image_tokens([vm.b64(vm.picture(seed=20))]))
     vision.unpin(held)
     assert again[0].first > later[0].first > tokens[0].first
+
+
+@pytest.mark.parametrize("family", vm.VISION)
+def test_the_warm_up_picture_is_forgotten(served, family):
+    """The load's warm-up image (on a GPU) runs the processor and tower and leaves nothing held:
+    no features, no pins; the next request's image is encoded as its own."""
+    runtime = served.call(_runtime(served, MODELS[family]))
+    vision = runtime.vision
+    held = dict(vision._features)
+    served.call(_exclusive(runtime, vision.warm_up))
+    assert dict(vision._features).keys() == held.keys() and not vision._pins
+    ours, _ = generated(served, MODELS[family], [vm.picture(seed=30)])
+    assert len(ours) == GREEDY["num_predict"]
+
+
+async def _exclusive(runtime, fn):
+    return await runtime.runner.run_exclusive(fn)

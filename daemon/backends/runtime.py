@@ -316,6 +316,8 @@ def load_runtime(resolved: ResolvedModel, settings: Settings, num_ctx: int | Non
     prompts.prepare()
     if device.type == "cuda":
         _warm_up(runner, prompts, plan.num_ctx, resolved.name.display)
+        if vision is not None:
+            vision.warm_up()
     seconds = time.perf_counter() - started
     log.info("loaded %s on %s in %.1fs (num_ctx %d, %d slots%s)", resolved.name.display, device, seconds,
              plan.num_ctx, plan.slots, ", bf16 batch weights" if plan.batch_weights else "")

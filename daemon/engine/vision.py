@@ -209,6 +209,27 @@ class Vision:
             feature = self._features.pop(first)
             held -= feature.numel() * feature.element_size()
 
+    def warm_up(self) -> None:
+        """A picture through the processor and the tower at load, forgotten after: the first
+        request's image then pays for neither's first run (on a GPU about a second, its kernels
+        chosen and loaded). The size is the usual photo's after resizing (Gemma 3 and LLaVA
+        resize every picture to one size anyway)."""
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (896, 896), (128, 128, 128)).save(buffer, format="PNG")
+        # a digest no picture has (theirs are sha256 hex): never matched by a request's image
+        tokens, inputs = self.prepare(ImageBytes(buffer.getvalue(), "warm-up"))
+        try:
+            if inputs is not None:
+                self.encode(tokens, inputs)
+        finally:
+            self.unpin([tokens.first])
+            with self._lock:
+                self._features.pop(tokens.first, None)
+
     def has_features(self, tokens: ImageTokens) -> bool:
         with self._lock:
             return tokens.first in self._features
