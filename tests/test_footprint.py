@@ -165,6 +165,16 @@ def test_a_vision_tower_counts_in_the_compute_dtype():
     assert both.weights - text.weights == 417_000_000 * 2
 
 
+def test_a_vision_model_counts_the_images_it_keeps():
+    from daemon.engine.images import FEATURES_BUDGET
+
+    quantized = FakeModelfile(Quantization("nf4", True, "bfloat16"))
+    text = estimate(FakeModel(FakeMetadata(LLAMA3_8B), quantized), num_ctx=2048, slots=4, device_type="cuda")
+    vision = estimate(FakeModel(FakeMetadata(LLAMA3_8B, vision=True), quantized), num_ctx=2048, slots=4,
+                      device_type="cuda")
+    assert vision.workspace - text.workspace == FEATURES_BUDGET
+
+
 def test_vision_parameters_from_the_checkpoint(tmp_path):
     import visionmodels as vm
 

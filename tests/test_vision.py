@@ -223,6 +223,14 @@ def test_a_text_request_beside_an_image_request_is_unchanged(served):
     assert text_reply.json()["context"] == alone
 
 
+def test_ps_shows_the_images_held(served):
+    generated(served, GEMMA, [vm.picture(seed=31)])
+    models = {m["name"]: m for m in httpx.get(served.url + "/api/ps").json()["models"]}
+    images = models[GEMMA]["images"]
+    assert images["held"] >= 1 and 0 < images["bytes"] <= images["budget"]
+    assert "images" not in models.get("tiny:text", {})
+
+
 def test_show_lists_vision(served):
     caps = post(served, "/api/show", {"model": GEMMA}).json()["capabilities"]
     assert caps[:2] == ["completion", "vision"]

@@ -22,7 +22,7 @@ from daemon.engine.forward import ReferenceForward
 from daemon.engine.generic import TransformersForward
 from daemon.engine.spec import UnsupportedArchitecture
 from daemon.engine.grammar import GrammarCompiler
-from daemon.engine.images import ImageBytes, check_count
+from daemon.engine.images import FEATURES_BUDGET, ImageBytes, check_count
 from daemon.engine.prompt import ContextBudget, PromptBuilder
 from daemon.engine.runner import Runner
 from daemon.engine.vision import ImageTokens, Vision
@@ -115,10 +115,13 @@ class ModelRuntime:
 
     @property
     def size_bytes(self) -> int:
-        """What it holds: measured on a GPU; on the CPU, weights plus every slot's KV cache."""
+        """What it holds: measured on a GPU; on the CPU, weights plus every slot's KV cache; and
+        a vision model's encoded images at their budget (they grow after the load)."""
+        images = FEATURES_BUDGET if self.vision is not None else 0
         if self.measured_bytes:
-            return self.measured_bytes
-        return self.forward.weights_bytes + self.forward.kv_bytes_per_token * self.num_ctx * self.forward.num_slots
+            return self.measured_bytes + images
+        return (self.forward.weights_bytes + self.forward.kv_bytes_per_token * self.num_ctx * self.forward.num_slots
+                + images)
 
     @property
     def size_vram(self) -> int:

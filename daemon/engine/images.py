@@ -21,6 +21,10 @@ from daemon.errors import BadRequest
 # context (256 for Gemma 3, up to thousands for Qwen2.5-VL), so a hundred never fit a useful
 # context anyway; a clear 400 instead of minutes of encoding.
 MAX_IMAGES = 32
+# Encoded images kept for the next request that sends the same one (a chat resends its
+# pictures every turn), by bytes on the model's device (engine/vision.py); the memory estimate
+# counts all of it for a vision model.
+FEATURES_BUDGET = 512 << 20
 # Decoded size in pixels at most: a 20,000 x 20,000 PNG is 1.2 GB of RGB once decoded (its file
 # can be a few hundred kilobytes). Processors resize to a few megapixels at most.
 MAX_PIXELS = 64 << 20

@@ -33,14 +33,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from daemon.engine.images import ImageBytes, open_image
+from daemon.engine.images import FEATURES_BUDGET, ImageBytes, open_image
 from daemon.engine.spec import decoder
 from daemon.errors import BadRequest, InternalError
 
-# Encoded images kept for the next request that sends the same one (a chat resends its
-# pictures every turn), by bytes on the model's device; an image a request still needs is kept
-# regardless.
-FEATURES_BUDGET = 512 << 20
+# (FEATURES_BUDGET: the encoded images kept; an image a request still needs is kept regardless.)
 # Images whose virtual ids are remembered (a few integers each): an image forgotten and sent
 # again gets new ids, which only costs the prefix cache's hit.
 KNOWN_IMAGES = 4096
@@ -229,6 +226,12 @@ class Vision:
             self.unpin([tokens.first])
             with self._lock:
                 self._features.pop(tokens.first, None)
+
+    def held(self) -> dict[str, int]:
+        """The encoded images kept (/api/ps): how many, their bytes, and the budget."""
+        with self._lock:
+            count, size = len(self._features), sum(f.numel() * f.element_size() for f in self._features.values())
+        return {"held": count, "bytes": size, "budget": FEATURES_BUDGET}
 
     def has_features(self, tokens: ImageTokens) -> bool:
         with self._lock:

@@ -10,7 +10,8 @@ over (engine/cuda/moe.py), so they count at 4-bit bytes there, and a long prompt
 dequantizes one layer's experts into a scratch buffer. On the CPU the engine keeps dense
 weights in fp16 and activations in fp32.
 KV cache: every slot's full context. Workspace: activations of one prefill chunk, the
-logits, and allocator slack. Batch weights: where the GPU path keeps a bf16 copy of 4-bit
+logits, allocator slack, and for a vision model the encoded images it keeps (FEATURES_BUDGET).
+Batch weights: where the GPU path keeps a bf16 copy of 4-bit
 matrices for batched decoding and prefill, that copy too.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from daemon.backends.metadata import ModelShape
+from daemon.engine.images import FEATURES_BUDGET
 from daemon.registry.catalog import ResolvedModel
 
 NF4_BYTES = 0.5 + 4 / 64
@@ -87,6 +89,8 @@ def estimate(model: ResolvedModel, num_ctx: int, slots: int, device_type: str, p
     if on_gpu and mode != "none" and not (batch_weights and mode in ("nf4", "fp4")):
         # prompts and batches multiply quantized matrices dequantized into one scratch buffer
         workspace += shape.largest_product_params * dense_bytes
+    if model.metadata.vision:
+        workspace += FEATURES_BUDGET
     if experts_quantized and shape.sparse_layers:
         workspace += (shape.expert_params - routers) // shape.sparse_layers * dense_bytes
     return Footprint(weights=weights, kv_cache=kv, workspace=workspace)

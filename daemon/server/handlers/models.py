@@ -132,6 +132,9 @@ async def ps(request: web.Request) -> web.Response:
             # and the prefix cache they hold, part of `size` already
             entries[-1]["kv_cache"] = {"slots": runner.num_slots, "cached_tokens": runner.cached_tokens,
                                        "prefix_cache": runner.prefix_cache}
+        vision = getattr(resident.runtime, "vision", None)
+        if vision is not None:  # a vision model's encoded images, counted in `size` at their budget
+            entries[-1]["images"] = vision.held()
     entries.sort(key=lambda e: e["_expires"], reverse=True)
     for e in entries:
         del e["_expires"]
