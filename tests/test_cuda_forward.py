@@ -307,7 +307,7 @@ def test_gpt_oss_shipped_in_mxfp4_is_quantized_after_load_and_runs_the_fast_path
         assert rel(fast.forward(tokens, [0], starts), expected) < 3e-2
 
 
-@pytest.mark.parametrize("family", ["gemma3-vision", "llava", "qwen2.5-vl"])
+@pytest.mark.parametrize("family", ["gemma3-vision", "llava", "llava-next", "qwen2.5-vl"])
 def test_an_image_on_the_fast_path_matches_transformers(tmp_path, family):
     """An image's prompt on the fast path (its tokens' rows from the tower's features, Gemma 3's
     attending to each other in the prompt pass, Qwen2.5-VL's rotated by time, row and column),

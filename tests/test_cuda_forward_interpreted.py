@@ -260,7 +260,7 @@ def test_4bit_experts_match_pytorch_on_the_same_weights(family_dirs, cpu_fast_pa
         assert rel(g, e) < 3e-2
 
 
-@pytest.mark.parametrize("family", ["gemma3-vision", "llava", "qwen2.5-vl"])
+@pytest.mark.parametrize("family", ["gemma3-vision", "llava", "llava-next", "qwen2.5-vl"])
 def test_images_on_the_fast_path_match_the_reference_path(tmp_path, cpu_fast_path, family):
     """Prompts holding images on the fast path, in fp32: their tokens' rows from the tower's
     features and (Gemma 3) attending to each other, (Qwen2.5-VL) rotated by their time, row and

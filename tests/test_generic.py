@@ -51,7 +51,7 @@ def test_in_the_runner_alone_and_beside_another_request(generic_dirs, family):
         runner.close()
 
 
-@pytest.mark.parametrize("family", ["gemma3-vision", "llava", "qwen2.5-vl"])
+@pytest.mark.parametrize("family", ["gemma3-vision", "llava", "llava-next", "qwen2.5-vl"])
 def test_images_through_transformers_forward_decode_as_generate(tmp_path, family):
     """A vision model on this path (for one whose language model has no definition here): the
     image's rows as inputs_embeds and, for Gemma 3, token type ids from the sequence's start, so

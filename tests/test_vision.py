@@ -17,7 +17,7 @@ from conftest import run_daemon
 from daemon.config import Settings, parse_host
 
 GEMMA, LLAVA, QWEN = "tiny:gemma3-vision", "tiny:llava", "tiny:qwen2.5-vl"
-MODELS = {"gemma3-vision": GEMMA, "llava": LLAVA, "qwen2.5-vl": QWEN}
+MODELS = {"gemma3-vision": GEMMA, "llava": LLAVA, "llava-next": "tiny:llava-next", "qwen2.5-vl": QWEN}
 QUESTION = "What is this?"
 GREEDY = {"temperature": 0, "num_predict": 12}
 
@@ -66,8 +66,9 @@ def test_an_image_gives_transformers_greedy_tokens(served, vision_dirs, family):
     ours, final = generated(served, MODELS[family], [image])
     assert ours == expected
     # what was evaluated: the template's text and every image token (4 for Gemma, 16 for LLaVA,
-    # 48 x 40 pixels in 8-pixel patches merged 2 x 2 for Qwen: 3 x 3)
-    assert final["prompt_eval_count"] > {"gemma3-vision": 4, "llava": 16, "qwen2.5-vl": 9}[family]
+    # LLaVA-NeXT's 16 for the whole picture and its tiles' more, 48 x 40 pixels in 8-pixel
+    # patches merged 2 x 2 for Qwen: 3 x 3)
+    assert final["prompt_eval_count"] > {"gemma3-vision": 4, "llava": 16, "llava-next": 32, "qwen2.5-vl": 9}[family]
 
 
 @pytest.mark.parametrize("family", vm.VISION)

@@ -1,8 +1,9 @@
 """Tiny random vision models built from the real configs of Gemma 3 (gemma-3-4b-it: a SigLIP
 tower, its patches average-pooled to a fixed count of soft tokens between <start_of_image> and
-<end_of_image>, which attend to each other bidirectionally) and LLaVA 1.5 (llava-1.5-7b-hf: a
+<end_of_image>, which attend to each other bidirectionally), LLaVA 1.5 (llava-1.5-7b-hf: a
 CLIP tower's second-to-last layer without its CLS token, a two-layer GELU projector, one <image>
-token per patch) and Qwen2.5-VL (Qwen2.5-VL-3B-Instruct: a windowed ViT whose 2 x 2 patches are
+token per patch), LLaVA-NeXT (llava-v1.6-mistral-7b-hf: the same tower over the whole picture and
+its any-resolution tiles, a learned newline closing each row) and Qwen2.5-VL (Qwen2.5-VL-3B-Instruct: a windowed ViT whose 2 x 2 patches are
 merged into one token each, its tokens placed by multimodal rotary positions: time, row and
 column), scaled down, saved in HF format with their processors (image processors constructed
 here, PIL backends: no torchvision) and chat templates, so that the processor and
@@ -56,7 +57,15 @@ QWEN25VL_TEMPLATE = (
     "{{ '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-VISION = ("gemma3-vision", "llava", "qwen2.5-vl")
+# llava-v1.6-mistral-7b-hf's
+MISTRAL_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>\n' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + '</s>' }}{% endif %}{% endfor %}"
+)
+VISION = ("gemma3-vision", "llava", "llava-next", "qwen2.5-vl")
 
 
 def _tokenizer(extra: dict[str, str], template: str) -> PreTrainedTokenizerFast:
@@ -114,6 +123,25 @@ def build(out: Path, family: str, seed: int = 0) -> Path:
         processor = t.LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=8,
                                      vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                      chat_template=LLAVA_TEMPLATE)
+    elif family == "llava-next":
+        # llava-v1.6-mistral-7b-hf: any-resolution tiles (the picture's best grid of 336 px tiles
+        # beside its whole, here 32 px), unpadded and closed by a learned newline per row
+        tok = _tokenizer({"image_token": "<image>"}, MISTRAL_TEMPLATE)
+        text = families.configs(len(tok), tok)["mistral"].to_dict()
+        text["sliding_window"] = None  # Mistral-7B-Instruct-v0.2's
+        pinpoints = [[32, 64], [64, 32], [64, 64]]
+        config = t.LlavaNextConfig(
+            text_config=text,
+            vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+                               projection_dim=32),
+            image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+            vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints)
+        images = t.LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                              image_grid_pinpoints=pinpoints)
+        processor = t.LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=8,
+                                         vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                         chat_template=MISTRAL_TEMPLATE)
     elif family == "qwen2.5-vl":
         tok = _tokenizer({"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                           "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
