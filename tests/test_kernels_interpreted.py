@@ -175,3 +175,35 @@ def test_copy_prefix_into_several_slots():
     copy_slot_prefix(expected, 3, [0, 4, 1], 17)
     assert all(torch.equal(c, e) for c, e in zip(caches, expected))
     assert not torch.equal(caches[0][2], caches[0][3])  # a slot not named is left alone
+
+
+# (experts, top k, softmax after top k, renormalized, weights in fp32): Mixtral, Qwen3-MoE,
+# Qwen2-MoE (unnormalized), gpt-oss, and a count that is not a power of two (Qwen1.5-MoE's 60)
+ROUTINGS = [(8, 2, False, True, True), (128, 8, False, True, False), (60, 4, False, False, False),
+            (32, 4, True, False, False)]
+
+
+@pytest.mark.parametrize("experts,top_k,after,normalize,fp32", ROUTINGS)
+def test_route_topk_is_the_reference_routing(experts, top_k, after, normalize, fp32):
+    """The fused routing against engine/forward.route on the same logits: the same experts in
+    the same order, weights to the dtype's rounding; ties go to the lower expert."""
+    from daemon.engine.forward import route
+    from daemon.engine.spec import Experts
+
+    gen = torch.Generator().manual_seed(experts)
+    # distinct logits (bf16 rounds random ones into ties, which torch.topk orders as it likes),
+    # exactly so through an identity router: steps of 1/8 are exact in bf16 up to 32
+    h = torch.stack([torch.randperm(experts, generator=gen) / 8 - experts / 16 for _ in range(5)]).to(torch.bfloat16)
+    router = torch.eye(experts, dtype=torch.bfloat16)
+    h[4] = 0  # every logit equal: the lowest experts, in order
+    moe = Experts(count=experts, top_k=top_k, normalize=normalize, route_in_fp32=fp32, shared=False,
+                  softmax_after_topk=after, interleaved=False, sparse=(True,))
+    expected_weights, expected_chosen = route(h, router, moe)
+    logits = torch.nn.functional.linear(h, router)
+    dtype = logits.dtype if after or not fp32 else torch.float32
+    weights, chosen = K.route_topk(logits, top_k, after, normalize, dtype)
+    assert chosen.dtype == torch.int32 and weights.dtype == expected_weights.dtype
+    assert chosen[:4].tolist() == expected_chosen[:4].tolist()
+    assert chosen[4].tolist() == list(range(top_k))
+    tolerance = 1e-6 if fp32 else 1e-2
+    assert torch.allclose(weights.float(), expected_weights.float(), atol=tolerance, rtol=tolerance)

@@ -12,6 +12,9 @@ flags (engine/spec.py), so one kernel serves every family.
   tensor, so the launch is graph-capturable), split over the sequence, GQA-aware, with the
   layer's sliding window and soft-capped scores; any head size (masked to a power of two).
 - gated_act: act(gate) * up, SiLU or GELU (tanh).
+- route_topk: a mixture of experts' routing from its router logits: softmax, top k,
+  renormalization and the cast, one launch (PyTorch's softmax, topk, sum, divide and cast were
+  six launches a layer, about 9 us of a decode step's 79 us per layer on Qwen3-30B-A3B).
 - copy_prefix: a slot's cached prefix into other slots (prompts sharing it), one launch a cache.
 """
 
@@ -378,6 +381,57 @@ def gated_act(gate_up: torch.Tensor, dtype: torch.dtype | None = None, gelu: boo
     _gated_act_kernel[(rows, triton.cdiv(i, 1024))](gate_up, out, i, BLOCK=1024, GELU=gelu, PDL=pdl, num_warps=4,
                                                     launch_pdl=pdl)
     return out
+
+
+@triton.jit
+def _route_topk_kernel(logits_ptr, weights_ptr, chosen_ptr, E, K: tl.constexpr, E_PAD: tl.constexpr,
+                       K_PAD: tl.constexpr, SOFTMAX_AFTER: tl.constexpr, NORMALIZE: tl.constexpr,
+                       PDL: tl.constexpr):
+    """One row: the top K of softmax(logits) in fp32 (renormalized with NORMALIZE), or with
+    SOFTMAX_AFTER the top K logits softmaxed (gpt-oss); ties to the lower expert."""
+    _pdl_start(PDL)
+    row = tl.program_id(0)
+    e = tl.arange(0, E_PAD)
+    x = tl.load(logits_ptr + row * E + e, mask=e < E, other=float("-inf")).to(tl.float32)
+    if SOFTMAX_AFTER:
+        p = x
+    else:
+        m = tl.max(x, axis=0)
+        num = tl.exp(x - m)
+        p = num / tl.sum(num, axis=0)
+    slots = tl.arange(0, K_PAD)
+    top = tl.zeros([K_PAD], tl.float32)
+    picked = tl.zeros([K_PAD], tl.int32)
+    for j in tl.static_range(K):  # K arg-maxes: a handful over at most a few hundred experts
+        best = tl.max(p, axis=0)
+        at = tl.min(tl.where(p == best, e, E_PAD), axis=0)
+        top = tl.where(slots == j, best, top)
+        picked = tl.where(slots == j, at, picked)
+        p = tl.where(e == at, float("-inf"), p)
+    ok = slots < K
+    if SOFTMAX_AFTER:  # the logits (in their dtype) softmaxed in fp32
+        m = tl.max(tl.where(ok, top, float("-inf")), axis=0)
+        num = tl.where(ok, tl.exp(top - m), 0.0)
+        top = num / tl.sum(num, axis=0)
+    elif NORMALIZE:
+        top = top / tl.sum(tl.where(ok, top, 0.0), axis=0)
+    tl.store(weights_ptr + row * K + slots, top.to(weights_ptr.dtype.element_ty), mask=ok)
+    tl.store(chosen_ptr + row * K + slots, picked, mask=ok)
+
+
+def route_topk(logits: torch.Tensor, top_k: int, softmax_after: bool, normalize: bool,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """engine/forward.route's weights (in `dtype`) and experts (int32), [rows, top_k] each, from
+    the router's logits [rows, experts] (as F.linear rounds them)."""
+    rows, experts = logits.shape
+    weights = torch.empty((rows, top_k), dtype=dtype, device=logits.device)
+    chosen = torch.empty((rows, top_k), dtype=torch.int32, device=logits.device)
+    if rows:
+        pdl = pdl_available(logits.device)
+        _route_topk_kernel[(rows,)](logits, weights, chosen, experts, K=top_k, E_PAD=triton.next_power_of_2(experts),
+                                    K_PAD=triton.next_power_of_2(top_k), SOFTMAX_AFTER=softmax_after,
+                                    NORMALIZE=normalize, PDL=pdl, num_warps=1, launch_pdl=pdl)
+    return weights, chosen
 
 
 # ---- prefix copies ----------------------------------------------------------------------

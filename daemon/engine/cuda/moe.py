@@ -8,9 +8,9 @@ blocks of 64), and the experts of a layer stacked into one NF4Weights: a 30B mod
 parameters then costs 4-bit memory and reads only its tokens' experts' 4-bit bytes.
 
 Decode steps (and passes up to `ROUTED_ROWS` rows) run graph-capturable, without a loop over
-experts or a host sync: the router's softmax and top k on the GPU (engine/forward.route, which
-the reference path uses too), then one GEMV launch for every (token, expert) pair's [gate; up]
-with the activation in its epilogue, and one for the down products (gemv.Routed), summed by
+experts or a host sync: the router's softmax and top k on the GPU (kernels.route_topk: what
+engine/forward.route computes for the reference path, in one launch), then one GEMV launch for
+every (token, expert) pair's [gate; up] with the activation in its epilogue, and one for the down products (gemv.Routed), summed by
 the routing weights. Dense experts (a bf16 model) gather each pair's matrices and multiply them
 in one batched product. Longer passes (prompts) sort the pairs by expert and run one GEMM per
 expert hit over its tokens, on the experts dequantized into a scratch buffer.
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
-from daemon.engine.forward import route
 from daemon.engine.spec import ExpertWeights, ModelSpec
 
 # Passes of up to this many rows take the routed GEMVs (decode steps, short prompt passes):
@@ -96,7 +95,10 @@ class RoutedExperts:
 
     def __call__(self, h: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """The experts' sum for rows h [rows, hidden], weighted by the router: [rows, hidden] fp32."""
-        weights, chosen = route(h, self.router, self.spec, self.router_bias)
+        moe = self.spec  # engine/forward.route's routing, its softmax, top k and cast in one launch
+        logits = F.linear(h, self.router, self.router_bias)
+        dtype = logits.dtype if moe.softmax_after_topk or not moe.route_in_fp32 else torch.float32
+        weights, chosen = K.route_topk(logits, moe.top_k, moe.softmax_after_topk, moe.normalize, dtype)
         rows, top_k = chosen.shape
         if rows > ROUTED_ROWS:
             y = self._by_expert(h, chosen, scratch)
