@@ -121,6 +121,41 @@ def test_the_prompt_is_the_processors(served, vision_dirs, family):
     assert virtual == list(tokens[0].ids) + list(tokens[1].ids)
 
 
+# what each family's own chat template writes for an image (visionmodels' templates, as the real ones)
+TEMPLATE_IMAGE = {"gemma3-vision": "<start_of_image>", "llava": "<image>", "llava-next": "<image>",
+                  "qwen2.5-vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+GO_TEMPLATE = "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("family", vm.VISION)
+def test_go_templates_and_raw_prompts_place_images_as_the_models_template(served, vision_dirs, family):
+    """Where a Go template (a request's own, an imported Ollama modelfile's) or a raw prompt
+    places an image, the prompt holds what the model's own template writes for one: Qwen's
+    image pads inside its vision start / end markers, as Ollama's qwen25vl model adds them."""
+    import io
+
+    from PIL import Image
+
+    image = vm.picture(seed=4)
+    processor = vm.processor_of(vision_dirs[family])
+    picture = Image.open(io.BytesIO(image)).convert("RGB")
+    written = TEMPLATE_IMAGE[family]
+    runtime = served.call(_runtime(served, MODELS[family]))
+    from daemon.engine.prompt import ContextBudget
+
+    tokens, held = served.call(runtime.image_tokens([vm.b64(image)]))
+    try:
+        go = runtime.prompts.generate_ids(QUESTION, ContextBudget(1024), template=GO_TEMPLATE, images=tokens)
+        raw = runtime.prompts.generate_ids(QUESTION, ContextBudget(1024), raw=True, images=tokens)
+    finally:
+        runtime.vision.unpin(held)
+    image_id = runtime.vision.image_token_id
+    for ids, text, special in ((go, f"<|im_start|>user\n{written}{QUESTION}<|im_end|>\n<|im_start|>assistant\n", False),
+                               (raw, written + QUESTION, True)):
+        expected = processor(text=text, images=[picture], add_special_tokens=special)["input_ids"][0]
+        assert [image_id if t >= runtime.vision.first_virtual else t for t in ids] == list(expected)
+
+
 @pytest.mark.parametrize("family", vm.VISION)
 def test_a_conversation_with_two_pictures_decodes_as_generate(served, vision_dirs, family):
     """Two pictures in two turns through /api/chat: generate()'s answer (Qwen2.5-VL: the text

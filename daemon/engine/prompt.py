@@ -122,13 +122,13 @@ class PromptBuilder:
     def _image_message(self, message: dict[str, Any], go: bool) -> dict[str, Any]:
         """A message with images as its template takes them: HF chat templates get content parts
         (the images, then the text, as transformers' processors document them), Go templates the
-        model's placeholder before the text. The placeholders are expanded after rendering."""
+        model's placeholder (in its markers: Vision.inserted) before the text. The placeholders are expanded after rendering."""
         images = message.get(IMAGES_KEY)
         if not images:
             return message
         assert self.vision is not None
         if go:
-            return {**message, "content": self.vision.placeholder * len(images) + (message.get("content") or "")}
+            return {**message, "content": self.vision.inserted * len(images) + (message.get("content") or "")}
         parts: list[dict[str, Any]] = [{"type": "image"} for _ in images]
         if message.get("content"):
             parts.append({"type": "text", "text": message["content"]})
@@ -262,7 +262,7 @@ class PromptBuilder:
         first unless the prompt places them with the model's placeholders."""
         if raw:
             if images and self.vision is not None and self.vision.placeholder not in prompt:
-                prompt = self.vision.placeholder * len(images) + prompt
+                prompt = self.vision.inserted * len(images) + prompt
             text = self.expand_images(prompt, images)
             return self._with_virtual_ids(self.tokenize_fitted(text, budget, add_special_tokens=True), images)
         if suffix:

@@ -74,9 +74,17 @@ class Vision:
         # what a chat template writes for an image, which the processor expands: Gemma 3's
         # begin-of-image token, else the image token itself (LLaVA's <image>, Qwen's image pad)
         self.placeholder: str = getattr(processor, "boi_token", None) or processor.image_token
+        # what goes where a Go template or a raw prompt places an image: the placeholder, inside
+        # the markers the model's own template writes around it where its config names them
+        # (Qwen2-VL's <|vision_start|> .. <|vision_end|>, as Ollama's qwen25vl model adds them)
+        self.inserted: str = self.placeholder
+        config = model.config
+        marks = [getattr(config, f"vision_{side}_token_id", None) for side in ("start", "end")]
+        if all(isinstance(m, int) for m in marks):
+            start, end = tokenizer.convert_ids_to_tokens(marks)
+            self.inserted = f"{start}{self.placeholder}{end}"
         # the token whose positions the features replace, as the model's forward finds them (Gemma
         # 3's processor calls its begin-of-image token `image_token`; the config names the soft one)
-        config = model.config
         image_token_id = getattr(config, "image_token_id", None)
         if not isinstance(image_token_id, int):
             image_token_id = getattr(config, "image_token_index", None)
