@@ -27,7 +27,16 @@ from daemon.logs import configure_logging
 
 # ---- serve ------------------------------------------------------------------------------
 
+# libgomp's waiting, set before torch loads it (a user's own settings win): its workers spin this
+# long between parallel regions even while other threads hold pools of their own (an embedding
+# model's beside a chat model's runner), where by default they would sleep after 1,000 spins and
+# every one of a CPU decode step's ~300 regions would wait for them to wake (scheduler.in_own_thread)
+OPENMP_WAITING = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
+
+
 def _serve(args: argparse.Namespace) -> int:
+    for name, value in OPENMP_WAITING.items():
+        os.environ.setdefault(name, value)
     from daemon.server.app import serve_forever
 
     keep_alive = parse_keep_alive_env(args.keep_alive, 0) if args.keep_alive else None

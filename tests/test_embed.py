@@ -150,3 +150,33 @@ def test_show_reports_the_embedding_capability(client):
     assert info.modelinfo["general.architecture"] == "bert"
     assert info.modelinfo["bert.embedding_length"] == 384
     assert "embedding" not in client.show("tiny:scripted").capabilities  # as Ollama: it embeds all the same
+
+
+def test_an_encoder_runs_on_one_thread_of_its_own_that_ends_at_close():
+    """Not the event loop's executor, whose threads live on with an OpenMP pool each
+    (scheduler.in_own_thread): one worker per embedding model, ended when it unloads."""
+    import asyncio
+    import threading
+
+    import torch
+
+    from daemon.backends.runtime import EmbeddingRuntime
+
+    class Recorder:
+        threads: list = []
+
+        def embed(self, texts, truncate):
+            self.threads.append(threading.current_thread())
+            return texts
+
+    recorder = Recorder()
+    runtime = EmbeddingRuntime(None, recorder, torch.device("cpu"), 0, 8, 8, 0.0)
+
+    async def twice():
+        return [await runtime.embed(["a"], True), await asyncio.to_thread(lambda: None), await runtime.embed(["b"], True)]
+
+    assert asyncio.run(twice())[::2] == [["a"], ["b"]]
+    first, second = recorder.threads
+    assert first is second and first.name.startswith("embed") and first is not threading.main_thread()
+    runtime.close()
+    assert not first.is_alive()

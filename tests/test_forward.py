@@ -77,6 +77,21 @@ def test_each_family_decodes_greedy_as_transformers_generate(family_dirs, family
     assert families.our_greedy(f) == expected
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3", "gpt-oss"])
+def test_a_prompt_over_several_key_spans_is_transformers_forward(family_dirs, family):
+    """On the CPU a chunk is attended in groups cut where its rows' key spans change
+    (forward.KEY_GRANULE), then decoded a row at a time: every position's logits of a prompt
+    over three spans, with sliding windows, soft-caps and sinks, against transformers' forward."""
+    torch.manual_seed(5)
+    ids = torch.randint(0, 300, (1, 300))
+    with torch.no_grad():
+        expected = load(family_dirs[family])(ids).logits[0]
+    f = ReferenceForward(load(family_dirs[family]), num_slots=2, max_ctx=320, weight_dtype=torch.float32)
+    chunk = f._logits(f._layers(ids[:, :290], [1], [0])[0])
+    steps = [f.forward(ids[:, i:i + 1], [1], [i]) for i in range(290, 300)]
+    assert torch.allclose(torch.cat([chunk, *steps]), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_gpt_oss_as_shipped_in_mxfp4_decodes_greedy_as_transformers_generate(tmp_path):
     """OpenAI's checkpoints keep the experts in MXFP4: dequantized at load (as the daemon's loader
     asks transformers to), the experts hold exactly the values their blocks code, and the

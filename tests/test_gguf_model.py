@@ -128,13 +128,14 @@ def test_other_architectures_are_left_to_transformers(tmp_path):
     assert gguf_model.readable(read_gguf_header(SMOLLM2))
 
 
-NEIGHBOURS = {"batched": [2, 3], "spread": [3, 0]}  # the pass's slots: in order, or out of order and apart
+# the pass's slots: in order, out of order and apart, or in order with the neighbour further on
+NEIGHBOURS = {"batched": [2, 3], "spread": [3, 0], "apart": [2, 3]}
 
 
 def _row_logits(f, tokens, plan, slot=3):
     """Each position's logits, computed as `plan` cuts the sequence: ("chunk", n) prefills n
-    tokens in one pass, ("decode", n) feeds n tokens one pass each, ("batched", n) and
-    ("spread", n) one each beside a decoding neighbour (NEIGHBOURS)."""
+    tokens in one pass, ("decode", n) feeds n tokens one pass each, ("batched", n), ("spread", n)
+    and ("apart", n) one each beside a decoding neighbour (NEIGHBOURS)."""
     out, pos = [], 0
     for kind, n in plan:
         if kind == "chunk":
@@ -144,9 +145,10 @@ def _row_logits(f, tokens, plan, slot=3):
             for i in range(pos, pos + n):
                 if kind == "decode":
                     out.append(f.forward(tokens[i:i + 1][None], [slot], [i]))
-                else:
+                else:  # "apart": the neighbour first, further on (its rows read more keys)
                     slots = NEIGHBOURS[kind]
-                    both = f.forward(torch.stack([tokens[i:i + 1], tokens[i:i + 1]]), slots, [i, i])
+                    starts = [i + 300, i] if kind == "apart" else [i, i]
+                    both = f.forward(torch.stack([tokens[i:i + 1], tokens[i:i + 1]]), slots, starts)
                     out.append(both[slots.index(slot)][None])
         pos += n
     return torch.cat(out)
@@ -156,7 +158,7 @@ def _row_logits(f, tokens, plan, slot=3):
 def test_a_rows_logits_are_the_same_bits_in_every_pass_shape_on_the_cpu(tmp_path, types):
     """The prefix cache and batching change how a sequence is cut into passes; on the CPU path
     (packed products, whose rows do not depend on the rows beside them) that must not change a
-    bit of any row (forward.KEY_BLOCK): chunks ending at every remainder of SDPA's blocks,
+    bit of any row (forward.KEY_GRANULE): chunks ending at every remainder of SDPA's blocks,
     decode steps alone and batched."""
     path = tmp_path / "tiny.gguf"
     write_llama_gguf(path, TYPE_SETS[types])
@@ -166,6 +168,7 @@ def test_a_rows_logits_are_the_same_bits_in_every_pass_shape_on_the_cpu(tmp_path
     whole = _row_logits(f, tokens, [("chunk", 700)])
     plans = [[("chunk", 300), ("chunk", 313), ("chunk", 87)],
              [("chunk", 1), ("chunk", 2), ("chunk", 3), ("chunk", 33), ("chunk", 514), ("decode", 147)],
-             [("chunk", 509), ("batched", 5), ("chunk", 65), ("spread", 6), ("decode", 115)]]
+             [("chunk", 509), ("batched", 5), ("chunk", 65), ("spread", 6), ("decode", 115)],
+             [("chunk", 120), ("apart", 12), ("chunk", 250), ("apart", 3), ("chunk", 130), ("decode", 185)]]
     for plan in plans:
         assert torch.equal(_row_logits(f, tokens, plan), whole), plan

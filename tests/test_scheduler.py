@@ -227,6 +227,28 @@ def test_a_failed_load_fails_only_its_request():
     run(main())
 
 
+def test_each_load_runs_in_a_thread_of_its_own_that_ends_with_it():
+    """Not in the event loop's executor, whose threads outlive the load: a thread that ran
+    torch's parallel ops keeps an OpenMP pool, which slows the runner's thread (in_own_thread)."""
+    import threading
+
+    async def main():
+        threads = []
+
+        def loader(model, num_ctx):
+            threads.append(threading.current_thread())
+            return FakeRuntime(num_ctx or 2048, model.size)
+        sched = Scheduler(Settings.from_env({}), loader, MemoryBudget(10 * GB, "t", "t"), lambda m, n: m.size)
+        await use(sched, FakeModel("a"))
+        await use(sched, FakeModel("b"))
+        assert len(threads) == 2 and threads[0] is not threads[1] and threading.main_thread() not in threads
+        for t in threads:
+            t.join(timeout=5)
+            assert not t.is_alive()
+        await sched.close()
+    run(main())
+
+
 def test_larger_num_ctx_reloads_when_idle_and_is_served_within_while_busy():
     async def main():
         sched, loader = make()

@@ -7,10 +7,11 @@ sees `load_runtime` and `ModelRuntime.close`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -259,10 +260,17 @@ class EmbeddingRuntime:
     def size_vram(self) -> int:
         return self.weights_bytes if self.device.type == "cuda" else 0
 
+    # one thread of its own for the encoder, ended at close: each thread that runs torch's
+    # parallel ops keeps an OpenMP pool while it lives (scheduler.in_own_thread says why that
+    # matters), so the event loop's executor threads are kept clear of them
+    _worker: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embed"), repr=False)
+
     async def embed(self, texts: list[str], truncate: bool) -> EmbedResult:
-        return await asyncio.to_thread(self.embedder.embed, texts, truncate)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self.embedder.embed, texts, truncate)
 
     def close(self) -> None:
+        self._worker.shutdown(wait=True)
         del self.embedder
         _free_device_memory(self.device)
 

@@ -80,7 +80,7 @@ def attend_padded(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mas
                   scale: float, window: int | None = None, softcap: float | None = None,
                   sinks: torch.Tensor | None = None) -> torch.Tensor:
     """`attend` for q [B, H, T, D] in the shape in which the reference path attends on the CPU
-    (engine/forward.py, KEY_BLOCK): the query heads that share a key head folded into one run
+    (engine/forward.py, KEY_GRANULE): the query heads that share a key head folded into one run
     of rows per key head, head by head ([B, KV, H/KV * T, D]: a decode step's heads make a
     block of rows together, and no key head is repeated), then padded to `rows` rows by
     repeating the last one. `mask` [B, 1, rows, S] is made for those rows (`folded_positions`).

@@ -30,6 +30,7 @@ transformers' own forward (engine/generic.py).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -187,13 +188,22 @@ def default_weight_dtype(act_dtype: torch.dtype, device: torch.device) -> torch.
 # pass: alone or batched, as a decode step or anywhere in a prompt chunk (so greedy text is the
 # same with the prefix cache on and off, and alone or beside other requests). SDPA's CPU kernel
 # works through keys in blocks of up to 512 and query rows in blocks of 32 to 256, and a row's
-# rounding changes with the length of its key blocks and when its query block has fewer than 4
-# rows (measured on torch 2.13: tests/test_forward.py). So keys are read in whole blocks of
-# KEY_BLOCK positions (those past a row's own masked; the cache holds zeros or older finite
-# values there), and the query heads sharing a key head are attended as one run of rows, padded
-# to `padded_query_rows` by repeating the last (attention.attend_padded: a decode step's 3 heads
-# per key head on SmolLM2 take 4 rows, not 3 x 4).
-KEY_BLOCK = 512
+# rounding changes with the length of the key block its own position falls in and when its query
+# block has fewer than 4 rows (measured on torch 2.13: tests/test_gguf_model.py). So the row at
+# position p always reads exactly its `key_span(p)` keys, the positions up to p rounded up to
+# KEY_GRANULE (those past p masked; the cache holds zeros or older finite values there): the
+# rows of a pass are attended in groups that read the same span (a prompt chunk's positions cut
+# at the granules, a decode step's rows grouped by their span), and the query heads sharing a
+# key head are attended as one run of rows, padded to `padded_query_rows` by repeating the last
+# (attention.attend_padded: a decode step's 3 heads per key head on SmolLM2 take 4 rows, not
+# 3 x 4). A granule, not SDPA's whole 512 block: the keys a decode step reads are read from
+# memory, and a short conversation padded to 512 keys read up to 10 times the bytes it holds.
+KEY_GRANULE = 128
+
+
+def key_span(position: int) -> int:
+    """The keys the row at `position` (or its horizon) reads on the CPU: up to it, rounded up."""
+    return -(-(position + 1) // KEY_GRANULE) * KEY_GRANULE
 
 
 def padded_query_rows(rows: int) -> int:
@@ -203,37 +213,50 @@ def padded_query_rows(rows: int) -> int:
 
 
 @dataclass
-class _Rows:
-    """Where one pass's rows sit in the KV caches: worked out once per pass, read by every layer."""
+class _Read:
+    """One attention call of a pass: some of its rows over the same key positions."""
 
-    slots: list[int]
-    starts: list[int]
-    end: int  # the longest row's cached length after this pass
-    keys: int  # key positions each layer reads: `end`, or whole KEY_BLOCKs on the CPU
-    slot_index: torch.Tensor | None = None  # decode across slots: [B] slots and [B] positions
-    positions: torch.Tensor | None = None
-    read: slice | torch.Tensor | None = None  # the slots' caches: a slice of slots, else a gather
+    rows: slice | torch.Tensor | None  # the pass's rows: one sequence's steps, a decode step's batch rows, or all
+    keys: int  # key positions read: the pass's end, or a span (key_span) on the CPU
+    read: slice | torch.Tensor  # the rows' slots' caches: a slice of slots, else a gather
     # where each row sits in the slice `read` when that has slots no row uses (or holds them out
     # of order): attention runs over the whole slice, which costs less than copying the caches
     spread: torch.Tensor | None = None
-    query_positions: torch.Tensor | None = None  # [B, padded rows] on the CPU: each query row's position
+    # [B, rows] the position of each query row the call attends (folded and padded on the CPU:
+    # attend_padded's rows); None: one sequence's chunk, causal from the bottom right, no mask
+    queries: torch.Tensor | None = None
     # one prompt chunk with images whose tokens see each other: the last key each row sees
-    # (shaped as query_positions where those are given, else [1, T] beside its rows' positions)
+    # (shaped as `queries`)
     horizons: torch.Tensor | None = None
-    horizon_queries: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict)
 
-    def mask(self, window: int | None) -> torch.Tensor:
+    def mask(self, window: int | None) -> torch.Tensor | None:
         """[B, 1, rows, keys] which keys each row sees, per sliding window (computed once a pass);
         B counts the slots of the slice `read` when rows are spread over it."""
+        if self.queries is None:
+            return None
         if window not in self._masks:
-            positions = (self.query_positions if self.query_positions is not None
-                         else self.horizon_queries if self.horizon_queries is not None else self.positions[:, None])
+            positions = self.queries
             if self.spread is not None:  # the slots no row uses attend to their first key, unread
                 positions = positions.new_zeros((self.read.stop - self.read.start, *positions.shape[1:])).index_copy_(
                     0, self.spread, positions)
             self._masks[window] = allowed(positions, self.keys, window, self.horizons)[:, None]
         return self._masks[window]
+
+
+@dataclass
+class _Rows:
+    """Where one pass's rows sit in the KV caches and the calls that attend them: worked out once
+    per pass, read by every layer."""
+
+    slots: list[int]
+    starts: list[int]
+    end: int  # the longest row's cached length after this pass
+    reads: list[_Read]
+    slot_index: torch.Tensor | None = None  # decode across slots: [B] slots and [B] positions
+    positions: torch.Tensor | None = None
+    # a decode step read in several groups: the batch row of each of their outputs in order
+    order: torch.Tensor | None = None
 
 
 class ReferenceForward:
@@ -270,9 +293,9 @@ class ReferenceForward:
         self.layers = [self._take_layer(parts) for parts in take_layers(model, spec)]
 
         # one extra slot for encode() (embeddings), never given to a sequence
-        # on the CPU in whole key blocks, which every pass reads (see KEY_BLOCK)
+        # on the CPU in whole key spans, which a pass reads (see KEY_GRANULE)
         self.padded = self.device.type == "cpu"
-        self.cache_len = -(-max_ctx // KEY_BLOCK) * KEY_BLOCK if self.padded else max_ctx
+        self.cache_len = key_span(max_ctx - 1) if self.padded else max_ctx
         shape = (num_slots + 1, self.num_kv_heads, self.cache_len, self.head_dim)
         # torch.empty does not touch the pages, so an idle slot costs address space only.
         self.k_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
@@ -312,59 +335,92 @@ class ReferenceForward:
             slot, start, end = rows.slots[0], rows.starts[0], rows.end
             kc[slot, :, start:end] = k[0]
             vc[slot, :, start:end] = v[0]
-            read = slice(slot, slot + 1)
-        else:
-            # decode across slots (steps == 1): scatter the new entries, read the caches (a
-            # slice of slots, else a gather: _place)
+        else:  # decode across slots (steps == 1): scatter the new entries
             kc[rows.slot_index, :, rows.positions] = k[:, :, 0]
             vc[rows.slot_index, :, rows.positions] = v[:, :, 0]
-            read = rows.read
-        keys, values = kc[read, :, :rows.keys], vc[read, :, :rows.keys]
-        if rows.spread is not None:
-            q = q.new_zeros((keys.shape[0], *q.shape[1:])).index_copy_(0, rows.spread, q)
-        plain = rows.positions is None and rows.query_positions is None and rows.horizons is None
-        mask = None if plain else rows.mask(options["window"])
-        if rows.query_positions is not None:
-            o = attend_padded(q, keys, values, mask, rows.query_positions.shape[-1], **options)
-        else:
-            o = attend(q, keys, values, None, mask=mask, **options)
-        return o if rows.spread is None else o.index_select(0, rows.spread)
+        outs = []
+        for r in rows.reads:
+            part = q if r.rows is None else q[:, :, r.rows] if isinstance(r.rows, slice) else q.index_select(0, r.rows)
+            keys, values = kc[r.read, :, :r.keys], vc[r.read, :, :r.keys]
+            if r.spread is not None:
+                part = part.new_zeros((keys.shape[0], *part.shape[1:])).index_copy_(0, r.spread, part)
+            mask = r.mask(options["window"])
+            if self.padded:
+                o = attend_padded(part, keys, values, mask, r.queries.shape[-1], **options)
+            else:
+                o = attend(part, keys, values, None, mask=mask, **options)
+            outs.append(o if r.spread is None else o.index_select(0, r.spread))
+        if len(outs) == 1:
+            return outs[0]
+        if rows.order is None:  # one sequence's chunk, cut at the key spans
+            return torch.cat(outs, dim=2)
+        return torch.cat(outs).index_select(0, rows.order)
 
     def _place(self, slots: list[int], starts: list[int], steps: int, horizons: list[int] | None = None) -> "_Rows":
-        """Where this pass's rows go, once per pass (and the slots' unwritten positions zeroed).
-        `horizons`: one sequence's chunk whose image tokens see each other (Vision.horizons)."""
+        """Where this pass's rows go and the calls that attend them, once per pass (and the
+        slots' unwritten positions zeroed). `horizons`: one sequence's chunk whose image tokens
+        see each other (Vision.horizons)."""
         end = max(starts) + steps
-        seen = None if horizons is None else torch.tensor(horizons, device=self.device)[None]
-        keys = min(-(-end // KEY_BLOCK) * KEY_BLOCK, self.cache_len) if self.padded else end
-        query_positions = None
-        if self.padded:  # the rows attend_padded attends: each query head's, then padding
-            group = self.num_heads // self.num_kv_heads
-            rows = padded_query_rows(group * steps)
-            if len(slots) == 1:
-                positions = torch.arange(starts[0], end, device=self.device)[None]
-            else:
-                positions = torch.tensor(starts, device=self.device)[:, None]
-            query_positions = folded_positions(positions, group, rows)
-            if seen is not None:
-                seen = folded_positions(seen, group, rows)
-        if len(slots) == 1 and not self.padded:
-            self._clean[slots[0]] = max(self._clean[slots[0]], end)
-            queries = None if seen is None else torch.arange(starts[0], end, device=self.device)[None]
-            return _Rows(slots, starts, end, keys, horizons=seen, horizon_queries=queries)
+        device = self.device
         if len(slots) == 1:
-            self._zero_unwritten(slots, keys)
-            return _Rows(slots, starts, end, keys, query_positions=query_positions, horizons=seen)
-        slot_t = torch.tensor(slots, device=self.device)
+            slot, start = slots[0], starts[0]
+            read = slice(slot, slot + 1)
+            if not self.padded:
+                seen = None if horizons is None else torch.tensor(horizons, device=device)[None]
+                queries = None if seen is None else torch.arange(start, end, device=device)[None]
+                self._clean[slot] = max(self._clean[slot], end)
+                return _Rows(slots, starts, end, [_Read(None, end, read, queries=queries, horizons=seen)])
+            # a chunk cut where its rows' key spans change (each row's horizon, where it has one)
+            spans = [key_span(start + i if horizons is None else max(start + i, horizons[i])) for i in range(steps)]
+            cuts = [0] + [i for i in range(1, steps) if spans[i] != spans[i - 1]] + [steps]
+            reads = []
+            for a, b in itertools.pairwise(cuts):
+                positions = torch.arange(start + a, start + b, device=device)[None]
+                seen = None if horizons is None else torch.tensor(horizons[a:b], device=device)[None]
+                reads.append(self._folded_read(slice(a, b) if len(cuts) > 2 else None, spans[a], read, None,
+                                               positions, seen))
+            self._zero_unwritten(slots, spans[-1])
+            return _Rows(slots, starts, end, reads)
+        slot_t, start_t = torch.tensor(slots, device=device), torch.tensor(starts, device=device)
+        if not self.padded:
+            read, spread = self._slot_read(slots, end)
+            return _Rows(slots, starts, end, [_Read(None, end, read, spread, start_t[:, None])], slot_t, start_t)
+        groups: dict[int, list[int]] = {}  # a decode step's rows by their key span
+        for b, start in enumerate(starts):
+            groups.setdefault(key_span(start), []).append(b)
+        reads = []
+        for span, members in groups.items():
+            read, spread = self._slot_read([slots[b] for b in members], span)
+            picked = None if len(groups) == 1 else torch.tensor(members, device=device)
+            positions = start_t[:, None] if picked is None else start_t[picked][:, None]
+            reads.append(self._folded_read(picked, span, read, spread, positions, None))
+        order = None
+        if len(groups) > 1:  # the groups' outputs back in batch order
+            flat = [b for members in groups.values() for b in members]
+            order = torch.tensor(sorted(range(len(flat)), key=flat.__getitem__), device=device)
+        return _Rows(slots, starts, end, reads, slot_t, start_t, order)
+
+    def _folded_read(self, rows: slice | torch.Tensor | None, keys: int, read: slice | torch.Tensor,
+                     spread: torch.Tensor | None, positions: torch.Tensor, seen: torch.Tensor | None) -> "_Read":
+        """A CPU call over `keys` keys for query rows at `positions` [B, T] (and their horizons):
+        the query heads of a key head folded into one padded run of rows (attend_padded)."""
+        group = self.num_heads // self.num_kv_heads
+        padded = padded_query_rows(group * positions.shape[1])
+        return _Read(rows, keys, read, spread, folded_positions(positions, group, padded),
+                     None if seen is None else folded_positions(seen, group, padded))
+
+    def _slot_read(self, slots: list[int], keys: int) -> tuple[slice | torch.Tensor, torch.Tensor | None]:
+        """How a call reads the caches of `slots` (their unwritten positions up to `keys` zeroed):
+        a slice of slots, else a gather; spread over a slice when few of its slots go unused."""
         low, high = min(slots), max(slots) + 1
-        read, spread = slot_t, None
+        read, spread = torch.tensor(slots, device=self.device), None
         if slots == list(range(low, high)):
             read = slice(low, high)
         elif high - low <= 2 * len(slots):  # attend over the slice, the unused slots' rows wasted
-            read, spread = slice(low, high), slot_t - low
+            read, spread = slice(low, high), read - low
         # the slice's unused slots too, so that no garbage in them is read as NaN
         self._zero_unwritten(slots if spread is None else range(low, high), keys)
-        return _Rows(slots, starts, end, keys, slot_t, torch.tensor(starts, device=self.device), read, spread,
-                     query_positions)
+        return read, spread
 
     def _zero_unwritten(self, slots: list[int], end: int) -> None:
         for slot in slots:

@@ -27,6 +27,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Protocol
@@ -265,7 +266,7 @@ class Scheduler:
         self._loading = pending
         started = time.perf_counter()
         try:
-            runtime = await asyncio.to_thread(self._loader, resolved, pending.num_ctx)
+            runtime = await in_own_thread(self._loader, resolved, pending.num_ctx)
         except Exception as exc:
             log.error("loading %s failed: %s", resolved.name.display, exc)
             self._events.loaded(resolved.name.display, time.perf_counter() - started, False)
@@ -352,3 +353,35 @@ class Scheduler:
         if self._worker is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._worker
+
+
+async def in_own_thread(fn: Callable, *args: object) -> object:
+    """fn(*args) in a thread of its own that ends with it (not the event loop's executor, whose
+    threads live on). On the CPU, torch's OpenMP gives every thread that ran a parallel region
+    a pool of workers that lasts as long as that thread, and while more workers exist than
+    cores, libgomp's workers sleep between regions instead of spinning: a load in a long-lived
+    thread left its pool behind and slowed every later decode step of the runner's thread by
+    half (SmolLM2 on two cores: 45 against 65 tokens/s, bench/README.md)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: object, error: BaseException | None) -> None:
+        if future.done():  # the waiting task was cancelled
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the event loop closed meanwhile
+            pass
+
+    threading.Thread(target=run, name=f"load:{getattr(fn, '__name__', 'fn')}", daemon=True).start()
+    return await future
