@@ -21,7 +21,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from daemon.config import Settings, parse_host  # noqa: E402
-from tinymodels import HERMES_TOOLS, THINKING, THINKING_SCRIPT, TOOL_SCRIPT, build_model  # noqa: E402
+from tinymodels import (HARMONY, HARMONY_SCRIPT, HARMONY_TOOL_SCRIPT, HERMES_TOOLS, THINKING, THINKING_SCRIPT,  # noqa: E402
+                        TOOL_SCRIPT, build_model)
 
 
 def has_cuda() -> bool:
@@ -50,6 +51,9 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "tools-random": build_model(root / "tools-random", scripted=False, seed=2, script=TOOL_SCRIPT,
                                     template=HERMES_TOOLS),
         "thinker": build_model(root / "thinker", scripted=True, script=THINKING_SCRIPT, template=THINKING),
+        "harmony": build_model(root / "harmony", scripted=True, script=HARMONY_SCRIPT, template=HARMONY),
+        "harmony-tools": build_model(root / "harmony-tools", scripted=True, script=HARMONY_TOOL_SCRIPT,
+                                     template=HARMONY),
     }
 
 

@@ -167,3 +167,22 @@ def test_thinking_model_thinks_then_answers_in_the_format(client):
                     options={"num_predict": 100, "seed": 1})
     assert r.message.thinking == THINKING_TEXT
     Reading.model_validate_json(r.message.content)
+
+
+def test_harmony_channels_are_thinking_content_and_tool_calls(client):
+    """gpt-oss's harmony output (tiny models scripted to write it): the analysis channel is
+    the thinking, the final channel the answer, a commentary message to functions.NAME a tool
+    call, through chat (streaming or not) and generate, as Ollama reads gpt-oss."""
+    assert {"thinking", "tools"} <= set(client.show("tiny:harmony").capabilities)
+    r = client.chat(model="tiny:harmony", messages=ASK)
+    assert (r.message.thinking, r.message.content) == (THINKING_TEXT, ANSWER_TEXT)
+    parts = list(client.chat(model="tiny:harmony", messages=ASK, stream=True))
+    assert "".join(p.message.thinking or "" for p in parts) == THINKING_TEXT
+    assert "".join(p.message.content for p in parts) == ANSWER_TEXT
+    g = client.generate(model="tiny:harmony", prompt="What is the capital of France?")
+    assert (g.thinking, g.response) == (THINKING_TEXT, ANSWER_TEXT)
+    assert client.chat(model="tiny:harmony", messages=ASK, think=False).message.thinking is None
+    r = client.chat(model="tiny:harmony-tools", messages=ASK, tools=[WEATHER_TOOL])
+    assert r.message.thinking == "Need the weather." and not r.message.content
+    assert [(c.function.name, dict(c.function.arguments)) for c in r.message.tool_calls] == [
+        ("get_weather", TOOL_CALL_ARGUMENTS)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.engine.output import OutputReader, ThinkingSplitter, ToolCallParser, call_id, dialect_for
+from daemon.engine.output import HarmonyReader, OutputReader, ThinkingSplitter, ToolCallParser, call_id, dialect_for
 
 
 def read(reader: OutputReader, text: str, size: int) -> tuple[str, str, list[dict]]:
@@ -78,6 +78,7 @@ def test_thinking_then_tool_call():
     ("... [TOOL_CALLS] ...", None, "mistral"),
     ("... tools ... ipython ...", None, "llama3"),
     ("... <tool_call> ...", "mistral", "mistral"),
+    ("... <|start|>assistant<|channel|>final<|message|> ...", None, "harmony"),
 ])
 def test_dialect_for(template, configured, dialect):
     assert dialect_for(template, configured) == dialect
@@ -98,3 +99,41 @@ def test_a_call_cut_off_after_its_json_closed_is_still_a_call(text, size):
     soon as its JSON is whole, so this does too (not the markup as text)."""
     reader = OutputReader(None, ToolCallParser("hermes", ["get_weather"]))
     assert read(reader, text, size) == ("", "", [WEATHER])
+
+
+# gpt-oss's output as it generates it after its template's `<|start|>assistant` (the stream ends
+# before <|return|> / <|call|>, its EOS tokens, or with them)
+HARMONY_CASES = [
+    ("<|channel|>analysis<|message|>User asks capital. Simple.<|end|><|start|>assistant<|channel|>final"
+     "<|message|>The capital of France is Paris.", True, "User asks capital. Simple.", "The capital of France is Paris.", []),
+    ("<|channel|>analysis<|message|>a < b, so<|end|><|start|>assistant<|channel|>final<|message|>Paris.<|return|>",
+     True, "a < b, so", "Paris.", []),
+    ("<|channel|>analysis<|message|>hidden<|end|><|start|>assistant<|channel|>final<|message|>Paris.",
+     False, "", "Paris.", []),
+    ("<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather"
+     ' <|constrain|>json<|message|>{"city": "Paris"}<|call|>', True, "Need weather.", "", [WEATHER]),
+    ("<|channel|>analysis<|message|>x<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary json"
+     '<|message|>{"city": "Paris"}', True, "x", "", [WEATHER]),  # the recipient first; cut at its EOS
+    ("<|channel|>commentary<|message|>Checking the weather first.<|end|><|start|>assistant<|channel|>commentary "
+     'to=functions.get_weather<|message|>{"city": "Paris"}<|call|>', True, "", "Checking the weather first.", [WEATHER]),
+    ("<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather"
+     "<|message|>{not json<|call|>", True, "x", "{not json", []),
+    ("<|channel|>analysis<|message|>cut off mid-thought", True, "cut off mid-thought", "", []),
+    ("Plain text, no channels.", True, "", "Plain text, no channels.", []),
+]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("text, keep, thinking, content, calls", HARMONY_CASES)
+def test_harmony(text, keep, thinking, content, calls, size):
+    """gpt-oss's channels: analysis is the thinking, final the content, a commentary message to
+    functions.NAME a tool call, however the text is cut into pieces."""
+    assert read(HarmonyReader(keep_thinking=keep), text, size) == (thinking, content, calls)
+
+
+def test_harmony_streams_the_answer_as_it_comes():
+    reader = HarmonyReader()
+    assert reader.push("<|channel|>analysis<|message|>Think") .thinking == "Think"
+    assert reader.push("ing<|e").thinking == "ing"  # "<|e" may start <|end|>: held back
+    part = reader.push("nd|><|start|>assistant<|channel|>final<|message|>Par")
+    assert (part.thinking, part.content) == ("", "Par")

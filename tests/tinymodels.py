@@ -69,6 +69,22 @@ THINKING_TEXT, ANSWER_TEXT = "Paris is in France.", "The capital is Paris."
 THINKING_SCRIPT = ["<think>", THINKING_TEXT, "</think>", ANSWER_TEXT]
 
 
+# gpt-oss's harmony format, as far as the tests use it: channels mark the thinking, the answer and
+# tool calls (a piece holding several markers is one added token: script tokens are distinct)
+HARMONY = (
+    "{% if tools %}<|start|>developer<|message|># Tools\n{% for tool in tools %}{{ tool | tojson }}{% endfor %}"
+    "<|end|>{% endif %}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ '<|start|>assistant<|channel|>final<|message|>' + message['content'] + '<|end|>' }}"
+    "{% else %}{{ '<|start|>' + message['role'] + '<|message|>' + message['content'] + '<|end|>' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
+)
+HARMONY_SCRIPT = ["<|channel|>analysis<|message|>", THINKING_TEXT, "<|end|><|start|>assistant<|channel|>final<|message|>",
+                  ANSWER_TEXT]
+HARMONY_TOOL_SCRIPT = ["<|channel|>analysis<|message|>", "Need the weather.",
+                       "<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>",
+                       '{"city": "Paris"}']
+
+
 def build_tokenizer(script: list[str] = SCRIPT_PIECES, template: str = CHATML) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -7,6 +7,7 @@ Tool-call dialects (chosen from the chat template, or the modelfile's `tool_pars
 - mistral: [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]
 - llama3:  {"name": ..., "parameters": {...}} as the whole answer, optionally after
            <|python_tag|>, several separated by ";" (Llama 3.1+)
+- harmony: gpt-oss's channels, which carry its thinking too (HarmonyReader)
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any, Iterable, Sequence
 
 # What opens a call in each dialect (llama3 also takes a bare "{" at the start of the answer)
 _CALL_STARTS = {"hermes": ("<tool_call>",), "mistral": ("[TOOL_CALLS]",), "llama3": ("<|python_tag|>",)}
-DIALECTS = tuple(_CALL_STARTS)
+DIALECTS = (*_CALL_STARTS, "harmony")
+HARMONY_CHANNEL = "<|channel|>"
 _ALNUM = string.ascii_lowercase + string.digits
 
 
@@ -35,6 +37,8 @@ def dialect_for(template: str, configured: str | None = None) -> str:
         return "hermes"
     if "[TOOL_CALLS]" in template:
         return "mistral"
+    if HARMONY_CHANNEL in template:
+        return "harmony"
     return "llama3"
 
 
@@ -115,7 +119,7 @@ class ToolCallParser:
     """Finds tool calls in the answer text; everything else is content."""
 
     def __init__(self, dialect: str, tool_names: Iterable[str] = ()) -> None:
-        if dialect not in DIALECTS:
+        if dialect not in _CALL_STARTS:  # harmony's calls are HarmonyReader's
             raise ValueError(f"unknown tool-call dialect {dialect!r}")
         self.dialect = dialect
         self.names = set(tool_names)
@@ -276,3 +280,107 @@ class OutputReader:
             part.content += more
             part.tool_calls += more_calls
         return part
+
+
+# gpt-oss's message markers (OpenAI's harmony format); <|return|> and <|call|> also end the
+# generation (its EOS ids), so the stream mostly ends without them
+_HARMONY_ENDS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")
+_HARMONY_MESSAGE = "<|message|>"
+
+
+class HarmonyReader:
+    """OutputReader for gpt-oss's harmony output, which its own tokens structure:
+    `<|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>...`.
+    The analysis channel is the thinking (dropped with `keep=False`: gpt-oss cannot stop
+    thinking), the final channel the content, and a commentary message to `functions.NAME`
+    (`<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{...}<|call|>`,
+    the recipient also allowed before the channel) a tool call whose JSON arguments complete at
+    its end; commentary to no one (a preamble) is content. As Ollama's harmony parser reads it.
+    A message's header is held until its <|message|>; its text streams, holding back only what
+    could start a marker."""
+
+    def __init__(self, keep_thinking: bool = True) -> None:
+        self.keep_thinking = keep_thinking
+        self._buffer = ""
+        self._header: str | None = ""  # a message's header so far; None inside its text
+        self._channel = ""
+        self._recipient = ""
+        self._arguments = ""
+        self._index = 0
+
+    def push(self, text: str) -> Part:
+        self._buffer += text
+        return self._read(final=False)
+
+    def flush(self) -> Part:
+        part = self._read(final=True)
+        if self._header is None:  # cut off inside a message (num_predict, or its end token)
+            self._add(part, self._buffer)
+            self._buffer = ""
+            self._end(part)
+        elif self._header or self._buffer:  # a header that never opened its text: show it as it is
+            part.content += self._header + self._buffer
+            self._header, self._buffer = "", ""
+        return part
+
+    def _read(self, final: bool) -> Part:
+        part = Part()
+        while self._buffer:
+            if self._header is not None:
+                header = self._header + self._buffer
+                i = header.find(_HARMONY_MESSAGE)
+                if i < 0:
+                    self._header, self._buffer = header, ""
+                    break
+                self._open(header[:i])
+                self._buffer = header[i + len(_HARMONY_MESSAGE):]
+                continue
+            found = [(i, m) for m in _HARMONY_ENDS if (i := self._buffer.find(m)) >= 0]
+            if not found:
+                hold = 0 if final else max(_partial_suffix(self._buffer, m) for m in _HARMONY_ENDS)
+                cut = len(self._buffer) - hold
+                self._add(part, self._buffer[:cut])
+                self._buffer = self._buffer[cut:]
+                break
+            i, marker = min(found)
+            self._add(part, self._buffer[:i])
+            self._buffer = self._buffer[i + (0 if marker == "<|start|>" else len(marker)):]
+            self._end(part)
+        return part
+
+    def _open(self, header: str) -> None:
+        """A message's header: `[<|start|>assistant][ to=R]<|channel|>C[ to=R][ <|constrain|>json]`."""
+        self._header = None
+        for marker in ("<|start|>", "<|constrain|>", HARMONY_CHANNEL):
+            header = header.replace(marker, f" {marker} " if marker == HARMONY_CHANNEL else " ")
+        channel = header.split(HARMONY_CHANNEL, 1)[1] if HARMONY_CHANNEL in header else ""
+        self._channel = (channel.split() or [""])[0]
+        self._recipient = next((w[3:] for w in header.split() if w.startswith("to=")), "")
+        self._arguments = ""
+
+    def _add(self, part: Part, text: str) -> None:
+        if not text:
+            return
+        if self._recipient:
+            self._arguments += text
+        elif self._channel == "analysis":
+            if self.keep_thinking:
+                part.thinking += text
+        else:  # final, a preamble, or a channel this reader does not know
+            part.content += text
+
+    def _end(self, part: Part) -> None:
+        """A message ended: a tool call goes out whole (its arguments not JSON: shown as text)."""
+        if self._recipient:
+            name = self._recipient.removeprefix("functions.")
+            try:
+                arguments = json.loads(self._arguments or "{}")
+            except json.JSONDecodeError:
+                arguments = None
+            if isinstance(arguments, dict):
+                part.tool_calls.append({"id": call_id(), "function": {"index": self._index, "name": name,
+                                                                      "arguments": arguments}})
+                self._index += 1
+            else:
+                part.content += self._arguments
+        self._header, self._channel, self._recipient, self._arguments = "", "", "", ""

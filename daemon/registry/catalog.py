@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from daemon.backends.metadata import ModelMetadata, read_metadata
+from daemon.engine.output import HARMONY_CHANNEL, dialect_for
 from daemon.errors import DaemonError, ModelDamaged, NotFound
 from daemon.names import ModelName
 from daemon.registry.modelfile import Modelfile, Source, source_from_json
@@ -113,8 +114,6 @@ class ResolvedModel:
     @property
     def tool_dialect(self) -> str:
         """How this model writes tool calls (see daemon.engine.output)."""
-        from daemon.engine.output import dialect_for
-
         return dialect_for(self.template, self.modelfile.tool_parser)
 
     @property
@@ -133,7 +132,7 @@ class ResolvedModel:
             caps.append("tools")
         if self.modelfile.fim is not None or ".Suffix" in template:
             caps.append("insert")
-        if "<think>" in template or "enable_thinking" in template:
+        if "<think>" in template or "enable_thinking" in template or HARMONY_CHANNEL in template:
             caps.append("thinking")
         return caps
 

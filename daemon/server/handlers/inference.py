@@ -18,7 +18,7 @@ from aiohttp import web
 from daemon.api.native import ChatRequest, GenerateRequest, InferenceCommon
 from daemon.api.options import Options
 from daemon.engine.grammar import Constraint, check_format, entry, json_answer, tool_call_answer
-from daemon.engine.output import OutputReader, Part, ThinkingSplitter, ToolCallParser
+from daemon.engine.output import HarmonyReader, OutputReader, Part, ThinkingSplitter, ToolCallParser
 from daemon.engine.params import GenerationRequest
 from daemon.engine.prompt import Cancel, ContextBudget, PromptBuilder, with_images
 from daemon.engine.vision import ImageTokens
@@ -167,7 +167,9 @@ class OutputPlan:
     tool_choice: Any = None
     format: Any = None
 
-    def reader(self, model: ResolvedModel) -> OutputReader:
+    def reader(self, model: ResolvedModel) -> OutputReader | HarmonyReader:
+        if model.tool_dialect == "harmony":  # its channels carry the thinking and the calls
+            return HarmonyReader(keep_thinking=self.keep_thinking)
         splitter = None
         if self.thinking is not None:
             splitter = ThinkingSplitter(inside=self.thinking == "inside", keep=self.keep_thinking)
