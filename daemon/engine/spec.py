@@ -321,6 +321,8 @@ def rotary_tables(model: torch.nn.Module, spec: ModelSpec, max_ctx: int, dtype: 
 
     inner = decoder(model)
     positions = torch.arange(max_ctx, device=device)[None]
+    if spec.rotary_sections:  # (time, row, column) positions: transformers before 5.2x takes only [3, B, T]
+        positions = positions[None].expand(3, -1, -1)
     probe = torch.zeros(1, dtype=dtype, device=device)
     rotary = inner.rotary_emb
     takes_type = "layer_type" in inspect.signature(rotary.forward).parameters
@@ -333,7 +335,8 @@ def rotary_tables(model: torch.nn.Module, spec: ModelSpec, max_ctx: int, dtype: 
                 cos, sin = inner.rotary_emb_local(probe, positions)  # Gemma 3 in older transformers
             else:
                 cos, sin = rotary(probe, positions)
-            cos, sin = cos[0], sin[0]
+            while cos.dim() > 2:  # [B, T, dim], or [3, B, T, dim] of equal sections in older transformers
+                cos, sin = cos[0], sin[0]
             if spec.rotary_halves:  # applied to each half of the rotated dims: rotate_half's full tables
                 cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
             tables[layer_type] = (cos.to(dtype).contiguous(), sin.to(dtype).contiguous())
