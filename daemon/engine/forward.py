@@ -228,27 +228,26 @@ class _Read:
     # one prompt chunk with images whose tokens see each other: the last key each row sees
     # (shaped as `queries`)
     horizons: torch.Tensor | None = None
-    dtype: torch.dtype = torch.float32  # the queries'
     _masks: dict = field(default_factory=dict)
 
-    def mask(self, window: int | None, additive: bool = False) -> torch.Tensor | None:
+    def mask(self, window: int | None, additive: torch.dtype | None = None) -> torch.Tensor | None:
         """[B, 1, rows, keys] which keys each row sees, per sliding window (computed once a pass);
         B counts the slots of the slice `read` when rows are spread over it. `additive`: as
-        0 / -inf in the queries' dtype, the form SDPA would otherwise convert it to in every layer
-        (the same bits either way)."""
+        0 / -inf in that dtype, the form SDPA would otherwise convert it to in every layer (the
+        same bits either way)."""
         if self.queries is None:
             return None
         if (window, additive) not in self._masks:
-            if additive:
+            if additive is not None:
                 seen = self.mask(window)
-                self._masks[window, True] = torch.zeros(seen.shape, dtype=self.dtype, device=seen.device).masked_fill_(
+                self._masks[window, additive] = torch.zeros(seen.shape, dtype=additive, device=seen.device).masked_fill_(
                     ~seen, float("-inf"))
-                return self._masks[window, True]
+                return self._masks[window, additive]
             positions = self.queries
             if self.spread is not None:  # the slots no row uses attend to their first key, unread
                 positions = positions.new_zeros((self.read.stop - self.read.start, *positions.shape[1:])).index_copy_(
                     0, self.spread, positions)
-            self._masks[window, False] = allowed(positions, self.keys, window, self.horizons)[:, None]
+            self._masks[window, None] = allowed(positions, self.keys, window, self.horizons)[:, None]
         return self._masks[window, additive]
 
 
@@ -346,14 +345,15 @@ class ReferenceForward:
         else:  # decode across slots (steps == 1): scatter the new entries
             kc[rows.slot_index, :, rows.positions] = k[:, :, 0]
             vc[rows.slot_index, :, rows.positions] = v[:, :, 0]
+        # on the CPU SDPA takes an additive mask as it is (soft-caps and sinks mask their own scores)
+        plain_scores = self.padded and options["softcap"] is None and options["sinks"] is None
+        additive = q.dtype if plain_scores else None
         outs = []
         for r in rows.reads:
             part = q if r.rows is None else q[:, :, r.rows] if isinstance(r.rows, slice) else q.index_select(0, r.rows)
             keys, values = kc[r.read, :, :r.keys], vc[r.read, :, :r.keys]
             if r.spread is not None:
                 part = part.new_zeros((keys.shape[0], *part.shape[1:])).index_copy_(0, r.spread, part)
-            # on the CPU SDPA takes an additive mask as it is (soft-caps and sinks mask their own scores)
-            additive = self.padded and options["softcap"] is None and options["sinks"] is None
             mask = r.mask(options["window"], additive)
             if self.padded:
                 o = attend_padded(part, keys, values, mask, r.queries.shape[-1], **options)
@@ -417,7 +417,7 @@ class ReferenceForward:
         group = self.num_heads // self.num_kv_heads
         padded = padded_query_rows(group * positions.shape[1])
         return _Read(rows, keys, read, spread, folded_positions(positions, group, padded),
-                     None if seen is None else folded_positions(seen, group, padded), self.dtype)
+                     None if seen is None else folded_positions(seen, group, padded))
 
     def _slot_read(self, slots: list[int], keys: int) -> tuple[slice | torch.Tensor, torch.Tensor | None]:
         """How a call reads the caches of `slots` (their unwritten positions up to `keys` zeroed):

@@ -351,8 +351,8 @@ class HarmonyReader:
     def _open(self, header: str) -> None:
         """A message's header: `[<|start|>assistant][ to=R]<|channel|>C[ to=R][ <|constrain|>json]`."""
         self._header = None
-        for marker in ("<|start|>", "<|constrain|>", HARMONY_CHANNEL):
-            header = header.replace(marker, f" {marker} " if marker == HARMONY_CHANNEL else " ")
+        header = header.replace("<|start|>", " ").replace("<|constrain|>", " ").replace(HARMONY_CHANNEL,
+                                                                                      f" {HARMONY_CHANNEL} ")
         channel = header.split(HARMONY_CHANNEL, 1)[1] if HARMONY_CHANNEL in header else ""
         self._channel = (channel.split() or [""])[0]
         self._recipient = next((w[3:] for w in header.split() if w.startswith("to=")), "")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -362,26 +363,15 @@ async def in_own_thread(fn: Callable, *args: object) -> object:
     cores, libgomp's workers sleep between regions instead of spinning: a load in a long-lived
     thread left its pool behind and slowed every later decode step of the runner's thread by
     half (SmolLM2 on two cores: 45 against 65 tokens/s, bench/README.md)."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(result: object, error: BaseException | None) -> None:
-        if future.done():  # the waiting task was cancelled
-            return
-        if error is None:
-            future.set_result(result)
-        else:
-            future.set_exception(error)
+    future: concurrent.futures.Future = concurrent.futures.Future()
 
     def run() -> None:
+        if not future.set_running_or_notify_cancel():  # running now: a cancel can no longer race the result
+            return
         try:
-            result, error = fn(*args), None
+            future.set_result(fn(*args))
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            result, error = None, exc
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the event loop closed meanwhile
-            pass
+            future.set_exception(exc)
 
     threading.Thread(target=run, name=f"load:{getattr(fn, '__name__', 'fn')}", daemon=True).start()
-    return await future
+    return await asyncio.wrap_future(future)
