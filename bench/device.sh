@@ -15,6 +15,8 @@
 #         (VISION_FAMILIES: gemma3-12b and / or qwen2.5-vl-7b)
 # tests   the GPU tests (kernels against bitsandbytes, fast path against eager, SmolLM2 greedy)
 # sweep   bench/nf4_kernel.py: NF4 GEMV settings on this card -> $OUT/configs.json
+# routed  bench/nf4_kernel.py --routed: the MoE experts' GEMV settings (ROUTED: qwen3-30b-a3b
+#         gpt-oss-20b) -> $OUT/routed.json, merged into the settings that decode and serve read
 # batched bench/batched_kernel.py: the batched products' settings and table -> $OUT/batched.json
 #         (SETTLED=1: the checked-in settings at 1-512 rows, no sweep)
 # decode  bench/gpu_decode.py with those settings (NF4+DQ, NF4, int8, bf16) on SHAPES (default
@@ -76,6 +78,11 @@ for what in "$@"; do
     sweep)
         step sweep python3 bench/nf4_kernel.py --rows ${SWEEP_ROWS:-1 2 4} --int8 --models ${MODELS:-llama3-8b} --out "$OUT/configs.json"
         cp "$OUT/configs.json" /tmp/bench/configs.json 2>/dev/null
+        CONFIGS=$OUT/configs.json
+        ;;
+    routed)  # the MoE models' routed expert GEMVs (ROUTED), merged into the settings decode reads
+        TAIL=${TAIL:-20} step routed python3 bench/nf4_kernel.py --models none --routed ${ROUTED:-qwen3-30b-a3b gpt-oss-20b} --out "$OUT/routed.json"
+        python3 -c "import json, pathlib, sys; c, r = map(pathlib.Path, sys.argv[1:]); merged = {**(json.loads(c.read_text()) if c.exists() else {}), **json.loads(r.read_text())}; pathlib.Path('$OUT/configs.json').write_text(json.dumps(merged, indent=1))" "$CONFIGS" "$OUT/routed.json"
         CONFIGS=$OUT/configs.json
         ;;
     batched)

@@ -2,7 +2,11 @@
 swept) against bitsandbytes' own 4-bit product and cuBLAS on bf16, in one run.
 
     python bench/nf4_kernel.py [--rows 1 2 4] [--int8] [--models llama3-8b qwen3-8b gemma3-12b phi4]
-        [--model-rows 1] [--out configs.json]
+        [--model-rows 1] [--routed qwen3-30b-a3b gpt-oss-20b] [--out configs.json]
+
+--routed sweeps a MoE layer's expert GEMVs (engine/cuda/moe.py) at 1 and 8 tokens: its rows
+show the pair count, and in the bitsandbytes column the checked-in setting's time (before any
+routed sweep, that of the dense matrix of the expert's shape).
 
 Each timing is a CUDA graph over several distinct copies of the matrix (more bytes than the
 L2 cache holds, as in a decode step where every layer's weights are new), median of the
@@ -47,6 +51,9 @@ GEMV_SWEEP += [(64, 128, 2, 4, True, False, False), (32, 256, 8, 4, False, False
 INT8_SWEEP = [(bn, bk, w, sk) for bn, bk, w, sk in itertools.product((16, 32), (512, 1024), (4, 8), (1, 2))
               if 16 <= bn * bk // (128 * w) <= 128]
 L2_BYTES = 50 << 20
+# the MoE models' routed products (engine/cuda/moe.py): (experts, top k, hidden, expert intermediate)
+ROUTED_MODELS = {"qwen3-30b-a3b": (128, 8, 2048, 768), "gpt-oss-20b": (32, 4, 2880, 2880),
+                 "mixtral-8x7b": (8, 2, 4096, 14336)}
 
 
 class _P:
@@ -154,13 +161,86 @@ def sweep_int8(rows_out, best, rows: list[int]) -> None:
         torch.cuda.empty_cache()
 
 
+def _effective(settings: list[tuple], k: int) -> list[tuple]:
+    """The settings that differ on a K (nf4_matmul fits BLOCK_K and split-K to it: on gpt-oss's
+    2,880 most collapse into a few)."""
+    seen, kept = set(), []
+    for cfg in settings:
+        split = G._gemv_split(cfg[3], k, 64)
+        key = (cfg[0], G._fit_block_k(cfg[1], k // split, 64), cfg[2], split, *cfg[4:])
+        if key not in seen:
+            seen.add(key)
+            kept.append(cfg)
+    return kept
+
+
+def sweep_routed(rows_out, best, models: list[str], tokens: list[int]) -> None:
+    """A MoE layer's routed GEMVs (one program column per (token, expert) pair), per model and
+    token count: [gate; up] (every pair of a token reads its row) and down (a row per pair),
+    over one layer's stacked 4-bit experts as moe.py quantizes them, against the same pairs'
+    products on the dequantized stack. Each timed call routes to other experts (disjoint sets
+    while they last), so that their weights come from memory as in a decode step."""
+    from daemon.engine.cuda.moe import _quantized
+
+    candidates: dict[str, list] = {}
+    for model in models:
+        count, top_k, hidden, inter = ROUTED_MODELS[model]
+        for name, n, k, per_x in (("gate_up", 2 * inter, hidden, top_k), ("down", hidden, inter, 1)):
+            stack = torch.randn(count, n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+            w = _quantized(stack, "nf4", True)
+            del stack
+            dense = w.dequantize(torch.empty(w.n * w.k, dtype=torch.bfloat16, device="cuda")).view(count, n, k)
+            gen = torch.Generator(device="cpu").manual_seed(n + k)
+            for m in tokens:
+                pairs = m * top_k
+                calls = max(2, -(-2 * L2_BYTES // (pairs * n * k // 2)))
+                order = torch.cat([torch.randperm(count, generator=gen) for _ in range(-(-calls * pairs // count) + 1)])
+                routes = [G.Routed(order[c * pairs:(c + 1) * pairs].to(torch.int32).cuda(), n, per_x)
+                          for c in range(calls)]
+                x = torch.randn(pairs // per_x, k, dtype=torch.bfloat16, device="cuda")
+                chosen = routes[0].experts.long()
+                rows = torch.arange(pairs, device="cuda") // per_x
+                ref = torch.bmm(x[rows].float()[:, None], dense[chosen].float().transpose(1, 2))[:, 0]
+                label = f"{model.split('-')[0]} {name} p={pairs}"
+                timings = []
+                for cfg in candidates[name] if m != tokens[0] else _effective(GEMV_SWEEP, k):
+                    try:
+                        err = rel(w.matmul(x, config=cfg, routed=routes[0]), ref)
+                        if not err < 1e-2:
+                            print(f"  {label} {cfg}: error {err:.2e}, skipped", flush=True)
+                            continue
+                        t = graph_time(lambda: [w.matmul(x, config=cfg, routed=r) for r in routes], len(routes))
+                    except Exception as exc:  # a setting that does not compile or fit
+                        print(f"  {label} {cfg}: {type(exc).__name__}", flush=True)
+                        continue
+                    timings.append((t, cfg, err))
+                unfused = UNFUSED_US["gate_up"] if name == "gate_up" else 0.0
+                timings.sort(key=lambda timing: timing[0] + (unfused if timing[1][3] > 1 else 0.0))
+                if not timings:
+                    continue
+                print(f"{label} best:", [(round(t, 1), c) for t, c, _ in timings[:4]], flush=True)
+                if m == tokens[0]:  # more tokens: the six best settings for the first count
+                    candidates[name] = [c for _, c, _ in timings[:6]]
+                t, cfg, err = timings[0]
+                # the checked-in setting (before any routed sweep: the dense matrix's of this shape)
+                t_old = graph_time(lambda: [w.matmul(x, routed=r) for r in routes], len(routes))
+                best[f"routed,{n},{k},{pairs}"] = list(cfg)
+                nbytes = w.nbytes * pairs / count
+                rows_out.append((label, m, t, nbytes / t / 1e3, cfg, err, t_old, float("nan")))
+            del w, dense
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 3, 4])
     parser.add_argument("--out", default="")
     parser.add_argument("--int8", action="store_true", help="also sweep the int8 GEMV (against LLM.int8())")
-    parser.add_argument("--models", nargs="+", default=["llama3-8b"], choices=["llama3-8b", *MODEL_SHAPES])
+    parser.add_argument("--models", nargs="+", default=["llama3-8b"], choices=["llama3-8b", "none", *MODEL_SHAPES])
     parser.add_argument("--model-rows", type=int, nargs="+", default=[1], help="rows swept for the other models")
+    parser.add_argument("--routed", nargs="*", default=[], choices=list(ROUTED_MODELS),
+                        help="also sweep these MoE models' routed expert GEMVs (only them with --models none)")
+    parser.add_argument("--routed-tokens", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     best: dict[str, list] = {}
     rows_out: list[tuple] = []
@@ -183,11 +263,13 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.int8:
         sweep_int8(rows_out, best, args.rows)
+    if args.routed:
+        sweep_routed(rows_out, best, args.routed, args.routed_tokens)
     print(f"\n{torch.cuda.get_device_name()}; µs per matrix, GB/s of the NF4 bytes (packed + absmax)")
-    print(f"{'matrix':<15}{'rows':>5}{'ours µs':>9}{'GB/s':>7}  {'setting':<36}{'err':>8}{'bnb µs':>9}{'bnb/ours':>9}"
+    print(f"{'matrix':<22}{'rows':>5}{'ours µs':>9}{'GB/s':>7}  {'setting':<36}{'err':>8}{'bnb µs':>9}{'bnb/ours':>9}"
           f"{'bf16 µs':>9}")
     for name, m, t, gbs, cfg, err, t_bnb, t_dense in rows_out:
-        print(f"{name:<15}{m:>5}{t:>9.1f}{gbs:>7.0f}  {str(tuple(cfg)):<36}{err:>8.1e}{t_bnb:>9.1f}{t_bnb / t:>9.2f}"
+        print(f"{name:<22}{m:>5}{t:>9.1f}{gbs:>7.0f}  {str(tuple(cfg)):<36}{err:>8.1e}{t_bnb:>9.1f}{t_bnb / t:>9.2f}"
               f"{t_dense:>9.1f}")
     print("\nLlama-3-8B's 32 layers (qkv + o + gate_up + down), ms per decode step:")
     for m in args.rows:

@@ -93,6 +93,29 @@ def test_a_routed_gemv_multiplies_each_pair_by_its_expert(config, double):
     assert rel(gated, torch.nn.functional.silu(both[:, :n // 2]) * both[:, n // 2:]) < 2e-2
 
 
+def test_a_routed_product_takes_its_own_sweeps_setting(monkeypatch):
+    """A routed product's setting: its sweep's for the closest pair count (bench/nf4_kernel.py
+    --routed), never a dense matrix's of the same shape; unswept, the dense shape's; and the
+    product with the routed setting (split-K) is still right for 12 pairs, past the GEMV's 4 rows."""
+    n, k = 128, 256
+    dense, few, many = CONFIGS[0], CONFIGS[1], CONFIGS[3]
+    monkeypatch.setattr(G, "GEMV_CONFIGS", {("gemv", n, k): dense, ("routed", n, k, 8): few,
+                                            ("routed", n, k, 64): many})
+    routed = lambda pairs: G.Routed(torch.zeros(pairs, dtype=torch.int32), n)  # noqa: E731
+    table = [(routed(8), few), (routed(12), few), (routed(40), many), (routed(1), few), (None, dense)]
+    for how, want in table:
+        assert G._gemv_config(4 * n, k, 1, how) == want
+    assert G._gemv_config(n, 512, 1, routed(8)) == G._config("gemv", n, 512, 1, G.GEMV_DEFAULT)
+    gen = torch.Generator().manual_seed(5)
+    stacked = _Module(4 * n, k, True, gen)
+    w = G.NF4Weights([stacked])
+    chosen = torch.randint(0, 4, (12,), generator=gen, dtype=torch.int32)
+    x = torch.randn(12, k, generator=gen).to(torch.bfloat16)
+    ref = stacked.ref.float().view(4, n, k)
+    got = G.nf4_matmul(x, w, routed=G.Routed(chosen, n))
+    assert rel(got, torch.stack([x[p].float() @ ref[e].T for p, e in enumerate(chosen.tolist())])) < 1e-2
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_nf4_dequantize_is_bitsandbytes_bit_for_bit(quant_type):
     gen = torch.Generator().manual_seed(3)

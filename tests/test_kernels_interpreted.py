@@ -207,3 +207,17 @@ def test_route_topk_is_the_reference_routing(experts, top_k, after, normalize, f
     assert chosen[4].tolist() == list(range(top_k))
     tolerance = 1e-6 if fp32 else 1e-2
     assert torch.allclose(weights.float(), expected_weights.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("rows,top_k,d,dtype", [(1, 8, 2048, torch.bfloat16), (3, 4, 2880, torch.float32),
+                                                (2, 2, 4096 + 64, torch.bfloat16)])
+def test_weighted_sum_is_the_routing_weighted_sum(rows, top_k, d, dtype):
+    """The MoE combine: each token's pairs' outputs times their weights, summed in fp32 (D past
+    one block, and not a power of two: gpt-oss's 2,880)."""
+    gen = torch.Generator().manual_seed(rows * top_k)
+    y = torch.randn(rows * top_k, d, generator=gen)
+    weights = torch.rand(rows, top_k, generator=gen).to(dtype)
+    out = K.weighted_sum(y, weights)
+    expected = (y.view(rows, top_k, d) * weights.float()[..., None]).sum(dim=1)
+    assert out.dtype == torch.float32 and out.shape == (rows, d)
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)

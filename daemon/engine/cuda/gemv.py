@@ -496,11 +496,11 @@ class NF4Weights:
     def dequantize(self, out: torch.Tensor) -> torch.Tensor:
         return nf4_dequantize(self, out)
 
-    def gemv_setting(self, rows: int, n: int | None = None) -> tuple[int, int]:
-        """(BLOCK_N, split-K) of the GEMV for this many rows (of outputs `n`: a routed product's
-        rows per expert). An epilogue needs split-K 1 (the sums final in one program), RoPE's
-        also a BLOCK_N that divides the head size."""
-        config = _config("gemv", n or self.n, self.k, rows, GEMV_DEFAULT)
+    def gemv_setting(self, rows: int, routed: "Routed | None" = None) -> tuple[int, int]:
+        """(BLOCK_N, split-K) of the GEMV for this many rows (or a routed product). An epilogue
+        needs split-K 1 (the sums final in one program), RoPE's also a BLOCK_N that divides the
+        head size."""
+        config = _gemv_config(self.n, self.k, rows, routed)
         return config[0], _gemv_split(config[3], self.k, 64)
 
     @property
@@ -549,8 +549,23 @@ def _config(path: str, n: int, k: int, m: int, default: tuple) -> tuple:
     return _config(path, *near, m, default)
 
 
+def _gemv_config(n: int, k: int, m: int, routed: "Routed | None" = None) -> tuple:
+    """The NF4 GEMV's setting. A routed product (rows per expert, K, pairs) takes its own sweep's
+    ("routed" keys, bench/nf4_kernel.py --routed: its grid has a program per pair, each reading a
+    small matrix, and wants other settings than a dense matrix of its size), the swept pair count
+    closest to its own, else the setting of the dense matrix of its shape."""
+    if routed is not None:
+        n, pairs = routed.rows, routed.experts.numel()
+        swept = [key[3] for key in GEMV_CONFIGS if key[:3] == ("routed", n, k)]
+        if swept:
+            return GEMV_CONFIGS["routed", n, k, min(swept, key=lambda p: (abs(math.log(p / max(pairs, 1))), p))]
+        m = 1
+    return _config("gemv", n, k, m, GEMV_DEFAULT)
+
+
 def load_configs(text: str) -> None:
-    """Settings written by bench/nf4_kernel.py ("gemv,N,K[,M]": [...]) into GEMV_CONFIGS."""
+    """Settings written by bench/nf4_kernel.py ("gemv,N,K[,M]", "routed,N,K,PAIRS": [...]) into
+    GEMV_CONFIGS."""
     import json
 
     for key, value in json.loads(text).items():
@@ -609,9 +624,10 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weights, out: torch.Tensor | None = None,
     if routed is not None:
         if w.bias is not None or rope is not None or m * routed.per_x != routed.experts.numel():
             raise ValueError("a routed product takes one row per top_k pairs, no bias, no RoPE")
-        m, n, pairs = 1, routed.rows, routed.experts.numel()
-    if m <= 4:
-        block_n, block_k, warps, split, x_vec, packed, *more = config or _config("gemv", n, k, m, GEMV_DEFAULT)
+    if m <= 4 or routed is not None:
+        block_n, block_k, warps, split, x_vec, packed, *more = config or _gemv_config(n, k, m, routed)
+        if routed is not None:
+            m, n, pairs = 1, routed.rows, routed.experts.numel()
         prefetch = bool(more and more[0])
         packed = packed and x.dtype == torch.bfloat16 and x.stride(0) % 2 == 0
         whole_rows = m == 1 and routed is None or x.stride(0) % 8 == 0

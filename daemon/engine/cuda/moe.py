@@ -11,7 +11,7 @@ Decode steps (and passes up to `ROUTED_ROWS` rows) run graph-capturable, without
 experts or a host sync: the router's softmax and top k on the GPU (kernels.route_topk: what
 engine/forward.route computes for the reference path, in one launch), then one GEMV launch for
 every (token, expert) pair's [gate; up] with the activation in its epilogue, and one for the down products (gemv.Routed), summed by
-the routing weights. Dense experts (a bf16 model) gather each pair's matrices and multiply them
+the routing weights in one more (kernels.weighted_sum). Dense experts (a bf16 model) gather each pair's matrices and multiply them
 in one batched product. Longer passes (prompts) sort the pairs by expert and run one GEMM per
 expert hit over its tokens, on the experts dequantized into a scratch buffer.
 
@@ -106,7 +106,7 @@ class RoutedExperts:
             y = self._routed(h, chosen.flatten())
         else:
             y = self._gathered(h, chosen.flatten())
-        return (y.view(rows, top_k, self.hidden).float() * weights.float()[..., None]).sum(dim=1)
+        return K.weighted_sum(y.view(rows * top_k, self.hidden), weights)
 
     def _gated(self, gate_up: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """act(gate) * up of the pairs' [gate; up] (fp32 or the dtype), biases added: the dtype."""
@@ -122,7 +122,7 @@ class RoutedExperts:
         pairs = chosen.to(torch.int32)
         gate_up = G.Routed(pairs, 2 * self.intermediate, per_x=self.spec.top_k)
         # no split-K and no bias: the activation in the epilogue
-        if (self.gate_up.gemv_setting(1, 2 * self.intermediate)[1] == 1 and self.gate_up_bias is None
+        if (self.gate_up.gemv_setting(1, gate_up)[1] == 1 and self.gate_up_bias is None
                 and self.model.activation in K.KERNEL_ACTIVATIONS):
             gated = self.gate_up.matmul(h, act=self.model.activation, routed=gate_up)
         else:
