@@ -83,6 +83,7 @@ for what in "$@"; do
     routed)  # the MoE models' routed expert GEMVs (ROUTED), merged into the settings decode reads
         TAIL=${TAIL:-20} step routed python3 bench/nf4_kernel.py --models none --routed ${ROUTED:-qwen3-30b-a3b gpt-oss-20b} --out "$OUT/routed.json"
         python3 -c "import json, pathlib, sys; c, r = map(pathlib.Path, sys.argv[1:]); merged = {**(json.loads(c.read_text()) if c.exists() else {}), **json.loads(r.read_text())}; pathlib.Path('$OUT/configs.json').write_text(json.dumps(merged, indent=1))" "$CONFIGS" "$OUT/routed.json"
+        cp "$OUT/configs.json" /tmp/bench/configs.json
         CONFIGS=$OUT/configs.json
         ;;
     batched)
