@@ -45,3 +45,34 @@ def test_copy_prefix_into_many_slots_as_pytorch_does():
     K.copy_prefix(caches, 0, targets, 2010)
     copy_slot_prefix(expected, 0, targets, 2010)
     assert all(torch.equal(c, e) for c, e in zip(caches, expected))
+
+
+@pytest.mark.parametrize("experts,top_k,hidden,biased", [(128, 8, 2048, False), (32, 4, 2880, True)])
+def test_the_fused_router_routes_as_cublas_logits_do(experts, top_k, hidden, biased):
+    """The router's product and top k in one launch (the last program of each row taking the top
+    k: its atomics and fences as compiled for the card) against route_topk over F.linear's
+    logits, at decode batches, replayed in a CUDA graph: the same experts wherever the top k is
+    not a near tie, the same weights."""
+    torch.manual_seed(experts)
+    router = torch.randn(experts, hidden, dtype=torch.bfloat16, device="cuda") * 0.05
+    bias = torch.randn(experts, dtype=torch.bfloat16, device="cuda") if biased else None
+    fused = K.Router(router, bias, max_rows=64)
+    for rows in (1, 8, 64):
+        h = torch.randn(rows, hidden, dtype=torch.bfloat16, device="cuda")
+        logits = torch.nn.functional.linear(h, router, bias)
+        want_w, want_e = K.route_topk(logits, top_k, biased, True, torch.float32)
+        graph = torch.cuda.CUDAGraph()
+        fused(h, top_k, biased, True, torch.float32)  # compiled outside the capture
+        with torch.cuda.graph(graph):
+            weights, chosen = fused(h, top_k, biased, True, torch.float32)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            sorted_logits = logits.float().sort(dim=-1, descending=True).values
+            clear = (sorted_logits[:, top_k - 1] - sorted_logits[:, top_k]) > 0.05  # no near tie at the cut
+            # as sets: a near tie inside the top k may order its two either way
+            got_e, got_at = chosen[clear].sort(dim=-1)
+            ref_e, ref_at = want_e[clear].sort(dim=-1)
+            assert torch.equal(got_e, ref_e) and clear.float().mean() > 0.5
+            assert torch.allclose(weights[clear].gather(1, got_at), want_w[clear].gather(1, ref_at), atol=2e-2)
+            assert fused.tickets.eq(0).all()

@@ -221,3 +221,31 @@ def test_weighted_sum_is_the_routing_weighted_sum(rows, top_k, d, dtype):
     expected = (y.view(rows, top_k, d) * weights.float()[..., None]).sum(dim=1)
     assert out.dtype == torch.float32 and out.shape == (rows, d)
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("experts,top_k,after,normalize,fp32", ROUTINGS)
+def test_the_fused_router_is_the_reference_routing(experts, top_k, after, normalize, fp32):
+    """The router's product and top k in one launch (kernels.Router) against engine/forward.route
+    on the same rows, with a bias (gpt-oss's): the same experts, the same weights; twice, as a
+    captured graph replays it (each row's ticket back at zero after a launch)."""
+    from daemon.engine.forward import route
+    from daemon.engine.spec import Experts
+
+    gen = torch.Generator().manual_seed(experts + 1)
+    h = torch.stack([torch.randperm(experts, generator=gen) / 4 - experts / 8 for _ in range(3)])
+    h = torch.cat([h, torch.zeros(1, experts)]).to(torch.bfloat16)  # the last row: every logit equal
+    router = torch.eye(experts, dtype=torch.bfloat16) / 2  # exact: the logits are h / 2 + bias
+    bias = (torch.arange(experts) % 3 / 64).to(torch.bfloat16) if after else None
+    moe = Experts(count=experts, top_k=top_k, normalize=normalize, route_in_fp32=fp32, shared=False,
+                  softmax_after_topk=after, interleaved=False, sparse=(True,))
+    expected_weights, expected_chosen = route(h, router, moe, bias)
+    dtype = h.dtype if after or not fp32 else torch.float32
+    fused = K.Router(router, bias, max_rows=8)
+    for _ in range(2):
+        weights, chosen = fused(h, top_k, after, normalize, dtype)
+        assert chosen[:3].tolist() == expected_chosen[:3].tolist()
+        tied = [0.0] * experts if bias is None else bias.float().tolist()  # ties to the lower expert
+        assert chosen[3].tolist() == sorted(range(experts), key=lambda e: (-tied[e], e))[:top_k]
+        tolerance = 1e-6 if fp32 else 1e-2
+        assert torch.allclose(weights.float(), expected_weights.float(), atol=tolerance, rtol=tolerance)
+        assert fused.tickets.eq(0).all()

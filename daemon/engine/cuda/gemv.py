@@ -395,6 +395,18 @@ GEMV_CONFIGS: dict[tuple, tuple] = {
     ('gemv', 3840, 4096): (16, 2048, 8, 1, True, True, True),
     ('gemv', 30720, 3840): (64, 512, 4, 1, True, True, True),
     ('gemv', 3840, 15360): (16, 1024, 8, 1, True, True, True),
+    # the MoE experts' routed GEMVs (bench/nf4_kernel.py --routed on an H100, 2026-12-07), per
+    # (rows per expert, K, pairs): Qwen3-30B-A3B's and gpt-oss-20b's at 1 and 8 tokens; against
+    # the dense shapes' settings they took before, 9.8 / 6.7 µs for 11.9 / 9.0 (Qwen3, one
+    # token) and 24.4 / 13.9 for 53.9 / 30.8 (gpt-oss)
+    ('routed', 1536, 2048, 8): (32, 512, 8, 1, True, True, True),
+    ('routed', 1536, 2048, 64): (32, 512, 4, 1, True, True, True),
+    ('routed', 2048, 768, 8): (32, 512, 4, 1, True, True, True),
+    ('routed', 2048, 768, 64): (64, 512, 4, 1, True, True, True),
+    ('routed', 5760, 2880, 4): (64, 512, 4, 4, True, True, True),
+    ('routed', 5760, 2880, 32): (64, 512, 4, 8, True, True, True),
+    ('routed', 2880, 2880, 4): (64, 512, 4, 8, True, True, True),
+    ('routed', 2880, 2880, 32): (64, 512, 4, 8, True, True, True),
     ('int8', 6144, 4096): (16, 1024, 8, 1),
     ('int8', 6144, 4096, 2): (16, 1024, 4, 1),
     ('int8', 6144, 4096, 4): (16, 512, 4, 2),

@@ -8,7 +8,7 @@ blocks of 64), and the experts of a layer stacked into one NF4Weights: a 30B mod
 parameters then costs 4-bit memory and reads only its tokens' experts' 4-bit bytes.
 
 Decode steps (and passes up to `ROUTED_ROWS` rows) run graph-capturable, without a loop over
-experts or a host sync: the router's softmax and top k on the GPU (kernels.route_topk: what
+experts or a host sync: the router's product, softmax and top k on the GPU (kernels.Router: what
 engine/forward.route computes for the reference path, in one launch), then one GEMV launch for
 every (token, expert) pair's [gate; up] with the activation in its epilogue, and one for the down products (gemv.Routed), summed by
 the routing weights in one more (kernels.weighted_sum). Dense experts (a bf16 model) gather each pair's matrices and multiply them
@@ -59,6 +59,7 @@ class RoutedExperts:
         self.spec = spec.experts
         self.router = router.to(dtype).contiguous()
         self.router_bias = None if router_bias is None else router_bias.to(dtype)
+        self.routing = K.Router(self.router, self.router_bias, ROUTED_ROWS)
         # gpt-oss's experts' biases, added to the products' fp32 outputs
         self.gate_up_bias = None if experts.gate_up_bias is None else experts.gate_up_bias.float().contiguous()
         self.down_bias = None if experts.down_bias is None else experts.down_bias.float().contiguous()
@@ -96,10 +97,13 @@ class RoutedExperts:
     def __call__(self, h: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """The experts' sum for rows h [rows, hidden], weighted by the router: [rows, hidden] fp32."""
         moe = self.spec  # engine/forward.route's routing, its softmax, top k and cast in one launch
-        logits = F.linear(h, self.router, self.router_bias)
-        dtype = logits.dtype if moe.softmax_after_topk or not moe.route_in_fp32 else torch.float32
-        weights, chosen = K.route_topk(logits, moe.top_k, moe.softmax_after_topk, moe.normalize, dtype)
-        rows, top_k = chosen.shape
+        dtype = h.dtype if moe.softmax_after_topk or not moe.route_in_fp32 else torch.float32
+        rows, top_k = h.shape[0], moe.top_k
+        if rows <= ROUTED_ROWS:  # decode steps: the router's product in the same launch
+            weights, chosen = self.routing(h, top_k, moe.softmax_after_topk, moe.normalize, dtype)
+        else:  # long passes: cuBLAS's GEMM for the logits
+            logits = F.linear(h, self.router, self.router_bias)
+            weights, chosen = K.route_topk(logits, top_k, moe.softmax_after_topk, moe.normalize, dtype)
         if rows > ROUTED_ROWS:
             y = self._by_expert(h, chosen, scratch)
         elif self.quantized:
