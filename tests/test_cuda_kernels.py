@@ -57,6 +57,7 @@ def test_the_fused_router_routes_as_cublas_logits_do(experts, top_k, hidden, bia
     router = torch.randn(experts, hidden, dtype=torch.bfloat16, device="cuda") * 0.05
     bias = torch.randn(experts, dtype=torch.bfloat16, device="cuda") if biased else None
     fused = K.Router(router, bias, max_rows=64)
+    compared = []
     for rows in (1, 8, 64):
         h = torch.randn(rows, hidden, dtype=torch.bfloat16, device="cuda")
         logits = torch.nn.functional.linear(h, router, bias)
@@ -73,6 +74,8 @@ def test_the_fused_router_routes_as_cublas_logits_do(experts, top_k, hidden, bia
             # as sets: a near tie inside the top k may order its two either way
             got_e, got_at = chosen[clear].sort(dim=-1)
             ref_e, ref_at = want_e[clear].sort(dim=-1)
-            assert torch.equal(got_e, ref_e) and clear.float().mean() > 0.5
+            assert torch.equal(got_e, ref_e)
+            compared.append(clear.float().mean().item())
             assert torch.allclose(weights[clear].gather(1, got_at), want_w[clear].gather(1, ref_at), atol=2e-2)
             assert fused.tickets.eq(0).all()
+    assert sum(compared) / len(compared) > 0.5  # most rows had no near tie to skip
