@@ -90,6 +90,11 @@ class RoutedExperts:
         return experts + sum(t.numel() * t.element_size() for t in small)
 
     @property
+    def dense_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(N, K) of one expert's [gate; up] and down, as long passes multiply them (_by_expert)."""
+        return (2 * self.intermediate, self.hidden), (self.hidden, self.intermediate)
+
+    @property
     def scratch_elements(self) -> int:
         """What a long pass dequantizes the 4-bit experts into: the larger stack."""
         return max(self.gate_up.n * self.gate_up.k, self.down.n * self.down.k) if self.quantized else 0
