@@ -92,3 +92,22 @@ def test_more_rows_than_a_tile_run_tiles_side_by_side(kind):
     assert B.block_m(130) == B.TILE_ROWS
     got = B.matmul(x, w, config=(16, 64, 4, 2, 1))
     assert got.shape == (130, w.n) and rel(got, reference(x, mods)) < 1e-2
+
+
+@pytest.mark.parametrize("tokens,top_k,double,per_x", [(70, 2, True, 2), (9, 2, False, 1), (40, 4, True, 1)])
+def test_the_grouped_product_multiplies_each_pair_by_its_expert(tokens, top_k, double, per_x):
+    """A MoE layer's long pass (moe._grouped): the pairs sorted into per-expert tiles, each
+    output row its pair's token (per_x: every pair of a token reads its row) times its expert's
+    matrix, whatever the order the pairs come in, an expert no pair picked, runs past one tile."""
+    gen = torch.Generator().manual_seed(tokens)
+    experts, n, k = 5, 64, 256
+    stacked = _Module(experts * n, k, double, gen)
+    w = G.NF4Weights([stacked])
+    chosen = torch.stack([torch.randperm(experts - 1, generator=gen)[:top_k] for _ in range(tokens)])
+    chosen = chosen.flatten().to(torch.int32)  # expert 4 never picked
+    rows = tokens * top_k // per_x
+    x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    got = B.grouped_matmul(x, w, chosen, experts, n, per_x=per_x)
+    ref = stacked.ref.float().view(experts, n, k)
+    want = torch.stack([x[p // per_x].float() @ ref[e].T for p, e in enumerate(chosen.tolist())])
+    assert got.shape == (tokens * top_k, n) and rel(got, want) < 1e-2

@@ -109,3 +109,23 @@ def test_graph_capture_replays_the_product():
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert rel(out, x @ mods[0].ref.T) < 1e-2
+
+
+@pytest.mark.parametrize("tokens,per_x", [(40, 8), (300, 8), (300, 1)])
+def test_grouped_experts_on_qwen3_moe_shapes(tokens, per_x):
+    """The long passes' grouped product on Qwen3-30B-A3B's experts (128 of [gate; up] 1536 x
+    2048, 8 a token, quantized as moe.py does: each its own bitsandbytes weight, double quant),
+    at each tile height, against the pairs' products on bitsandbytes' dequantized experts."""
+    from daemon.engine.cuda.moe import _quantized
+
+    torch.manual_seed(tokens)
+    count, n, k, top_k = 128, 1536, 2048, 8
+    stack = torch.randn(count, n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+    w = _quantized(stack, "nf4", True)
+    dense = w.dequantize(torch.empty(w.n * w.k, dtype=torch.bfloat16, device="cuda")).view(count, n, k)
+    chosen = torch.stack([torch.randperm(count, device="cuda")[:top_k] for _ in range(tokens)]).flatten().int()
+    x = torch.randn(tokens * top_k // per_x, k, dtype=torch.bfloat16, device="cuda")
+    got = B.grouped_matmul(x, w, chosen, count, n, per_x=per_x)
+    rows = torch.arange(chosen.numel(), device="cuda") // per_x
+    want = torch.bmm(x[rows].float()[:, None], dense[chosen.long()].float().transpose(1, 2))[:, 0]
+    assert rel(got, want) < 1e-2

@@ -65,22 +65,35 @@ def _as_bf16(p0, p1, p2, p3, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _x_tile(x_ptr, M, stride_xm, k0, m0, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    m = m0 + tl.arange(0, BLOCK_M)
-    at = x_ptr + m[:, None] * stride_xm + k0 + tl.arange(0, BLOCK_K)[None, :]
-    return tl.load(at, mask=(m < M)[:, None], other=0.0).to(tl.bfloat16)
+def _x_tile(x_ptr, x_rows, m_ok, stride_xm, k0, BLOCK_K: tl.constexpr):
+    at = x_ptr + x_rows[:, None] * stride_xm + k0 + tl.arange(0, BLOCK_K)[None, :]
+    return tl.load(at, mask=m_ok[:, None], other=0.0).to(tl.bfloat16)
 
 
 @triton.jit
-def _store_rows(acc, rows, row_ok, pid_k, m0, out_ptr, bias_ptr, M, stride_om, HAS_BIAS: tl.constexpr,
-                ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_M] = (W x^T) of this program's rows -> out [M, N] (+ bias once)."""
+def _tile_rows(m0, M, sorted_ptr, tile_expert_ptr, N, GROUPED: tl.constexpr, PER_X: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """(x's rows, which are real, the output's rows, the weight's first row) of this program's
+    tile: rows m0.. of x and out; GROUPED (a MoE layer's experts, moe.py): the tile's slots of
+    the pairs sorted by expert (M: the pair count, padding slots), x's row pair // PER_X, the
+    output's row the pair, the rows of the tile's expert (-1: a tile past the last, no work)."""
+    m = m0 + tl.arange(0, BLOCK_M)
+    if GROUPED:
+        pairs = tl.load(sorted_ptr + m)
+        expert = tl.load(tile_expert_ptr + m0 // BLOCK_M)
+        return pairs // PER_X, (pairs < M) & (expert >= 0), pairs, expert * N
+    return m, m < M, m, 0
+
+
+@triton.jit
+def _store_rows(acc, rows, row_ok, pid_k, out_rows, m_ok, out_ptr, bias_ptr, stride_om, HAS_BIAS: tl.constexpr,
+                ATOMIC: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] = (W x^T) of this program's rows -> out's rows (+ bias once)."""
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    m = m0 + tl.arange(0, BLOCK_M)
-    at = out_ptr + m[None, :] * stride_om + rows[:, None]
-    ok = row_ok[:, None] & (m < M)[None, :]
+    at = out_ptr + out_rows[None, :] * stride_om + rows[:, None]
+    ok = row_ok[:, None] & m_ok[None, :]
     if ATOMIC:
         tl.atomic_add(at, acc, mask=ok, sem="relaxed")
     else:
@@ -89,14 +102,18 @@ def _store_rows(acc, rows, row_ok, pid_k, m0, out_ptr, bias_ptr, M, stride_om, H
 
 @triton.jit
 def _nf4_mm_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr, out_ptr, offset_ptr, tables_ptr,
-                   M, N, K, K_SPLIT, stride_xm, stride_om, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   ATOMIC: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   GROUPS: tl.constexpr, STAGES: tl.constexpr):
+                   M, N, K, K_SPLIT, stride_xm, stride_om, sorted_ptr, tile_expert_ptr, DOUBLE: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr, GROUPED: tl.constexpr = False,
+                   PER_X: tl.constexpr = 1):
     # programs over the tiles of x's rows come first, side by side: a weight block's second read
     # (more than BLOCK_M rows) hits L2
     m0 = tl.program_id(0) * BLOCK_M
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    x_rows, m_ok, out_rows, first_row = _tile_rows(m0, M, sorted_ptr, tile_expert_ptr, N, GROUPED, PER_X, BLOCK_M)
+    if first_row < 0:  # a grouped tile past the last expert's
+        return
     # the byte tables per lane, as the GEMV reads them (see gemv._nf4_gemv_kernel)
     lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [pid_n], dtype=tl.int32, is_pure=True, pack=1)
     tables = tables_ptr + lane * 8
@@ -114,14 +131,14 @@ def _nf4_mm_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, bias_ptr, o
     k_begin = pid_k * K_SPLIT
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in tl.range(k_begin, k_begin + K_SPLIT, BLOCK_K, num_stages=STAGES):
-        words, raw, scale, shift = G._load_block(w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, rows, row_ok, K, k0,
-                                                 DOUBLE, EVEN_N, GROUPS)
+        words, raw, scale, shift = G._load_block(w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, first_row + rows, row_ok,
+                                                 K, k0, DOUBLE, EVEN_N, GROUPS)
         am = _bf16_pair(G._block_absmax(code2_ptr, raw, scale, shift, DOUBLE))
         p0, p1, p2, p3 = G._nf4_pairs(words, t0, t1, t2, t3, t4, t5, t6, t7)
         am = am + tl.zeros(p0.shape, tl.int32)
         w = _as_bf16(_scaled(p0, am), _scaled(p1, am), _scaled(p2, am), _scaled(p3, am), BLOCK_N, BLOCK_K)
-        acc = tl.dot(w, tl.trans(_x_tile(x_ptr, M, stride_xm, k0, m0, BLOCK_M, BLOCK_K)), acc)
-    _store_rows(acc, rows, row_ok, pid_k, m0, out_ptr, bias_ptr, M, stride_om, HAS_BIAS, ATOMIC, BLOCK_M)
+        acc = tl.dot(w, tl.trans(_x_tile(x_ptr, x_rows, m_ok, stride_xm, k0, BLOCK_K)), acc)
+    _store_rows(acc, rows, row_ok, pid_k, out_rows, m_ok, out_ptr, bias_ptr, stride_om, HAS_BIAS, ATOMIC)
 
 
 @triton.jit
@@ -136,6 +153,7 @@ def _int8_mm_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, K_SPLIT
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     k_begin = pid_k * K_SPLIT
+    m = m0 + tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in tl.range(k_begin, k_begin + K_SPLIT, BLOCK_K, num_stages=STAGES):
         at = w_ptr + rows[:, None] * K + k0 + tl.arange(0, BLOCK_K)[None, :]
@@ -143,9 +161,9 @@ def _int8_mm_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, K_SPLIT
             q = tl.load(at)
         else:
             q = tl.load(at, mask=row_ok[:, None], other=0)
-        acc = tl.dot(q.to(tl.bfloat16), tl.trans(_x_tile(x_ptr, M, stride_xm, k0, m0, BLOCK_M, BLOCK_K)), acc)
+        acc = tl.dot(q.to(tl.bfloat16), tl.trans(_x_tile(x_ptr, m, m < M, stride_xm, k0, BLOCK_K)), acc)
     acc *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    _store_rows(acc, rows, row_ok, pid_k, m0, out_ptr, bias_ptr, M, stride_om, HAS_BIAS, ATOMIC, BLOCK_M)
+    _store_rows(acc, rows, row_ok, pid_k, m, m < M, out_ptr, bias_ptr, stride_om, HAS_BIAS, ATOMIC)
 
 
 def block_m(rows: int) -> int:
@@ -186,10 +204,49 @@ def matmul(x: torch.Tensor, w: "G.NF4Weights | G.Int8Weights", out: torch.Tensor
         _nf4_mm_kernel[grid](x, w.packed, w.absmax, w.absmax2 if w.double else dummy,
                              w.code2 if w.double else dummy, w.bias if w.bias is not None else dummy, out,
                              w.offset if w.double else dummy, w.tables, m, n, k, k // split, x.stride(0),
-                             out.stride(0), DOUBLE=w.double, HAS_BIAS=w.bias is not None, GROUPS=block_k // 64,
-                             **shape)
+                             out.stride(0), dummy, dummy, DOUBLE=w.double, HAS_BIAS=w.bias is not None,
+                             GROUPS=block_k // 64, **shape)
     else:
         _int8_mm_kernel[grid](x, w.packed, w.scale, w.bias if w.bias is not None else w.scale, out, m, n, k,
                               k // split, x.stride(0), out.stride(0), HAS_BIAS=w.bias is not None, BLOCK_K=block_k,
                               **shape)
+    return out
+
+
+def grouped_matmul(x: torch.Tensor, w: "G.NF4Weights", experts: torch.Tensor, count: int, n: int,
+                   per_x: int = 1) -> torch.Tensor:
+    """A MoE layer's pairs through their experts' 4-bit matrices (w stacks `count` experts of `n`
+    rows): out [pairs, n] fp32, out[p] = x[p // per_x] @ W_{experts[p]}^T, each expert's
+    matrix read once per tile of BLOCK_M of its pairs (vLLM's fused_moe layout: the pairs sorted
+    by expert, each expert's run padded to whole tiles). On the GPU without a host sync (the
+    tiles' experts found by searchsorted over the padded runs), so a pass of any length is one
+    launch a product, not one GEMM per expert."""
+    pairs = experts.numel()
+    k = w.k
+    out = torch.empty((pairs, n), dtype=torch.float32, device=x.device)
+    if pairs == 0:
+        return out
+    bm = block_m(-(-pairs // count))
+    tiles = -(-(pairs + min(count, pairs) * (bm - 1)) // bm)  # the most the padded runs can take
+    flat = experts.long()
+    counts = torch.zeros(count, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + bm - 1) // bm * bm
+    ends = torch.cumsum(padded, 0)
+    order = torch.sort(flat, stable=True).indices
+    sorted_experts = flat[order]
+    first = torch.cumsum(counts, 0) - counts
+    slot = (ends - padded)[sorted_experts] + torch.arange(pairs, device=x.device) - first[sorted_experts]
+    sorted_ids = torch.full((tiles * bm,), pairs, dtype=torch.int32, device=x.device)
+    sorted_ids[slot] = order.to(torch.int32)
+    tile_expert = torch.searchsorted(ends, torch.arange(tiles, device=x.device) * bm, right=True)
+    tile_expert = torch.where(tile_expert < count, tile_expert, -1).to(torch.int32)
+    block_n, block_k, warps, _, stages = G._config("mm", n, k, bm, NF4_DEFAULT)
+    block_k = G._fit_block_k(block_k, k, 64)
+    dummy = w.absmax
+    grid = (tiles, triton.cdiv(n, block_n), 1)
+    _nf4_mm_kernel[grid](x, w.packed, w.absmax, w.absmax2 if w.double else dummy, w.code2 if w.double else dummy,
+                         dummy, out, w.offset if w.double else dummy, w.tables, pairs, n, k, k, x.stride(0),
+                         out.stride(0), sorted_ids, tile_expert, DOUBLE=w.double, HAS_BIAS=False, ATOMIC=False,
+                         EVEN_N=n % block_n == 0, BLOCK_M=bm, BLOCK_N=block_n, GROUPS=block_k // 64, STAGES=stages,
+                         GROUPED=True, PER_X=per_x, num_warps=warps)
     return out

@@ -338,9 +338,6 @@ class FastForward:
                        if lin.quantized and lin.batch_weight is None]
         largest = max((lin.n * lin.k for lin in dequantized), default=0)
         self.scratch = torch.empty(largest, dtype=dtype, device=device) if largest else None
-        # long passes over 4-bit experts dequantize a layer's stacked experts (moe.py)
-        experts = max((layer.experts.scratch_elements for layer in self.layers if layer.experts), default=0)
-        self.expert_scratch = torch.empty(experts, dtype=dtype, device=device) if experts else None
         # one extra slot: padded rows of a graph bucket write there, never into a sequence's cache
         shape = (num_slots + 1, self.num_kv_heads, max_ctx, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
@@ -379,7 +376,7 @@ class FastForward:
     def _mlp(self, layer: _Layer, h: torch.Tensor, outputs: "_Outputs | None" = None) -> torch.Tensor:
         if layer.experts is None:
             return self._dense_mlp(layer, h, outputs)
-        out = layer.experts(h, self.expert_scratch)
+        out = layer.experts(h)
         if layer.gate_up is not None:  # the shared expert, scaled by sigmoid(its gate)
             shared = self._dense_mlp(layer, h, outputs).float()
             out = out + torch.sigmoid(F.linear(h, layer.shared_gate).float()) * shared
@@ -625,17 +622,11 @@ class FastForward:
         for rows in range(self.prompt_rows, largest + 1, self.prompt_rows):
             for lin in products.values():
                 lin(inputs[lin.k][:rows], self.scratch)
-        # a MoE layer's long passes multiply each expert hit by its own count of rows
-        # (moe._by_expert), any count up to the pass's: cuBLAS meets each one here (the prompt
-        # passes above, of zeros, route every row to the same experts: their one count), not in
-        # the first burst of requests (909 ms TTFT for 8 streams on Qwen3-30B-A3B shapes before)
-        shapes = {shape for layer in self.layers if layer.experts is not None and layer.experts.quantized
-                  for shape in layer.experts.dense_shapes}
-        for n, k in shapes:
-            weight = torch.zeros(n, k, dtype=self.dtype, device=self.device)
-            rows_in = torch.zeros(largest, k, dtype=self.dtype, device=self.device)
-            for rows in range(1, largest + 1):
-                F.linear(rows_in[:rows], weight)
+        # a MoE layer's long passes: the grouped product at each tile height a pass can take
+        for layer in self.layers:
+            if layer.experts is not None:
+                layer.experts.compile_long_passes()
+                break
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()

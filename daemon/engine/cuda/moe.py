@@ -12,11 +12,12 @@ experts or a host sync: the router's product, softmax and top k on the GPU (kern
 engine/forward.route computes for the reference path, in one launch), then one GEMV launch for
 every (token, expert) pair's [gate; up] with the activation in its epilogue, and one for the down products (gemv.Routed), summed by
 the routing weights in one more (kernels.weighted_sum). Dense experts (a bf16 model) gather each pair's matrices and multiply them
-in one batched product. Longer passes (prompts) sort the pairs by expert and run one GEMM per
-expert hit over its tokens, on the experts dequantized into a scratch buffer.
+in one batched product. Longer passes (prompts) sort the pairs by expert and multiply each
+expert's tiles of pairs on the tensor cores straight from the 4-bit experts
+(batched.grouped_matmul); dense experts run one GEMM per expert hit over its tokens.
 
-Batches read an expert once per pair that picked it (the L2 cache absorbs part of that); reading
-each expert once per step (vLLM's fused_moe sorts pairs into expert tiles) is left to do.
+Decode batches read an expert once per pair that picked it (the L2 cache absorbs part of that);
+long passes read it once per tile of its pairs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from daemon.engine.cuda import batched as B
 from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
 from daemon.engine.spec import ExpertWeights, ModelSpec
@@ -89,17 +91,19 @@ class RoutedExperts:
         small = [t for t in (self.router, self.router_bias, self.gate_up_bias, self.down_bias) if t is not None]
         return experts + sum(t.numel() * t.element_size() for t in small)
 
-    @property
-    def dense_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(N, K) of one expert's [gate; up] and down, as long passes multiply them (_by_expert)."""
-        return (2 * self.intermediate, self.hidden), (self.hidden, self.intermediate)
+    def compile_long_passes(self) -> None:
+        """Run the long passes' kernels at every tile height (batched.block_m of the pairs per
+        expert: 16, 32, 64 rows, each its own compile), so that no request compiles them (at
+        load: FastForward.capture_all)."""
+        if not self.quantized:
+            return
+        for per_expert in (1, 17, 33):
+            chosen = torch.arange(self.count * per_expert, device=self.router.device, dtype=torch.int32) % self.count
+            h = torch.zeros(chosen.numel() // self.spec.top_k or 1, self.hidden, dtype=self.dtype,
+                            device=self.router.device)
+            self._grouped(h, chosen[:h.shape[0] * self.spec.top_k])
 
-    @property
-    def scratch_elements(self) -> int:
-        """What a long pass dequantizes the 4-bit experts into: the larger stack."""
-        return max(self.gate_up.n * self.gate_up.k, self.down.n * self.down.k) if self.quantized else 0
-
-    def __call__(self, h: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
         """The experts' sum for rows h [rows, hidden], weighted by the router: [rows, hidden] fp32."""
         moe = self.spec  # engine/forward.route's routing, its softmax, top k and cast in one launch
         dtype = h.dtype if moe.softmax_after_topk or not moe.route_in_fp32 else torch.float32
@@ -109,8 +113,10 @@ class RoutedExperts:
         else:  # long passes: cuBLAS's GEMM for the logits
             logits = F.linear(h, self.router, self.router_bias)
             weights, chosen = K.route_topk(logits, top_k, moe.softmax_after_topk, moe.normalize, dtype)
-        if rows > ROUTED_ROWS:
-            y = self._by_expert(h, chosen, scratch)
+        if rows > ROUTED_ROWS and self.quantized:
+            y = self._grouped(h, chosen.flatten())
+        elif rows > ROUTED_ROWS:
+            y = self._by_expert(h, chosen)
         elif self.quantized:
             y = self._routed(h, chosen.flatten())
         else:
@@ -138,22 +144,31 @@ class RoutedExperts:
             gated = self._gated(self.gate_up.matmul(h, routed=gate_up), chosen)
         return self._biased_down(self.down.matmul(gated, routed=G.Routed(pairs, self.hidden)), chosen)
 
+    def _grouped(self, h: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Long passes over 4-bit experts: the pairs sorted by expert, each expert's matrices read
+        once per tile of its pairs, on the tensor cores (batched.grouped_matmul): two launches a
+        layer where one GEMM per expert hit took a few hundred (Qwen3-30B-A3B's first 8-stream
+        burst waited 0.9 s for its first token), and no dequantized copy of the experts."""
+        gate_up = B.grouped_matmul(h, self.gate_up, chosen, self.count, 2 * self.intermediate, per_x=self.spec.top_k)
+        gated = self._gated(gate_up, chosen)
+        return self._biased_down(B.grouped_matmul(gated, self.down, chosen, self.count, self.hidden), chosen)
+
     def _gathered(self, h: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Dense experts: each pair's matrices gathered, one batched product each."""
         x = h.repeat_interleave(self.spec.top_k, dim=0)[:, None]  # [pairs, 1, hidden]
         gated = self._gated(torch.bmm(x, self.gate_up[chosen].transpose(1, 2))[:, 0], chosen)
         return self._biased_down(torch.bmm(gated[:, None], self.down[chosen].transpose(1, 2))[:, 0], chosen)
 
-    def _by_expert(self, h: torch.Tensor, chosen: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
-        """Long passes: the pairs sorted by expert, one GEMM per expert hit over its tokens (one
-        host sync a layer: prompt passes are not captured)."""
+    def _by_expert(self, h: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Long passes over dense experts: the pairs sorted by expert, one GEMM per expert hit over
+        its tokens (one host sync a layer: prompt passes are not captured)."""
         top_k = self.spec.top_k
         flat = chosen.flatten()
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.count).tolist()
         tokens = order // top_k
         gated = torch.empty(flat.numel(), self.intermediate, dtype=self.dtype, device=h.device)
-        gate_up = self._dense(self.gate_up, scratch, 2 * self.intermediate, self.hidden)
+        gate_up = self.gate_up
         start = 0
         for expert, count in enumerate(counts):
             if count:
@@ -161,7 +176,7 @@ class RoutedExperts:
                 pick = order[span]
                 gated[pick] = self._gated(F.linear(h[tokens[span]], gate_up[expert]), flat[pick])
                 start += count
-        down = self._dense(self.down, scratch, self.hidden, self.intermediate)
+        down = self.down
         y = torch.empty(flat.numel(), self.hidden, dtype=self.dtype, device=h.device)
         start = 0
         for expert, count in enumerate(counts):
@@ -170,13 +185,3 @@ class RoutedExperts:
                 y[pick] = self._biased_down(F.linear(gated[pick], down[expert]), flat[pick]).to(self.dtype)
                 start += count
         return y
-
-    def _dense(self, stack: G.NF4Weights | torch.Tensor, scratch: torch.Tensor | None, n: int,
-               k: int) -> torch.Tensor:
-        """[experts, n, k] in the compute dtype: the dense stack, or the 4-bit one dequantized."""
-        if not isinstance(stack, G.NF4Weights):
-            return stack
-        if scratch is None or scratch.numel() < stack.n * stack.k:
-            scratch = torch.empty(stack.n * stack.k, dtype=self.dtype, device=stack.packed.device)
-        return stack.dequantize(scratch[:stack.n * stack.k]).view(self.count, n, k)
-
