@@ -13,7 +13,7 @@ import ollama
 import pytest
 import torch
 
-from daemon.engine.grammar import GrammarCompiler, Masker, entry, json_answer, tool_call_answer
+from daemon.engine.grammar import GrammarCompiler, Masker, entry, harmony_entry, json_answer, tool_call_answer
 from daemon.errors import BadRequest
 from tinymodels import THINKING, THINKING_SCRIPT, build_tokenizer
 
@@ -119,6 +119,40 @@ def test_required_tool_calls(compiler, tokenizer, dialect, only, text, ok):
 def test_tool_choice_naming_an_unknown_function():
     with pytest.raises(BadRequest, match="not in tools"):
         tool_call_answer("hermes", TOOLS, "nope")
+
+
+HARMONY_MARKS = ["<|channel|>", "<|message|>", "<|end|>", "<|start|>", "<|constrain|>", "<|call|>", "<|return|>"]
+THOUGHT = ["<|channel|>", "analysis", "<|message|>", "Need the weather.", "<|end|>", "<|start|>", "assistant"]
+FINAL = ["<|channel|>", "final", "<|message|>"]
+CALL = ["<|channel|>", "commentary to=functions.get_weather ", "<|constrain|>", "json", "<|message|>"]
+
+
+@pytest.fixture(scope="module")
+def harmony():
+    """A tokenizer with gpt-oss's markers as special tokens of their own, as o200k_harmony has them."""
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": HARMONY_MARKS})
+    return tok, GrammarCompiler(tok, [tok.convert_tokens_to_ids("<|return|>"), tok.convert_tokens_to_ids("<|call|>")])
+
+
+@pytest.mark.parametrize("tool_call, parts, ok", [
+    (False, [*THOUGHT, *FINAL, '{"n":3}'], True),
+    (False, [*FINAL, '{"n":3,"tags":["a"]}'], True),  # the analysis message may be left out
+    (False, [*THOUGHT, *FINAL, "Paris"], False),
+    (False, ['{"n":3}'], False),  # no channel: not how it writes
+    (False, [*THOUGHT, *CALL, '{"city": "Paris"}'], False),  # a format asks for the final message
+    (True, [*THOUGHT, *CALL, '{"city": "Paris"}'], True),
+    (True, [*THOUGHT, *CALL, '{"city": "Rome"}'], False),
+    (True, [*THOUGHT, *FINAL, "It is sunny."], False),
+])
+def test_harmony_answers_keep_its_channels(harmony, tool_call, parts, ok):
+    """gpt-oss (harmony) under a format or a required tool call: its analysis message free, then
+    the answer as its final message, or the call as a commentary message to functions.NAME."""
+    tok, compiler = harmony
+    answer = tool_call_answer("harmony", TOOLS, None, compiler.literal) if tool_call else json_answer(SCHEMA)
+    grammar = harmony_entry(answer, tool_call, compiler.literal)
+    ids = [i for p in parts for i in ([tok.convert_tokens_to_ids(p)] if p in HARMONY_MARKS else text_ids(tok, p))]
+    assert admits(compiler, grammar, ids) == (ok, ok)
 
 
 # --- the real model -------------------------------------------------------------------------

@@ -96,6 +96,13 @@ def tool_call_answer(dialect: str, tools: Sequence[dict[str, Any]], only: str | 
     if not options:
         raise BadRequest(f"tool_choice names a function that is not in tools: {only}" if only
                          else "tool_choice requires tools")
+    if dialect == "harmony":  # the recipient in the header, the arguments as the message
+        marks = f'" " {literal("<|constrain|>")} "json" {literal("<|message|>")}'
+        names = [o["properties"]["name"]["const"] for o in options]
+        return ([f"answer: {' | '.join(f'call{i}' for i in range(len(options)))}"]
+                + [f"call{i}: {_quoted(name)} {marks} args{i}" for i, name in enumerate(names)]
+                + [f"args{i}: %json " + json.dumps({**o["properties"][key], "x-guidance": SPACED})
+                   for i, o in enumerate(options)])
     schema = {"anyOf": options} if len(options) > 1 else options[0]
     call = "call: %json " + json.dumps({**schema, "x-guidance": SPACED})
     if dialect == "hermes":
@@ -117,12 +124,27 @@ def entry(answer: list[str], thinking: str | None, literal: Callable[[str], str]
     }[thinking]
     rules = head + answer
     if thinking:
-        marker = literal(end)
-        if marker.startswith("<["):  # the tokenizer's own token: no text can match it, so free text runs up to it
-            rules += [f"thinking: THOUGHT {marker}", "THOUGHT: /(.|\\n)*/"]
-        else:  # text: the lexeme stops at the first end marker
-            rules += [f"thinking[stop={marker}]: /(.|\\n)*/"]
+        rules += _thinking(literal(end))
         rules.append("WS: /[ \\t\\r\\n]+/")
+    return "\n".join(rules) + "\n"
+
+
+def _thinking(marker: str) -> list[str]:
+    """The `thinking` rule: free text up to its end marker, which it includes."""
+    if marker.startswith("<["):  # the tokenizer's own token: no text can match it, so free text runs up to it
+        return [f"thinking: THOUGHT {marker}", "THOUGHT: /(.|\\n)*/"]
+    return [f"thinking[stop={marker}]: /(.|\\n)*/"]  # text: the lexeme stops at the first end marker
+
+
+def harmony_entry(answer: list[str], tool_call: bool, literal: Callable[[str], str] = _quoted) -> str:
+    """The whole grammar for gpt-oss (harmony): its analysis message free, as it always writes
+    one, then the answer as its own message: the final channel's text (`format`), or a tool
+    call's commentary to functions.NAME (tool_call_answer's harmony form). The prompt ends with
+    `<|start|>assistant`; the EOS tokens (<|return|>, <|call|>) end the answer."""
+    channel, message = literal("<|channel|>"), literal("<|message|>")
+    reply = f'{channel} "commentary to=functions." answer' if tool_call else f'{channel} "final" {message} answer'
+    rules = [f'start: ({channel} "analysis" {message} thinking {literal("<|start|>")} "assistant")? reply',
+             f"reply: {reply}", *answer, *_thinking(literal("<|end|>"))]
     return "\n".join(rules) + "\n"
 
 

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from daemon.api.native import ChatRequest, GenerateRequest, InferenceCommon
 from daemon.api.options import Options
-from daemon.engine.grammar import Constraint, check_format, entry, json_answer, tool_call_answer
+from daemon.engine.grammar import Constraint, check_format, entry, harmony_entry, json_answer, tool_call_answer
 from daemon.engine.output import HarmonyReader, OutputReader, Part, ThinkingSplitter, ToolCallParser
 from daemon.engine.params import GenerationRequest
 from daemon.engine.prompt import Cancel, ContextBudget, PromptBuilder, with_images
@@ -200,6 +200,8 @@ class OutputPlan:
             answer = tool_call_answer(model.tool_dialect, self.tools, only, literal)
         if answer is None:
             return None
+        if model.tool_dialect == "harmony":  # the answer as its final message, or its call's
+            return runtime.grammars.compile(harmony_entry(answer, self.format is None, literal)).matcher()
         # the grammar lets a thinking model think first only while its thinking is shown
         thinking = self.thinking if self.keep_thinking else ("inside" if self.thinking == "inside" else None)
         return runtime.grammars.compile(entry(answer, thinking, literal)).matcher()
