@@ -107,7 +107,7 @@ def test_the_grouped_product_multiplies_each_pair_by_its_expert(tokens, top_k, d
     chosen = chosen.flatten().to(torch.int32)  # expert 4 never picked
     rows = tokens * top_k // per_x
     x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
-    got = B.grouped_matmul(x, w, chosen, experts, n, per_x=per_x)
+    got = B.grouped_matmul(x, w, B.GroupedLayout.of(chosen, experts), n, per_x=per_x)
     ref = stacked.ref.float().view(experts, n, k)
     want = torch.stack([x[p // per_x].float() @ ref[e].T for p, e in enumerate(chosen.tolist())])
     assert got.shape == (tokens * top_k, n) and rel(got, want) < 1e-2

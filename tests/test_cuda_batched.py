@@ -125,7 +125,7 @@ def test_grouped_experts_on_qwen3_moe_shapes(tokens, per_x):
     dense = w.dequantize(torch.empty(w.n * w.k, dtype=torch.bfloat16, device="cuda")).view(count, n, k)
     chosen = torch.stack([torch.randperm(count, device="cuda")[:top_k] for _ in range(tokens)]).flatten().int()
     x = torch.randn(tokens * top_k // per_x, k, dtype=torch.bfloat16, device="cuda")
-    got = B.grouped_matmul(x, w, chosen, count, n, per_x=per_x)
+    got = B.grouped_matmul(x, w, B.GroupedLayout.of(chosen, count), n, per_x=per_x)
     rows = torch.arange(chosen.numel(), device="cuda") // per_x
     want = torch.bmm(x[rows].float()[:, None], dense[chosen.long()].float().transpose(1, 2))[:, 0]
     assert rel(got, want) < 1e-2

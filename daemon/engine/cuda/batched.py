@@ -19,6 +19,8 @@ tolerance of it, as the GEMV is (tests/test_cuda_gemv, tests/test_gemv_interpret
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -213,40 +215,55 @@ def matmul(x: torch.Tensor, w: "G.NF4Weights | G.Int8Weights", out: torch.Tensor
     return out
 
 
-def grouped_matmul(x: torch.Tensor, w: "G.NF4Weights", experts: torch.Tensor, count: int, n: int,
+@dataclass(frozen=True)
+class GroupedLayout:
+    """A MoE layer's pairs sorted into per-expert tiles (vLLM's fused_moe layout: each expert's
+    run padded to whole tiles of `block_m`), worked out once a layer for both its products, on the
+    GPU without a host sync (the tiles' experts found by searchsorted over the padded runs)."""
+
+    pairs: int
+    block_m: int
+    sorted_ids: torch.Tensor  # [tiles * block_m] int32: the pair in each slot, `pairs` for padding
+    tile_expert: torch.Tensor  # [tiles] int32: each tile's expert, -1 past the last run
+
+    @staticmethod
+    def of(experts: torch.Tensor, count: int) -> "GroupedLayout":
+        """The layout of the pairs' experts [pairs] among `count`."""
+        pairs, device = experts.numel(), experts.device
+        bm = block_m(-(-pairs // count))
+        tiles = -(-(pairs + min(count, pairs) * (bm - 1)) // bm)  # the most the padded runs can take
+        flat = experts.long()
+        counts = torch.zeros(count, dtype=torch.long, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+        padded = (counts + bm - 1) // bm * bm
+        ends = torch.cumsum(padded, 0)
+        order = torch.sort(flat, stable=True).indices
+        sorted_experts = flat[order]
+        first = torch.cumsum(counts, 0) - counts
+        slot = (ends - padded)[sorted_experts] + torch.arange(pairs, device=device) - first[sorted_experts]
+        sorted_ids = torch.full((tiles * bm,), pairs, dtype=torch.int32, device=device)
+        sorted_ids[slot] = order.to(torch.int32)
+        tile_expert = torch.searchsorted(ends, torch.arange(tiles, device=device) * bm, right=True)
+        return GroupedLayout(pairs, bm, sorted_ids, torch.where(tile_expert < count, tile_expert, -1).to(torch.int32))
+
+
+def grouped_matmul(x: torch.Tensor, w: "G.NF4Weights", layout: GroupedLayout, n: int,
                    per_x: int = 1) -> torch.Tensor:
-    """A MoE layer's pairs through their experts' 4-bit matrices (w stacks `count` experts of `n`
-    rows): out [pairs, n] fp32, out[p] = x[p // per_x] @ W_{experts[p]}^T, each expert's
-    matrix read once per tile of BLOCK_M of its pairs (vLLM's fused_moe layout: the pairs sorted
-    by expert, each expert's run padded to whole tiles). On the GPU without a host sync (the
-    tiles' experts found by searchsorted over the padded runs), so a pass of any length is one
-    launch a product, not one GEMM per expert."""
-    pairs = experts.numel()
+    """A MoE layer's pairs through their experts' 4-bit matrices (w stacks the experts of `n`
+    rows each): out [pairs, n] fp32, out[p] = x[p // per_x] @ W_{expert of p}^T, each expert's
+    matrix read once per tile of its pairs, so a pass of any length is one launch a product, not
+    one GEMM per expert."""
     k = w.k
-    out = torch.empty((pairs, n), dtype=torch.float32, device=x.device)
-    if pairs == 0:
+    out = torch.empty((layout.pairs, n), dtype=torch.float32, device=x.device)
+    if layout.pairs == 0:
         return out
-    bm = block_m(-(-pairs // count))
-    tiles = -(-(pairs + min(count, pairs) * (bm - 1)) // bm)  # the most the padded runs can take
-    flat = experts.long()
-    counts = torch.zeros(count, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + bm - 1) // bm * bm
-    ends = torch.cumsum(padded, 0)
-    order = torch.sort(flat, stable=True).indices
-    sorted_experts = flat[order]
-    first = torch.cumsum(counts, 0) - counts
-    slot = (ends - padded)[sorted_experts] + torch.arange(pairs, device=x.device) - first[sorted_experts]
-    sorted_ids = torch.full((tiles * bm,), pairs, dtype=torch.int32, device=x.device)
-    sorted_ids[slot] = order.to(torch.int32)
-    tile_expert = torch.searchsorted(ends, torch.arange(tiles, device=x.device) * bm, right=True)
-    tile_expert = torch.where(tile_expert < count, tile_expert, -1).to(torch.int32)
+    bm = layout.block_m
     block_n, block_k, warps, _, stages = G._config("mm", n, k, bm, NF4_DEFAULT)
     block_k = G._fit_block_k(block_k, k, 64)
     dummy = w.absmax
-    grid = (tiles, triton.cdiv(n, block_n), 1)
+    grid = (layout.tile_expert.numel(), triton.cdiv(n, block_n), 1)
     _nf4_mm_kernel[grid](x, w.packed, w.absmax, w.absmax2 if w.double else dummy, w.code2 if w.double else dummy,
-                         dummy, out, w.offset if w.double else dummy, w.tables, pairs, n, k, k, x.stride(0),
-                         out.stride(0), sorted_ids, tile_expert, DOUBLE=w.double, HAS_BIAS=False, ATOMIC=False,
-                         EVEN_N=n % block_n == 0, BLOCK_M=bm, BLOCK_N=block_n, GROUPS=block_k // 64, STAGES=stages,
-                         GROUPED=True, PER_X=per_x, num_warps=warps)
+                         dummy, out, w.offset if w.double else dummy, w.tables, layout.pairs, n, k, k, x.stride(0),
+                         out.stride(0), layout.sorted_ids, layout.tile_expert, DOUBLE=w.double, HAS_BIAS=False,
+                         ATOMIC=False, EVEN_N=n % block_n == 0, BLOCK_M=bm, BLOCK_N=block_n, GROUPS=block_k // 64,
+                         STAGES=stages, GROUPED=True, PER_X=per_x, num_warps=warps)
     return out

@@ -98,10 +98,9 @@ class RoutedExperts:
         if not self.quantized:
             return
         for per_expert in (1, 17, 33):
-            chosen = torch.arange(self.count * per_expert, device=self.router.device, dtype=torch.int32) % self.count
-            h = torch.zeros(chosen.numel() // self.spec.top_k or 1, self.hidden, dtype=self.dtype,
-                            device=self.router.device)
-            self._grouped(h, chosen[:h.shape[0] * self.spec.top_k])
+            tokens = self.count * per_expert // self.spec.top_k or 1
+            chosen = torch.arange(tokens * self.spec.top_k, device=self.router.device, dtype=torch.int32) % self.count
+            self._grouped(torch.zeros(tokens, self.hidden, dtype=self.dtype, device=self.router.device), chosen)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         """The experts' sum for rows h [rows, hidden], weighted by the router: [rows, hidden] fp32."""
@@ -110,17 +109,11 @@ class RoutedExperts:
         rows, top_k = h.shape[0], moe.top_k
         if rows <= ROUTED_ROWS:  # decode steps: the router's product in the same launch
             weights, chosen = self.routing(h, top_k, moe.softmax_after_topk, moe.normalize, dtype)
+            y = (self._routed if self.quantized else self._gathered)(h, chosen.flatten())
         else:  # long passes: cuBLAS's GEMM for the logits
             logits = F.linear(h, self.router, self.router_bias)
             weights, chosen = K.route_topk(logits, top_k, moe.softmax_after_topk, moe.normalize, dtype)
-        if rows > ROUTED_ROWS and self.quantized:
-            y = self._grouped(h, chosen.flatten())
-        elif rows > ROUTED_ROWS:
-            y = self._by_expert(h, chosen)
-        elif self.quantized:
-            y = self._routed(h, chosen.flatten())
-        else:
-            y = self._gathered(h, chosen.flatten())
+            y = self._grouped(h, chosen.flatten()) if self.quantized else self._by_expert(h, chosen)
         return K.weighted_sum(y.view(rows * top_k, self.hidden), weights)
 
     def _gated(self, gate_up: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -149,9 +142,10 @@ class RoutedExperts:
         once per tile of its pairs, on the tensor cores (batched.grouped_matmul): two launches a
         layer where one GEMM per expert hit took a few hundred (Qwen3-30B-A3B's first 8-stream
         burst waited 0.9 s for its first token), and no dequantized copy of the experts."""
-        gate_up = B.grouped_matmul(h, self.gate_up, chosen, self.count, 2 * self.intermediate, per_x=self.spec.top_k)
+        layout = B.GroupedLayout.of(chosen, self.count)  # one sort for both products
+        gate_up = B.grouped_matmul(h, self.gate_up, layout, 2 * self.intermediate, per_x=self.spec.top_k)
         gated = self._gated(gate_up, chosen)
-        return self._biased_down(B.grouped_matmul(gated, self.down, chosen, self.count, self.hidden), chosen)
+        return self._biased_down(B.grouped_matmul(gated, self.down, layout, self.hidden), chosen)
 
     def _gathered(self, h: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Dense experts: each pair's matrices gathered, one batched product each."""
@@ -168,20 +162,18 @@ class RoutedExperts:
         counts = torch.bincount(flat, minlength=self.count).tolist()
         tokens = order // top_k
         gated = torch.empty(flat.numel(), self.intermediate, dtype=self.dtype, device=h.device)
-        gate_up = self.gate_up
         start = 0
         for expert, count in enumerate(counts):
             if count:
                 span = slice(start, start + count)
                 pick = order[span]
-                gated[pick] = self._gated(F.linear(h[tokens[span]], gate_up[expert]), flat[pick])
+                gated[pick] = self._gated(F.linear(h[tokens[span]], self.gate_up[expert]), flat[pick])
                 start += count
-        down = self.down
         y = torch.empty(flat.numel(), self.hidden, dtype=self.dtype, device=h.device)
         start = 0
         for expert, count in enumerate(counts):
             if count:
                 pick = order[start:start + count]
-                y[pick] = self._biased_down(F.linear(gated[pick], down[expert]), flat[pick]).to(self.dtype)
+                y[pick] = self._biased_down(F.linear(gated[pick], self.down[expert]), flat[pick]).to(self.dtype)
                 start += count
         return y
