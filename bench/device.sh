@@ -17,6 +17,8 @@
 # sweep   bench/nf4_kernel.py: NF4 GEMV settings on this card -> $OUT/configs.json
 # routed  bench/nf4_kernel.py --routed: the MoE experts' GEMV settings (ROUTED: qwen3-30b-a3b
 #         gpt-oss-20b) -> $OUT/routed.json, merged into the settings that decode and serve read
+# moe     bench/nf4_kernel.py --moe-layer: one MoE layer's experts (MOE: qwen3-30b-a3b gpt-oss-20b), routed
+#         GEMVs against the grouped product at 1-64 tokens
 # batched bench/batched_kernel.py: the batched products' settings and table -> $OUT/batched.json
 #         (SETTLED=1: the checked-in settings at 1-512 rows, no sweep)
 # decode  bench/gpu_decode.py with those settings (NF4+DQ, NF4, int8, bf16) on SHAPES (default
@@ -32,7 +34,7 @@
 # peer    bench/llama_cpp_peer.py with that llama.cpp
 #
 # Knobs: VARIANTS, SHAPES, KEEP and ABLATE (decode; ABLATE= for none), SHAPE, CONCURRENCY,
-# SEQUENTIAL and REPEATS (serve), VISION_FAMILIES (vision), PEER_TYPES (peer), SETTLED (batched), UNCACHED (prefix), SWEEP_ROWS and MODELS (sweep), TESTS (the GPU test files),
+# SEQUENTIAL and REPEATS (serve), VISION_FAMILIES (vision), PEER_TYPES (peer), SETTLED (batched), UNCACHED (prefix), SWEEP_ROWS and MODELS (sweep), MOE (moe), TESTS (the GPU test files),
 # TESTS_K (pytest -k), TAIL.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -85,6 +87,9 @@ for what in "$@"; do
         python3 -c "import json, pathlib, sys; c, r = map(pathlib.Path, sys.argv[1:]); merged = {**(json.loads(c.read_text()) if c.exists() else {}), **json.loads(r.read_text())}; pathlib.Path('$OUT/configs.json').write_text(json.dumps(merged, indent=1))" "$CONFIGS" "$OUT/routed.json"
         cp "$OUT/configs.json" /tmp/bench/configs.json
         CONFIGS=$OUT/configs.json
+        ;;
+    moe)  # one MoE layer's experts (MOE models), the routed GEMVs against the grouped product at 1-64 tokens
+        TAIL=${TAIL:-20} step moe python3 bench/nf4_kernel.py --models none --rows 1 --moe-layer ${MOE:-qwen3-30b-a3b gpt-oss-20b}
         ;;
     batched)
         if [ -n "${SETTLED:-}" ]; then  # the checked-in settings, 1-512 rows, no sweep

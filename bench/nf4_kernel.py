@@ -2,11 +2,12 @@
 swept) against bitsandbytes' own 4-bit product and cuBLAS on bf16, in one run.
 
     python bench/nf4_kernel.py [--rows 1 2 4] [--int8] [--models llama3-8b qwen3-8b gemma3-12b phi4]
-        [--model-rows 1] [--routed qwen3-30b-a3b gpt-oss-20b] [--out configs.json]
+        [--model-rows 1] [--routed qwen3-30b-a3b gpt-oss-20b] [--moe-layer qwen3-30b-a3b] [--out configs.json]
 
 --routed sweeps a MoE layer's expert GEMVs (engine/cuda/moe.py) at 1 and 8 tokens: its rows
 show the pair count, and in the bitsandbytes column the checked-in setting's time (before any
-routed sweep, that of the dense matrix of the expert's shape).
+routed sweep, that of the dense matrix of the expert's shape). --moe-layer times a whole MoE
+layer's experts at 1-64 tokens with the routed GEMVs and with the grouped product.
 
 Each timing is a CUDA graph over several distinct copies of the matrix (more bytes than the
 L2 cache holds, as in a decode step where every layer's weights are new), median of the
@@ -231,6 +232,54 @@ def sweep_routed(rows_out, best, models: list[str], tokens: list[int]) -> None:
             torch.cuda.empty_cache()
 
 
+def compare_moe_layer(models: list[str], tokens: list[int]) -> None:
+    """One MoE layer's experts (moe.RoutedExperts on random NF4 + double-quant experts: the
+    router, the products, the weighted sum) at each token count, the routed GEMVs against the
+    grouped product (the pairs sorted into per-expert tiles), every timed call on other rows
+    (other experts, from memory); prints the table and where the grouped product starts to win
+    (moe.GROUPED_PAIRS_PER_EXPERT)."""
+    from types import SimpleNamespace
+
+    from daemon.engine.cuda import moe
+    from daemon.engine.spec import Experts, ExpertWeights
+
+    print(f"\n{torch.cuda.get_device_name()}; one MoE layer's experts, µs per call (graph replays)")
+    print(f"{'model':<16}{'tokens':>7}{'pairs':>7}{'routed':>9}{'grouped':>9}{'grouped/routed':>16}")
+    for model in models:
+        count, top_k, hidden, inter = ROUTED_MODELS[model]
+        spec = SimpleNamespace(activation="silu", experts=Experts(
+            count=count, top_k=top_k, normalize=True, route_in_fp32=False, shared=False, softmax_after_topk=False,
+            interleaved=False, sparse=()))
+        stacks = ExpertWeights(torch.randn(count, 2 * inter, hidden, dtype=torch.bfloat16, device="cuda") * 0.02,
+                               torch.randn(count, hidden, inter, dtype=torch.bfloat16, device="cuda") * 0.02)
+        router = torch.randn(count, hidden, dtype=torch.bfloat16, device="cuda")
+        layer = moe.RoutedExperts(router, None, stacks, spec, torch.bfloat16, ("nf4", True))
+        del stacks
+        torch.cuda.empty_cache()
+        expert_bytes = layer.nbytes / count
+        first_win = None
+        for m in tokens:
+            calls = max(2, -(-2 * L2_BYTES // int(min(m * top_k, count) * expert_bytes)))
+            hs = [torch.randn(m, hidden, dtype=torch.bfloat16, device="cuda") for _ in range(calls)]
+            times = {}
+            outs = {}
+            for mode, share in (("routed", float("inf")), ("grouped", 0.0)):
+                moe.GROUPED_PAIRS_PER_EXPERT = share
+                outs[mode] = layer(hs[0])
+                times[mode] = graph_time(lambda: [layer(h) for h in hs], calls)
+            moe.GROUPED_PAIRS_PER_EXPERT = 1.0
+            err = rel(outs["grouped"], outs["routed"])
+            assert err < 1e-2, f"{model} {m} tokens: grouped against routed {err:.2e}"
+            ratio = times["grouped"] / times["routed"]
+            if ratio < 1 and first_win is None:
+                first_win = m * top_k / count
+            print(f"{model:<16}{m:>7}{m * top_k:>7} {times['routed']:>9.1f} {times['grouped']:>9.1f}{ratio:>16.2f}",
+                  flush=True)
+        print(f"{model}: the grouped product first wins at {first_win} pairs per expert")
+        del layer
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 3, 4])
@@ -241,6 +290,9 @@ def main() -> None:
     parser.add_argument("--routed", nargs="*", default=[], choices=list(ROUTED_MODELS),
                         help="also sweep these MoE models' routed expert GEMVs (only them with --models none)")
     parser.add_argument("--routed-tokens", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--moe-layer", nargs="*", default=[], choices=list(ROUTED_MODELS),
+                        help="time these MoE models' expert layers, routed GEMVs against the grouped product")
+    parser.add_argument("--moe-tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     args = parser.parse_args()
     best: dict[str, list] = {}
     rows_out: list[tuple] = []
@@ -265,6 +317,8 @@ def main() -> None:
         sweep_int8(rows_out, best, args.rows)
     if args.routed:
         sweep_routed(rows_out, best, args.routed, args.routed_tokens)
+    if args.moe_layer:
+        compare_moe_layer(args.moe_layer, args.moe_tokens)
     print(f"\n{torch.cuda.get_device_name()}; µs per matrix, GB/s of the NF4 bytes (packed + absmax)")
     print(f"{'matrix':<22}{'rows':>5}{'ours µs':>9}{'GB/s':>7}  {'setting':<36}{'err':>8}{'bnb µs':>9}{'bnb/ours':>9}"
           f"{'bf16 µs':>9}")

@@ -94,6 +94,29 @@ def test_more_rows_than_a_tile_run_tiles_side_by_side(kind):
     assert got.shape == (130, w.n) and rel(got, reference(x, mods)) < 1e-2
 
 
+@pytest.mark.parametrize("pairs,count", [(1, 4), (8, 128), (256, 128), (300, 5), (1200, 3), (0, 8)])
+def test_the_grouped_layout_is_a_stable_sort_into_padded_runs(pairs, count):
+    """GroupedLayout.of in its one launch: each expert's pairs in their order, its run padded
+    to whole tiles (padding slots hold `pairs`), each tile its run's expert, the tiles past the
+    last run -1; more pairs than one program's block (1,200) and experts no pair picked."""
+    gen = torch.Generator().manual_seed(pairs + count)
+    experts = torch.randint(0, count, (pairs,), generator=gen, dtype=torch.int32)
+    if pairs > 1:
+        experts[experts == count - 1] = 0  # the last expert never picked
+    layout = B.GroupedLayout.of(experts, count)
+    bm = layout.block_m
+    want_ids: list[int] = []
+    want_tiles: list[int] = []
+    for e in range(count):
+        run = [p for p, x in enumerate(experts.tolist()) if x == e]
+        padded = -(-len(run) // bm) * bm
+        want_ids += run + [pairs] * (padded - len(run))
+        want_tiles += [e] * (padded // bm)
+    tiles = layout.tile_expert.tolist()
+    assert tiles == want_tiles + [-1] * (len(tiles) - len(want_tiles))
+    assert layout.sorted_ids[:len(want_ids)].tolist() == want_ids
+
+
 @pytest.mark.parametrize("tokens,top_k,double,per_x", [(70, 2, True, 2), (9, 2, False, 1), (40, 4, True, 1)])
 def test_the_grouped_product_multiplies_each_pair_by_its_expert(tokens, top_k, double, per_x):
     """A MoE layer's long pass (moe._grouped): the pairs sorted into per-expert tiles, each

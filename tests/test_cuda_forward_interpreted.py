@@ -236,16 +236,20 @@ def moe_models(path):
     return model, reference
 
 
-@pytest.mark.parametrize("routed_rows", [64, 4], ids=["routed GEMVs", "grouped past 4 rows"])
+@pytest.mark.parametrize("routed_rows,grouped_from", [(64, float("inf")), (64, 0.0), (4, 1.0)],
+                         ids=["routed GEMVs", "grouped decode", "long passes past 4 rows"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "qwen2-moe", "gpt-oss"])
-def test_4bit_experts_match_pytorch_on_the_same_weights(family_dirs, cpu_fast_path, monkeypatch, family, routed_rows):
+def test_4bit_experts_match_pytorch_on_the_same_weights(family_dirs, cpu_fast_path, monkeypatch, family, routed_rows,
+                                                        grouped_from):
     """The fast path quantizes the experts bitsandbytes left in bf16 and multiplies each token's
-    experts from their 4-bit bytes (decode rows and short passes: the routed GEMVs; long passes:
-    each expert's tiles of pairs, batched.grouped_matmul), within bf16 tolerance of PyTorch on the weights that
-    stands for; the experts cost 4-bit bytes."""
+    experts from their 4-bit bytes (small batches: the routed GEMVs; batches of many pairs and
+    long passes: each expert's tiles of pairs, batched.grouped_matmul; past ROUTED_ROWS the
+    router's logits by cuBLAS), within bf16 tolerance of PyTorch on the weights that stands for;
+    the experts cost 4-bit bytes."""
     from daemon.engine.cuda import moe
 
     monkeypatch.setattr(moe, "ROUTED_ROWS", routed_rows)
+    monkeypatch.setattr(moe, "GROUPED_PAIRS_PER_EXPERT", grouped_from)
     model, reference = moe_models(family_dirs[family])
     ours = fast.FastForward(model, num_slots=3, max_ctx=64, graphs=False)
     experts = next(layer.experts for layer in ours.layers if layer.experts is not None)

@@ -215,11 +215,47 @@ def matmul(x: torch.Tensor, w: "G.NF4Weights | G.Int8Weights", out: torch.Tensor
     return out
 
 
+@triton.jit(do_not_specialize=["PAIRS", "TILES"])
+def _grouped_layout_kernel(experts_ptr, sorted_ptr, tile_expert_ptr, PAIRS, TILES, BM: tl.constexpr,
+                           BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Program e: expert e's run of the layout. Every program counts all the pairs' experts (a
+    histogram, from L2 after the first), so each knows where its run starts without a second
+    launch; then it writes its pairs in order (stable), its run's padding and its tiles' expert,
+    and program 0 marks the tiles past the last run."""
+    e = tl.program_id(0)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for p0 in range(0, PAIRS, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = p < PAIRS
+        counts += tl.histogram(tl.load(experts_ptr + p, mask=ok, other=0).to(tl.int32), BLOCK_E, mask=ok)
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, 0)
+    this = tl.arange(0, BLOCK_E) == e
+    end = tl.sum(tl.where(this, ends, 0), 0)
+    size = tl.sum(tl.where(this, padded, 0), 0)
+    start = end - size
+    slot = start
+    for p0 in range(0, PAIRS, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mine = tl.load(experts_ptr + p, mask=p < PAIRS, other=-1).to(tl.int32) == e
+        tl.store(sorted_ptr + slot + tl.cumsum(mine.to(tl.int32), 0) - 1, p, mask=mine)
+        slot += tl.sum(mine.to(tl.int32), 0)
+    pad = slot + tl.arange(0, BM)
+    tl.store(sorted_ptr + pad, PAIRS, mask=pad < end)
+    for t0 in range(start // BM, end // BM, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tl.store(tile_expert_ptr + t, e, mask=t < end // BM)
+    if e == 0:
+        for t0 in range(tl.sum(padded, 0) // BM, TILES, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            tl.store(tile_expert_ptr + t, -1, mask=t < TILES)
+
+
 @dataclass(frozen=True)
 class GroupedLayout:
     """A MoE layer's pairs sorted into per-expert tiles (vLLM's fused_moe layout: each expert's
     run padded to whole tiles of `block_m`), worked out once a layer for both its products, on the
-    GPU without a host sync (the tiles' experts found by searchsorted over the padded runs)."""
+    GPU in one launch without a host sync (_grouped_layout_kernel), so decode steps capture it."""
 
     pairs: int
     block_m: int
@@ -228,22 +264,17 @@ class GroupedLayout:
 
     @staticmethod
     def of(experts: torch.Tensor, count: int) -> "GroupedLayout":
-        """The layout of the pairs' experts [pairs] among `count`."""
-        pairs, device = experts.numel(), experts.device
+        """The layout of the pairs' experts [pairs] among `count`, in one launch."""
+        pairs = experts.numel()
         bm = block_m(-(-pairs // count))
         tiles = -(-(pairs + min(count, pairs) * (bm - 1)) // bm)  # the most the padded runs can take
-        flat = experts.long()
-        counts = torch.zeros(count, dtype=torch.long, device=device).scatter_add_(0, flat, torch.ones_like(flat))
-        padded = (counts + bm - 1) // bm * bm
-        ends = torch.cumsum(padded, 0)
-        order = torch.sort(flat, stable=True).indices
-        sorted_experts = flat[order]
-        first = torch.cumsum(counts, 0) - counts
-        slot = (ends - padded)[sorted_experts] + torch.arange(pairs, device=device) - first[sorted_experts]
-        sorted_ids = torch.full((tiles * bm,), pairs, dtype=torch.int32, device=device)
-        sorted_ids[slot] = order.to(torch.int32)
-        tile_expert = torch.searchsorted(ends, torch.arange(tiles, device=device) * bm, right=True)
-        return GroupedLayout(pairs, bm, sorted_ids, torch.where(tile_expert < count, tile_expert, -1).to(torch.int32))
+        # slots past the last run are never read: their tiles are marked -1
+        sorted_ids = torch.empty(tiles * bm, dtype=torch.int32, device=experts.device)
+        tile_expert = torch.empty(tiles, dtype=torch.int32, device=experts.device)
+        if pairs:
+            _grouped_layout_kernel[(count,)](experts, sorted_ids, tile_expert, pairs, tiles, BM=bm,
+                                             BLOCK_E=triton.next_power_of_2(count), BLOCK_P=512, BLOCK_T=64)
+        return GroupedLayout(pairs, bm, sorted_ids, tile_expert)
 
 
 def grouped_matmul(x: torch.Tensor, w: "G.NF4Weights", layout: GroupedLayout, n: int,

@@ -7,17 +7,16 @@ matrix on its own as bitsandbytes quantizes a Linear4bit (its quant type, double
 blocks of 64), and the experts of a layer stacked into one NF4Weights: a 30B model with 3B active
 parameters then costs 4-bit memory and reads only its tokens' experts' 4-bit bytes.
 
-Decode steps (and passes up to `ROUTED_ROWS` rows) run graph-capturable, without a loop over
-experts or a host sync: the router's product, softmax and top k on the GPU (kernels.Router: what
-engine/forward.route computes for the reference path, in one launch), then one GEMV launch for
-every (token, expert) pair's [gate; up] with the activation in its epilogue, and one for the down products (gemv.Routed), summed by
-the routing weights in one more (kernels.weighted_sum). Dense experts (a bf16 model) gather each pair's matrices and multiply them
-in one batched product. Longer passes (prompts) sort the pairs by expert and multiply each
-expert's tiles of pairs on the tensor cores straight from the 4-bit experts
-(batched.grouped_matmul); dense experts run one GEMM per expert hit over its tokens.
-
-Decode batches read an expert once per pair that picked it (the L2 cache absorbs part of that);
-long passes read it once per tile of its pairs.
+Decode steps run graph-capturable, without a loop over experts or a host sync: the router's
+product, softmax and top k on the GPU (kernels.Router: what engine/forward.route computes for the
+reference path, in one launch). Small batches then take one GEMV launch for every (token,
+expert) pair's [gate; up] with the activation in its epilogue, and one for the down products
+(gemv.Routed); batches with as many pairs as experts (GROUPED_PAIRS_PER_EXPERT) and prompt passes
+sort the pairs by expert in one launch and multiply each expert's tiles of pairs on the tensor
+cores straight from the 4-bit experts (batched.grouped_matmul), so that an expert is read once
+per tile, not once per pair. The pairs are summed by the routing weights in one more launch
+(kernels.weighted_sum). Dense experts (a bf16 model) gather each pair's matrices for one batched
+product, or (long passes) run one GEMM per expert hit over its tokens.
 """
 
 from __future__ import annotations
@@ -32,9 +31,16 @@ from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
 from daemon.engine.spec import ExpertWeights, ModelSpec
 
-# Passes of up to this many rows take the routed GEMVs (decode steps, short prompt passes):
-# rows x top_k programs, each reading one expert's rows. Longer ones sort by expert.
+# Passes of up to this many rows route in one launch with the router's product (kernels.Router:
+# decode steps, short prompt passes); longer ones take cuBLAS's GEMM for the logits.
 ROUTED_ROWS = 64
+# 4-bit experts: passes whose (token, expert) pairs number fewer than this many times the experts
+# take the routed GEMVs (a program column per pair, each reading its expert's rows: the fewest
+# launches, and an expert read once per pair that picked it); from there on the grouped product
+# (the pairs sorted into per-expert tiles: each expert read once per tile). At 32 Qwen3-30B-A3B
+# streams (256 pairs, 128 experts) the routed GEMVs read 256 experts' matrices, the grouped
+# product the ~112 experts hit.
+GROUPED_PAIRS_PER_EXPERT = 1.0
 
 
 def _quantized(stack: torch.Tensor, quant_type: str, double: bool) -> G.NF4Weights:
@@ -109,11 +115,16 @@ class RoutedExperts:
         rows, top_k = h.shape[0], moe.top_k
         if rows <= ROUTED_ROWS:  # decode steps: the router's product in the same launch
             weights, chosen = self.routing(h, top_k, moe.softmax_after_topk, moe.normalize, dtype)
-            y = (self._routed if self.quantized else self._gathered)(h, chosen.flatten())
         else:  # long passes: cuBLAS's GEMM for the logits
             logits = F.linear(h, self.router, self.router_bias)
             weights, chosen = K.route_topk(logits, top_k, moe.softmax_after_topk, moe.normalize, dtype)
-            y = self._grouped(h, chosen.flatten()) if self.quantized else self._by_expert(h, chosen)
+        chosen = chosen.flatten()
+        if not self.quantized:
+            y = self._gathered(h, chosen) if rows <= ROUTED_ROWS else self._by_expert(h, chosen)
+        elif rows * top_k < GROUPED_PAIRS_PER_EXPERT * self.count:
+            y = self._routed(h, chosen)
+        else:
+            y = self._grouped(h, chosen)
         return K.weighted_sum(y.view(rows * top_k, self.hidden), weights)
 
     def _gated(self, gate_up: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -153,11 +164,10 @@ class RoutedExperts:
         gated = self._gated(torch.bmm(x, self.gate_up[chosen].transpose(1, 2))[:, 0], chosen)
         return self._biased_down(torch.bmm(gated[:, None], self.down[chosen].transpose(1, 2))[:, 0], chosen)
 
-    def _by_expert(self, h: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    def _by_expert(self, h: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """Long passes over dense experts: the pairs sorted by expert, one GEMM per expert hit over
         its tokens (one host sync a layer: prompt passes are not captured)."""
         top_k = self.spec.top_k
-        flat = chosen.flatten()
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.count).tolist()
         tokens = order // top_k
