@@ -20,6 +20,8 @@ def rel(a, b):
 
 # (BLOCK_N, BLOCK_K, warps, split-K, x as vectors, packed bf16, prefetch)
 def test_decode_attention_skips_splits_past_each_length():
+    """Each row reads only its splits, and the last of them to finish merges them (a ticket per
+    row and KV head)."""
     gen = torch.Generator().manual_seed(1)
     H, KV, D, S, C = 8, 2, 64, 3, 512
     kc = torch.randn(S, KV, C, D, generator=gen).to(torch.bfloat16)
@@ -29,7 +31,12 @@ def test_decode_attention_skips_splits_past_each_length():
     lens = torch.tensor([500, 7, 129, 1], dtype=torch.int32)
     attention = K.DecodeAttention(4, H, KV, D, C, torch.device("cpu"), torch.bfloat16, split_len=64)
     attention.part_out.fill_(float("nan"))  # what an empty split would leave: the merge must not read it
-    o = attention(q, kc, vc, slots, lens, D ** -0.5)
+    o = attention(q, kc, vc, slots, lens, D ** -0.5).clone()
+    # the last split of each row and KV head merged and gave its ticket back: a second launch
+    # (the next layer, the next step's graph replay) merges again, once
+    assert not attention.tickets.any()
+    attention.out.zero_()
+    assert torch.equal(attention(q, kc, vc, slots, lens, D ** -0.5), o)
     for b in range(4):
         n, s = int(lens[b]), int(slots[b])
         ref = torch.nn.functional.scaled_dot_product_attention(

@@ -212,10 +212,16 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: 
 
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, len_ptr, part_out_ptr, part_lse_ptr,
-                             scale, softcap, window, H, KV, CTX, SPLITS, SPLIT_LEN,
+                             tickets_ptr, out_ptr, sinks_ptr, scale, softcap, window, H, KV, CTX, SPLITS, SPLIT_LEN,
                              D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                              BLOCK_T: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-                             PDL: tl.constexpr):
+                             PDL: tl.constexpr, SINKS: tl.constexpr):
+    """One split of one row's keys for one KV head's GROUP query heads (flash decoding): its
+    partial output and log-sum-exp per head. The last of the row's and KV head's splits to finish
+    (a ticket, as the Router's) merges them: the partial outputs weighted by their log-sum-exps,
+    over the splits that hold keys only (at 128 tokens of a 4,096 context, 2 of 64), where a
+    second kernel a layer did it. SINKS: each head's sink logit joins the sum as one more split
+    whose output is zero (gpt-oss)."""
     _pdl_start(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -226,7 +232,7 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, len_ptr,
         first = tl.maximum(length - window, 0)
     start = tl.maximum(split * SPLIT_LEN, first)
     end = tl.minimum(split * SPLIT_LEN + SPLIT_LEN, length)
-    if start >= end:  # a split outside the row's keys: the merge reads none of it
+    if start >= end:  # a split outside the row's keys: it takes no ticket, the merge reads none of it
         return
     slot = tl.load(slot_ptr + b)
     g = tl.arange(0, GROUP_PAD)
@@ -256,49 +262,40 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, len_ptr,
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
-    part = (b * H + heads) * SPLITS + split
-    tl.store(part_out_ptr + part[:, None] * D + d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
-    tl.store(part_lse_ptr + part, lse, mask=g_ok)
-
-
-@triton.jit
-def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, len_ptr, sinks_ptr, window, H, SPLITS, SPLIT_LEN,
-                         D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, WINDOW: tl.constexpr,
-                         PDL: tl.constexpr, SINKS: tl.constexpr = False):
-    """One head of one row: its splits' partial outputs weighted by their log-sum-exps. Only the
-    splits that hold keys are read (a loop over them, not a [SPLITS, D] block: at 128 tokens of
-    a 4,096 context, 2 of 64). SINKS: the head's sink logit joins the sum as one more split
-    whose output is zero (gpt-oss)."""
-    _pdl_start(PDL)
-    row = tl.program_id(0)  # b * H + head
-    s = tl.arange(0, SPLITS_PAD)
-    length = tl.load(len_ptr + row // H)
-    used = tl.minimum(tl.cdiv(length, SPLIT_LEN), SPLITS)  # splits past the row's length hold nothing
-    first = 0
-    if WINDOW:  # nor do splits wholly before its window
-        first = tl.maximum(length - window, 0) // SPLIT_LEN
-    s_ok = (s >= first) & (s < used)
-    lse = tl.load(part_lse_ptr + row * SPLITS + s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    d = tl.arange(0, D_PAD)
-    d_ok = d < D
-    acc = tl.zeros([D_PAD], tl.float32)
-    total = tl.sum(acc, axis=0)  # a 0.0 of the loop's own type
-    if SINKS:
-        sink = tl.load(sinks_ptr + row % H).to(tl.float32)
-        m = tl.maximum(m, sink)
-        total += tl.exp(sink - m)
-    for i in range(first, used):
-        lse_i = tl.load(part_lse_ptr + row * SPLITS + i)
-        w = tl.where(lse_i > float("-inf"), tl.exp(lse_i - m), 0.0)
-        acc += w * tl.load(part_out_ptr + (row * SPLITS + i) * D + d, mask=d_ok, other=0.0)
-        total += w
-    tl.store(out_ptr + row * D + d, (acc / total).to(out_ptr.dtype.element_ty), mask=d_ok)
+    rows = b * H + heads
+    hd_ok = g_ok[:, None] & d_ok[None, :]
+    tl.store(part_out_ptr + (rows * SPLITS + split)[:, None] * D + d[None, :], out, mask=hd_ok)
+    tl.store(part_lse_ptr + rows * SPLITS + split, lse, mask=g_ok)
+    lo = first // SPLIT_LEN
+    used = tl.minimum(tl.cdiv(length, SPLIT_LEN), SPLITS)  # the splits lo..used hold keys
+    ticket = tickets_ptr + b * KV + kv_head
+    # the ticket's release orders the stores above before it; the last program's acquire sees them
+    if tl.atomic_add(ticket, 1, sem="acq_rel") == used - lo - 1:
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        for i in range(lo, used):
+            m = tl.maximum(m, tl.load(part_lse_ptr + rows * SPLITS + i, mask=g_ok, other=0.0, volatile=True))
+        total = tl.zeros([GROUP_PAD], tl.float32)
+        if SINKS:
+            sink = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32)
+            m = tl.maximum(m, sink)
+            total += tl.exp(sink - m)
+        merged = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+        for i in range(lo, used):
+            lse_i = tl.load(part_lse_ptr + rows * SPLITS + i, mask=g_ok, other=float("-inf"), volatile=True)
+            w = tl.where(lse_i > float("-inf"), tl.exp(lse_i - m), 0.0)
+            part = tl.load(part_out_ptr + (rows * SPLITS + i)[:, None] * D + d[None, :], mask=hd_ok, other=0.0,
+                           volatile=True)
+            merged += w[:, None] * part
+            total += w
+        merged = merged / tl.where(total > 0, total, 1.0)[:, None]
+        tl.store(out_ptr + rows[:, None] * D + d[None, :], merged.to(out_ptr.dtype.element_ty), mask=hd_ok)
+        tl.store(ticket, 0)
 
 
 class DecodeAttention:
-    """Buffers and launches for one batch size: graph-safe (no host syncs, fixed shapes). One
-    instance serves every layer; each call says the layer's window and soft-cap."""
+    """Buffers and launches for one batch size: graph-safe (no host syncs, fixed shapes; the
+    merge's tickets are back at zero after every launch). One instance serves every layer; each
+    call says the layer's window and soft-cap."""
 
     MAX_SPLITS = 64
 
@@ -312,6 +309,7 @@ class DecodeAttention:
         self.group = heads // kv_heads
         self.part_out = torch.empty((batch * heads * self.splits, head_dim), dtype=torch.float32, device=device)
         self.part_lse = torch.empty((batch * heads * self.splits,), dtype=torch.float32, device=device)
+        self.tickets = torch.zeros((batch * kv_heads,), dtype=torch.int32, device=device)
         self.out = torch.empty((batch, heads, head_dim), dtype=dtype, device=device)
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
@@ -320,17 +318,13 @@ class DecodeAttention:
         """`sinks`: [H] fp32, each head's sink logit."""
         batch = q.shape[0]
         pdl = pdl_available(q.device)
-        d_pad = triton.next_power_of_2(self.head_dim)
         _decode_attention_kernel[(batch, self.kv_heads, self.splits)](
-            q, k_cache, v_cache, slots, lengths, self.part_out, self.part_lse, scale, softcap or 1.0, window or 0,
-            self.heads, self.kv_heads, k_cache.shape[2], self.splits, self.split_len, D=self.head_dim, D_PAD=d_pad,
+            q, k_cache, v_cache, slots, lengths, self.part_out, self.part_lse, self.tickets, self.out,
+            sinks if sinks is not None else lengths, scale, softcap or 1.0, window or 0, self.heads, self.kv_heads,
+            k_cache.shape[2], self.splits, self.split_len, D=self.head_dim, D_PAD=triton.next_power_of_2(self.head_dim),
             GROUP=self.group, GROUP_PAD=max(16, triton.next_power_of_2(self.group)), BLOCK_T=32,
-            SOFTCAP=softcap is not None, WINDOW=window is not None, PDL=pdl, num_warps=4, launch_pdl=pdl)
-        _merge_splits_kernel[(batch * self.heads,)](
-            self.part_out, self.part_lse, self.out, lengths, sinks if sinks is not None else lengths, window or 0,
-            self.heads, self.splits, self.split_len, D=self.head_dim, D_PAD=d_pad,
-            SPLITS_PAD=max(2, triton.next_power_of_2(self.splits)), WINDOW=window is not None, PDL=pdl,
-            SINKS=sinks is not None, num_warps=4, launch_pdl=pdl)
+            SOFTCAP=softcap is not None, WINDOW=window is not None, PDL=pdl, SINKS=sinks is not None, num_warps=4,
+            launch_pdl=pdl)
         return self.out[:batch]
 
 
