@@ -228,6 +228,13 @@ def test_weighted_sum_is_the_routing_weighted_sum(rows, top_k, d, dtype):
     expected = (y.view(rows, top_k, d) * weights.float()[..., None]).sum(dim=1)
     assert out.dtype == torch.float32 and out.shape == (rows, d)
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+    # the next layer's norm summing the pairs as it reads them: what the sum then the norm give
+    residual = torch.randn(rows, d, generator=gen).to(torch.bfloat16)
+    norm = (torch.rand(d, generator=gen) + 0.5).to(torch.bfloat16)
+    pre = (torch.rand(d, generator=gen) + 0.5).to(torch.bfloat16)  # a sandwich norm on the MLP's output
+    fused = K.add_rmsnorm(y, norm, 1e-6, residual=residual, pre_weight=pre, combine=weights)
+    apart = K.add_rmsnorm(out, norm, 1e-6, residual=residual, pre_weight=pre)
+    assert all(torch.equal(a, b) for a, b in zip(fused, apart))
 
 
 @pytest.mark.parametrize("experts,top_k,after,normalize,fp32", ROUTINGS)

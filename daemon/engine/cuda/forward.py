@@ -39,7 +39,7 @@ from daemon.engine.attention import PromptSegments
 from daemon.engine.cuda import batched as B
 from daemon.engine.cuda import gemv as G
 from daemon.engine.cuda import kernels as K
-from daemon.engine.cuda.moe import RoutedExperts
+from daemon.engine.cuda.moe import ExpertSum, RoutedExperts
 from daemon.engine.spec import LayerParts, ModelSpec, UnsupportedArchitecture, decoder, embed_scale_tensor
 from daemon.engine.spec import rotary_tables, sectioned_rotary, softcap, take_layers
 from daemon.engine.vision import Vision
@@ -368,19 +368,20 @@ class FastForward:
         x = F.embedding(tokens.long(), self.embed)
         return x if self.embed_scale is None else x * self.embed_scale
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
+    def _norm(self, x: "torch.Tensor | ExpertSum", weight: torch.Tensor, residual: torch.Tensor | None = None,
               pre_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return K.add_rmsnorm(x, weight, self.eps, residual=residual, gemma=self.gemma, pre_weight=pre_weight,
-                             dtype=self.dtype, fp32_scale=self.fp32_scale)
+        pairs, combine = (x.pairs, x.weights) if isinstance(x, ExpertSum) else (x, None)
+        return K.add_rmsnorm(pairs, weight, self.eps, residual=residual, gemma=self.gemma, pre_weight=pre_weight,
+                             dtype=self.dtype, fp32_scale=self.fp32_scale, combine=combine)
 
-    def _mlp(self, layer: _Layer, h: torch.Tensor, outputs: "_Outputs | None" = None) -> torch.Tensor:
+    def _mlp(self, layer: _Layer, h: torch.Tensor, outputs: "_Outputs | None" = None) -> "torch.Tensor | ExpertSum":
         if layer.experts is None:
             return self._dense_mlp(layer, h, outputs)
         out = layer.experts(h)
         if layer.gate_up is not None:  # the shared expert, scaled by sigmoid(its gate)
             shared = self._dense_mlp(layer, h, outputs).float()
-            out = out + torch.sigmoid(F.linear(h, layer.shared_gate).float()) * shared
-        return out
+            return out.total() + torch.sigmoid(F.linear(h, layer.shared_gate).float()) * shared
+        return out  # summed by the next layer's norm as it reads it
 
     def _dense_mlp(self, layer: _Layer, h: torch.Tensor, outputs: "_Outputs | None" = None) -> torch.Tensor:
         rows, act = h.shape[0], self.spec.activation
@@ -416,6 +417,8 @@ class FastForward:
             o = layer.o(attend(i, q), self.scratch, outputs and outputs.take(layer.o, rows))  # fp32 from a GEMV
             h, x = self._norm(o, layer.mlp_in_norm, residual=x, pre_weight=layer.attn_out_norm)
             out, pending = self._mlp(layer, h, outputs), layer.mlp_out_norm
+        if isinstance(out, ExpertSum):  # the callers index the last output's rows
+            out = out.total()
         return out, x, pending
 
     def _logits(self, out: torch.Tensor, x: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:

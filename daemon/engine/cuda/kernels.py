@@ -63,15 +63,21 @@ def _normed(xf, w_ptr, offs, ok, eps, D, dtype, GEMMA: tl.constexpr, FP32_SCALE:
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, pre_w_ptr, out_ptr, res_out_ptr, eps, D,
+def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, pre_w_ptr, out_ptr, res_out_ptr, combine_ptr, eps, D,
                         HAS_RES: tl.constexpr, PRE_NORM: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr,
-                        PDL: tl.constexpr, FP32_SCALE: tl.constexpr = False):
+                        PDL: tl.constexpr, FP32_SCALE: tl.constexpr = False, TOP_K: tl.constexpr = 0):
     _pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < D
     dtype = res_out_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row * D + offs, mask=ok, other=0.0)
+    if TOP_K:  # x: a MoE layer's pairs, summed by their routing weights as _weighted_sum_kernel sums them
+        x = tl.zeros([BLOCK], tl.float32)
+        for j in tl.static_range(TOP_K):
+            w = tl.load(combine_ptr + row * TOP_K + j).to(tl.float32)
+            x += tl.load(x_ptr + (row * TOP_K + j) * D + offs, mask=ok, other=0.0).to(tl.float32) * w
+    else:
+        x = tl.load(x_ptr + row * D + offs, mask=ok, other=0.0)
     if PRE_NORM:  # sandwich: the sublayer's output normed, rounded, then added
         x = _normed(x.to(tl.float32), pre_w_ptr, offs, ok, eps, D, dtype, GEMMA, FP32_SCALE).to(dtype)
     if HAS_RES:
@@ -85,12 +91,16 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, pre_w_ptr, out_ptr, res_out_ptr, 
 def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
                 out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None, *,
                 gemma: bool = False, pre_weight: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-                fp32_scale: bool = False):
+                fp32_scale: bool = False, combine: torch.Tensor | None = None):
     """norm(x + residual); returns (normed, x + residual), both in `dtype` (default: the weight's;
     x may be an fp32 product). With no residual: (norm(x), x). `pre_weight`: x is normed with
     it first (a sandwich norm on the sublayer's output); `gemma`: (1 + w) norms; `fp32_scale`:
-    w applied before rounding (gpt-oss)."""
-    rows, d = x.shape
+    w applied before rounding (gpt-oss). `combine`: routing weights [rows, top_k], x a MoE
+    layer's pairs [rows * top_k, D], summed here as weighted_sum sums them (one launch fewer);
+    there is no x to return then without a residual."""
+    rows, d = x.shape if combine is None else (combine.shape[0], x.shape[1])
+    if combine is not None and residual is None:
+        raise ValueError("a combined norm takes a residual")
     dtype = dtype or weight.dtype
     out = torch.empty((rows, d), dtype=dtype, device=x.device) if out is None else out
     if residual is not None and residual_out is None:
@@ -98,10 +108,11 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
     pdl = pdl_available(x.device)
     _add_rmsnorm_kernel[(rows,)](x, residual if residual is not None else x, weight,
                                  pre_weight if pre_weight is not None else weight, out,
-                                 residual_out if residual_out is not None else out, eps, d,
+                                 residual_out if residual_out is not None else out,
+                                 combine if combine is not None else weight, eps, d,
                                  HAS_RES=residual is not None, PRE_NORM=pre_weight is not None, GEMMA=gemma,
-                                 BLOCK=triton.next_power_of_2(d), PDL=pdl, FP32_SCALE=fp32_scale, num_warps=8,
-                                 launch_pdl=pdl)
+                                 BLOCK=triton.next_power_of_2(d), PDL=pdl, FP32_SCALE=fp32_scale,
+                                 TOP_K=0 if combine is None else combine.shape[1], num_warps=8, launch_pdl=pdl)
     return out, (residual_out if residual is not None else x)
 
 

@@ -14,13 +14,14 @@ expert) pair's [gate; up] with the activation in its epilogue, and one for the d
 (gemv.Routed); batches with as many pairs as experts (GROUPED_PAIRS_PER_EXPERT) and prompt passes
 sort the pairs by expert in one launch and multiply each expert's tiles of pairs on the tensor
 cores straight from the 4-bit experts (batched.grouped_matmul), so that an expert is read once
-per tile, not once per pair. The pairs are summed by the routing weights in one more launch
-(kernels.weighted_sum). Dense experts (a bf16 model) gather each pair's matrices for one batched
+per tile, not once per pair. The pairs are summed by the routing weights as the next RMSNorm
+reads them (ExpertSum; kernels.weighted_sum where nothing follows). Dense experts (a bf16 model) gather each pair's matrices for one batched
 product, or (long passes) run one GEMM per expert hit over its tokens.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -41,6 +42,20 @@ ROUTED_ROWS = 64
 # streams (256 pairs, 128 experts) the routed GEMVs read 256 experts' matrices, the grouped
 # product the ~112 experts hit.
 GROUPED_PAIRS_PER_EXPERT = 1.0
+
+
+@dataclass(frozen=True)
+class ExpertSum:
+    """A MoE layer's output before its sum: the (token, expert) pairs' outputs and their
+    routing weights. The next RMSNorm sums them as it reads them (kernels.add_rmsnorm's
+    `combine`: one launch a layer fewer); `total` is the sum itself."""
+
+    pairs: torch.Tensor  # [rows * top_k, hidden]
+    weights: torch.Tensor  # [rows, top_k]
+
+    def total(self) -> torch.Tensor:
+        """[rows, hidden] fp32."""
+        return K.weighted_sum(self.pairs, self.weights)
 
 
 def _quantized(stack: torch.Tensor, quant_type: str, double: bool) -> G.NF4Weights:
@@ -108,8 +123,8 @@ class RoutedExperts:
             chosen = torch.arange(tokens * self.spec.top_k, device=self.router.device, dtype=torch.int32) % self.count
             self._grouped(torch.zeros(tokens, self.hidden, dtype=self.dtype, device=self.router.device), chosen)
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        """The experts' sum for rows h [rows, hidden], weighted by the router: [rows, hidden] fp32."""
+    def __call__(self, h: torch.Tensor) -> ExpertSum:
+        """The experts' outputs for rows h [rows, hidden] and the router's weights for their sum."""
         moe = self.spec  # engine/forward.route's routing, its softmax, top k and cast in one launch
         dtype = h.dtype if moe.softmax_after_topk or not moe.route_in_fp32 else torch.float32
         rows, top_k = h.shape[0], moe.top_k
@@ -125,7 +140,7 @@ class RoutedExperts:
             y = self._routed(h, chosen)
         else:
             y = self._grouped(h, chosen)
-        return K.weighted_sum(y.view(rows * top_k, self.hidden), weights)
+        return ExpertSum(y.view(rows * top_k, self.hidden), weights)
 
     def _gated(self, gate_up: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """act(gate) * up of the pairs' [gate; up] (fp32 or the dtype), biases added: the dtype."""
