@@ -257,7 +257,7 @@ def compare_moe_layer(models: list[str], tokens: list[int]) -> None:
         del stacks
         torch.cuda.empty_cache()
         expert_bytes = layer.nbytes / count
-        first_win = None
+        first_win, setting = None, moe.GROUPED_PAIRS_PER_EXPERT
         for m in tokens:
             calls = max(2, -(-2 * L2_BYTES // int(min(m * top_k, count) * expert_bytes)))
             hs = [torch.randn(m, hidden, dtype=torch.bfloat16, device="cuda") for _ in range(calls)]
@@ -267,7 +267,7 @@ def compare_moe_layer(models: list[str], tokens: list[int]) -> None:
                 moe.GROUPED_PAIRS_PER_EXPERT = share
                 outs[mode] = layer(hs[0]).total()
                 times[mode] = graph_time(lambda: [layer(h).total() for h in hs], calls)
-            moe.GROUPED_PAIRS_PER_EXPERT = 1.0
+            moe.GROUPED_PAIRS_PER_EXPERT = setting
             err = rel(outs["grouped"], outs["routed"])
             assert err < 1e-2, f"{model} {m} tokens: grouped against routed {err:.2e}"
             ratio = times["grouped"] / times["routed"]

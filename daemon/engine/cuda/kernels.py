@@ -63,6 +63,17 @@ def _normed(xf, w_ptr, offs, ok, eps, D, dtype, GEMMA: tl.constexpr, FP32_SCALE:
 
 
 @triton.jit
+def _routed_sum(y_ptr, weights_ptr, row, offs, ok, D, K: tl.constexpr, BLOCK: tl.constexpr):
+    """sum over j < K of y[row * K + j, offs] * weights[row, j], in fp32, j in order: a MoE
+    layer's combine, as weighted_sum and add_rmsnorm's `combine` both compute it."""
+    acc = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(K):
+        w = tl.load(weights_ptr + row * K + j).to(tl.float32)
+        acc += tl.load(y_ptr + (row * K + j) * D + offs, mask=ok, other=0.0).to(tl.float32) * w
+    return acc
+
+
+@triton.jit
 def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, pre_w_ptr, out_ptr, res_out_ptr, combine_ptr, eps, D,
                         HAS_RES: tl.constexpr, PRE_NORM: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr,
                         PDL: tl.constexpr, FP32_SCALE: tl.constexpr = False, TOP_K: tl.constexpr = 0):
@@ -71,11 +82,8 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, pre_w_ptr, out_ptr, res_out_ptr, 
     offs = tl.arange(0, BLOCK)
     ok = offs < D
     dtype = res_out_ptr.dtype.element_ty
-    if TOP_K:  # x: a MoE layer's pairs, summed by their routing weights as _weighted_sum_kernel sums them
-        x = tl.zeros([BLOCK], tl.float32)
-        for j in tl.static_range(TOP_K):
-            w = tl.load(combine_ptr + row * TOP_K + j).to(tl.float32)
-            x += tl.load(x_ptr + (row * TOP_K + j) * D + offs, mask=ok, other=0.0).to(tl.float32) * w
+    if TOP_K:  # x: a MoE layer's pairs, summed by their routing weights
+        x = _routed_sum(x_ptr, combine_ptr, row, offs, ok, D, TOP_K, BLOCK)
     else:
         x = tl.load(x_ptr + row * D + offs, mask=ok, other=0.0)
     if PRE_NORM:  # sandwich: the sublayer's output normed, rounded, then added
@@ -526,11 +534,7 @@ def _weighted_sum_kernel(y_ptr, weights_ptr, out_ptr, D, K: tl.constexpr, BLOCK:
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < D
-    acc = tl.zeros([BLOCK], tl.float32)
-    for j in tl.static_range(K):
-        w = tl.load(weights_ptr + row * K + j).to(tl.float32)
-        acc += tl.load(y_ptr + (row * K + j) * D + offs, mask=ok, other=0.0).to(tl.float32) * w
-    tl.store(out_ptr + row * D + offs, acc, mask=ok)
+    tl.store(out_ptr + row * D + offs, _routed_sum(y_ptr, weights_ptr, row, offs, ok, D, K, BLOCK), mask=ok)
 
 
 def weighted_sum(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
