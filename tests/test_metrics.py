@@ -126,20 +126,37 @@ def test_loads_evictions_and_unloads_are_counted(daemon):
 
 
 def test_running_and_waiting_sequences_and_the_queue_while_busy(daemon):
+    """Six streams held open against four slots: the gauges must show four running and the rest waiting.
+    Greedy decoding on random weights with no length limit, so no stream ends (EOS or length) before the
+    scrape sees the state; the streams are dropped only after it has."""
+    body = {"model": "tiny:random", "prompt": "go", "options": {"num_predict": 100000, "temperature": 0}}
+
     async def burst():
         async with httpx.AsyncClient(timeout=120) as client:
-            body = {"model": "tiny:random", "prompt": "go", "stream": False, "options": {"num_predict": 400}}
-            tasks = [asyncio.create_task(client.post(daemon.url + "/api/generate", json=body)) for _ in range(6)]
-            seen = {"running": 0.0, "waiting": 0.0}
-            while not all(t.done() for t in tasks):
+            release = asyncio.Event()
+
+            async def hold():
+                async with client.stream("POST", daemon.url + "/api/generate", json=body) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        assert '"error"' not in line, line
+                        if release.is_set():
+                            return
+                raise AssertionError("a stream ended before the scrape saw six requests at once")
+
+            tasks = [asyncio.create_task(hold()) for _ in range(6)]
+            seen = {}
+            for _ in range(600):
                 s = await asyncio.to_thread(scrape, daemon)
-                seen["running"] = max(seen["running"], value(s, "hfollama_sequences_running", model="tiny:random"))
-                seen["waiting"] = max(seen["waiting"], value(s, "hfollama_sequences_waiting", model="tiny:random"))
+                seen = {"running": value(s, "hfollama_sequences_running", model="tiny:random"),
+                        "waiting": value(s, "hfollama_sequences_waiting", model="tiny:random")}
+                if seen == {"running": 4, "waiting": 2} or any(t.done() for t in tasks):
+                    break
                 await asyncio.sleep(0.02)
-            assert all(t.result().status_code == 200 for t in tasks)
+            release.set()
+            await asyncio.gather(*tasks)
             return seen
-    seen = asyncio.run(burst())
-    assert seen["running"] == 4 and seen["waiting"] >= 1  # four slots, six requests
+    assert asyncio.run(burst()) == {"running": 4, "waiting": 2}  # four slots, six requests
 
 
 def test_pulls_count_bytes_and_failures(daemon):
