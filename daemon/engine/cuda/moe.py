@@ -15,8 +15,9 @@ expert) pair's [gate; up] with the activation in its epilogue, and one for the d
 sort the pairs by expert in one launch and multiply each expert's tiles of pairs on the tensor
 cores straight from the 4-bit experts (batched.grouped_matmul), so that an expert is read once
 per tile, not once per pair. The pairs are summed by the routing weights as the next RMSNorm
-reads them (ExpertSum; kernels.weighted_sum where nothing follows). Dense experts (a bf16 model) gather each pair's matrices for one batched
-product, or (long passes) run one GEMM per expert hit over its tokens.
+reads them (ExpertSum; kernels.weighted_sum where nothing follows). Dense experts (a bf16 model)
+gather each pair's matrices for one batched product, or (long passes) run one GEMM per expert hit
+over its tokens.
 """
 
 from __future__ import annotations
