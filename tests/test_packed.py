@@ -1,13 +1,26 @@
 """engine/packed.py: the CPU's int4 / int8 weight-only products against the float matrices
-they hold, fused and separate."""
+they hold, fused and separate, on both kernels: the C block kernels (engine/cpu_kernels.py)
+and PyTorch's, which serve where those cannot be built."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from daemon.engine import cpu_kernels
 from daemon.engine.packed import GROUP, Int4Product, Int4Weights, Int8Product, PackedLinear, fuse, int4_packable
-from daemon.engine.packed import quantize_int4
+from daemon.engine.packed import q8_0_blocks, quantize_int4
+
+
+@pytest.fixture(autouse=True, params=["blocks", "torch"])
+def kernel(request, monkeypatch):
+    """Every test on each kernel: "blocks" where this machine builds the C kernels."""
+    if request.param == "blocks":
+        if cpu_kernels.load() is None:
+            pytest.skip("the C block kernels do not run on this machine")
+    else:
+        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    return request.param
 
 
 def _int4(n: int, k: int, seed: int) -> Int4Weights:
@@ -18,7 +31,7 @@ def _int4(n: int, k: int, seed: int) -> Int4Weights:
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
-    """bf16 activations and scales: about 3 significant digits."""
+    """bf16 activations and scales, or int8 activations per block: about 3 significant digits."""
     assert got.shape == want.shape
     assert (got.float() - want).abs().max() <= 2e-2 * want.abs().max() + 1e-3
 
@@ -44,14 +57,14 @@ def test_int4_holds_a_q4_1_block_exactly():
 
 @pytest.mark.parametrize("sizes", [(64, 32, 32), (576, 192, 192), (128, 48)])
 @pytest.mark.parametrize("packed_first", [False, True])
-def test_fused_int4_equals_the_parts_side_by_side(sizes, packed_first):
-    """Unpacked parts fuse by their codes; parts already packed join only on whole blocks of
-    the kernel's packed rows, else they stay apart."""
+def test_fused_int4_equals_the_parts_side_by_side(sizes, packed_first, kernel):
+    """Unpacked parts fuse by their codes; parts already packed join on any row as blocks, and
+    for PyTorch's kernel only on whole blocks of its packed rows, else they stay apart."""
     parts = [Int4Product(_int4(n, 128, seed=n)) for n in sizes]
     x = torch.randn(2, 128)
     side_by_side = torch.cat([p(x) for p in parts], dim=-1) if packed_first else None
     fused = fuse(parts)
-    if packed_first and any(n % 64 for n in sizes[:-1]):
+    if packed_first and kernel == "torch" and any(n % 64 for n in sizes[:-1]):
         assert fused is None
         return
     assert fused.out_features == sum(sizes)
@@ -96,3 +109,36 @@ def test_packed_linear_keeps_the_callers_dtype():
     y = layer(x)
     assert y.dtype == torch.float32 and y.shape == (2, 5, 32)
     assert "int4" in repr(layer)
+
+
+def test_a_row_does_not_depend_on_the_rows_beside_it():
+    """The same bits for a row alone, in a decode batch and in a prompt chunk: greedy text must
+    not change with what a request is batched with (or with the prefix cache)."""
+    four = Int4Product(_int4(96, 576, seed=5))
+    eight = Int8Product(torch.randn(80, 576, generator=torch.Generator().manual_seed(6)))
+    x = torch.randn(13, 576)
+    for product in (four, eight):
+        alone = torch.cat([product(x[i:i + 1]) for i in range(len(x))])
+        for rows in (2, 4, 5, 8, 13):
+            assert torch.equal(product(x[:rows]), alone[:rows])
+
+
+def test_int8_blocks_hold_a_q8_0_matrix_exactly(kernel):
+    """A GGUF's Q8_0 tensor, dequantized, is quantized back to its own blocks."""
+    gen = torch.Generator().manual_seed(7)
+    codes = torch.randint(-127, 128, (16, 64), dtype=torch.int8, generator=gen)
+    codes[:, 0], codes[:, 32] = 127, -127  # every block reaches its largest code, as ggml's do
+    scale = (torch.rand(16, 2, generator=gen) * 0.01).to(torch.float16)
+    weight = codes.float() * scale.float().repeat_interleave(GROUP, dim=1)
+    blocks = q8_0_blocks(weight)
+    assert torch.equal(blocks[..., 2:].contiguous().view(torch.int8).reshape(16, 64), codes)
+    assert torch.equal(blocks[..., :2].contiguous().view(torch.float16)[..., 0], scale)
+    if kernel == "blocks":
+        assert torch.equal(Int8Product(weight).dequantize(), weight)
+
+
+def test_bias_is_added_in_the_outputs_dtype():
+    product = Int4Product(_int4(32, 64, 9), bias=torch.arange(32, dtype=torch.float32))
+    x = torch.randn(3, 64)
+    without = Int4Product(_int4(32, 64, 9))(x)
+    assert torch.allclose(product(x).float(), without.float() + torch.arange(32), atol=0.1, rtol=1e-2)

@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from daemon.engine import cpu_kernels
 from daemon.engine.attention import allowed, attend, attend_padded, copy_slot_prefix, folded_positions
 from daemon.engine.packed import PackedLinear, Product
 from daemon.engine.packed import fuse as fuse_products
@@ -119,8 +120,12 @@ class LayerWeights:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's LlamaRMSNorm: normalize in fp32, cast back, then scale."""
+    """HF's LlamaRMSNorm: normalize in fp32, cast back, then scale (on the CPU in one C call
+    where engine/cpu_kernels.py runs: PyTorch's takes six ops)."""
     if x.dtype == torch.float32:
+        kernels = cpu_kernels.load() if x.device.type == "cpu" else None
+        if kernels is not None and weight.dtype == torch.float32 and weight.is_contiguous():
+            return kernels.rms_norm(x, weight, eps)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
