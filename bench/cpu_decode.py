@@ -131,7 +131,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--llama", type=Path, help="folder with llama.cpp's llama-bench and llama-batched-bench")
     parser.add_argument("--first-answer", action="store_true")
+    parser.add_argument("--torch-kernels", action="store_true",
+                        help="PyTorch's int4 / int8 kernels, not engine/cpu_kernels.py's (the comparison)")
     args = parser.parse_args()
+    if args.torch_kernels:
+        from daemon.engine import cpu_kernels
+
+        cpu_kernels.load = lambda: None
 
     rows: list[tuple[str, str, str]] = []
     if args.first_answer:
@@ -197,7 +203,8 @@ def main() -> None:
                      f"{ours / peer:.0%} of llama.cpp" if peer else ""))
     rows.append(("greedy answer", repr(text.strip())[:60], "Paris" if "Paris" in text else "WRONG"))
 
-    print(f"\n{args.model} on the CPU ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}), "
+    kernels = "PyTorch's kernels" if args.torch_kernels else "C block kernels"
+    print(f"\n{args.model} on the CPU ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, {kernels}), "
           f"prompt {len(ids)} tokens, {args.tokens} new tokens, greedy, median of {args.reps}, "
           f"torch {torch.__version__}")
     for name, value, note in rows:
