@@ -31,7 +31,7 @@ def _int4(n: int, k: int, seed: int) -> Int4Weights:
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
-    """bf16 activations and scales, or int8 activations per block: about 3 significant digits."""
+    """bf16 activations and scales (PyTorch's kernels): about 3 significant digits."""
     assert got.shape == want.shape
     assert (got.float() - want).abs().max() <= 2e-2 * want.abs().max() + 1e-3
 

@@ -19,7 +19,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #define QK 32
 #define CODE_MAX 32767.0f /* activations' int16 codes: 127 (int8, ggml's) loses too much beside outliers */

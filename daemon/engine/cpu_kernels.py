@@ -6,8 +6,9 @@ Why C: on an AVX2 CPU (no AVX-512) PyTorch's `_weight_int4pack_mm_for_cpu` turns
 weight into a float before multiplying it, about 48 us for one of SmolLM2's 576 x 1,728 products
 at one row: half a decode step, bound by arithmetic while llama.cpp's whole token takes less.
 ggml multiplies its blocks as integers (activations quantized to int8 per block of 32,
-`vpmaddubsw`), a third of the instructions, and streams the weights at memory speed; the C file
-does the same on the same block layouts (Q4_1, Q8_0), so a GGUF's blocks are used as they are.
+`vpmaddubsw`) and streams the weights at memory speed; the C file does the same on the same block
+layouts (Q4_1, Q8_0), so a GGUF's blocks are used as they are, with int16 activations
+(`vpmaddwd`): int8 loses too much beside SmolLM2's activation outliers (cpu_kernels.c says how much).
 
 The library is built with the system's C compiler (`cc`, about a second) into the user's cache
 (~/.cache/hfollama/kernels, named by a hash of the source and flags; written to a temporary
